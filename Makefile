@@ -1,0 +1,38 @@
+# One-command set-up: `make test` creates .venv if needed, installs torch first (the CPU build where no CUDA
+# driver is present, so pip never pulls a multi-GB CUDA wheel by accident), then the project with its dev extras.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+
+.PHONY: test lint format clean-venv
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(BIN)/python -m pip install "torch==$(TORCH_VERSION)"; \
+	else \
+		$(BIN)/python -m pip install "torch==$(TORCH_VERSION)" --index-url https://download.pytorch.org/whl/cpu \
+			|| $(BIN)/python -m pip install "torch==$(TORCH_VERSION)"; \
+	fi
+	$(BIN)/python -m pip install -e ".[dev]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -n 2 --dist loadgroup
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean-venv:
+	rm -rf $(VENV)

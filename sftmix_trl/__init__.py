@@ -1,0 +1,25 @@
+"""SFTMix instruction tuning (arXiv 2410.05248) as a plugin to Hugging Face TRL.
+
+The public names are imported lazily, so that ``import sftmix_trl.kernels`` needs only torch and triton.
+"""
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+# public name -> submodule that defines it; filled in as the modules land
+_LAZY_EXPORTS: dict[str, str] = {}
+
+__all__ = ["__version__", *_LAZY_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _LAZY_EXPORTS:
+        module = importlib.import_module(f".{_LAZY_EXPORTS[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    pass

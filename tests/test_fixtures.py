@@ -1,0 +1,96 @@
+"""The fixtures are real: the tokenizer round-trips and renders chats, and the tiny models learn with SFTTrainer."""
+
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+import torch
+from trl import SFTConfig, SFTTrainer
+
+import tiny
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_tokenizer_round_trips_and_renders_chatml(tokenizer):
+    text = "Reverse the words: cat dog bird"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    messages = tiny.messages_dataset(1)[0]["messages"]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert rendered.startswith("<|im_start|>system\n") and rendered.endswith("<|im_end|>\n")
+    out = tokenizer.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+    mask = out["assistant_masks"]
+    assistant_text = tokenizer.decode([t for t, m in zip(out["input_ids"], mask) if m])
+    assert assistant_text == messages[-1]["content"] + "<|im_end|>"
+
+
+@pytest.mark.parametrize("build", [tiny.build_llama, tiny.build_qwen2], ids=["llama", "qwen2"])
+@pytest.mark.parametrize(
+    "make_dataset",
+    [tiny.prompt_completion_dataset, tiny.messages_dataset],
+    ids=["prompt_completion", "messages"],
+)
+def test_tiny_model_learns_with_sft_trainer(tokenizer, tmp_path, build, make_dataset):
+    model = build(tokenizer)
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        max_steps=24,
+        logging_steps=4,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        use_cpu=True,
+        assistant_only_loss=make_dataset is tiny.messages_dataset,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=make_dataset(64), processing_class=tokenizer)
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 6
+    assert losses[-1] < 0.75 * losses[0], losses
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.slow
+def test_wheel_installs_into_fresh_venv_beside_hf_kernels(tmp_path):
+    """`pip install .` into a fresh venv imports both `sftmix_trl` and `sftmix_trl.kernels`, and a top-level
+    `kernels` package (Hugging Face's name) stays free."""
+    wheel_dir = tmp_path / "wheel"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", wheel_dir, str(REPO)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = wheel_dir.glob("sftmix_trl-*.whl")
+    env_dir = tmp_path / "venv"
+    # system_site_packages: reuse this environment's torch and friends; the wheel itself goes into the fresh venv
+    venv.create(env_dir, with_pip=True, system_site_packages=True)
+    python = env_dir / "bin" / "python"
+    subprocess.run([python, "-m", "pip", "install", "--no-deps", "--quiet", wheel], check=True)
+    probe = (
+        "import importlib.util, sftmix_trl, sftmix_trl.kernels;"
+        "assert 'site-packages' in sftmix_trl.kernels.__file__, sftmix_trl.kernels.__file__;"
+        "spec = importlib.util.find_spec('kernels');"
+        "assert spec is None or 'sftmix_trl' not in (spec.origin or ''), spec;"
+        "print('ok')"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([python, "-c", probe], cwd=tmp_path, check=True, capture_output=True, text=True, env=env)
+    assert out.stdout.strip() == "ok"
+
+
+def test_installed_kernels_live_under_sftmix_trl_only(tmp_path):
+    """The (editable) install maps the top-level folder `kernels/` to `sftmix_trl.kernels`, and nothing else."""
+    probe = (
+        "import importlib.util, sftmix_trl.kernels;"
+        "print(sftmix_trl.kernels.__file__);"
+        "print(importlib.util.find_spec('kernels'))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, check=True, capture_output=True, text=True)
+    kernels_file, top_level_spec = out.stdout.splitlines()
+    assert Path(kernels_file).parent == REPO / "kernels"
+    assert top_level_spec == "None" or str(REPO) not in top_level_spec
