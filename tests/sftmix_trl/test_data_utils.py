@@ -1,0 +1,36 @@
+import math
+
+import pytest
+
+from sftmix_trl.data_utils import derive_example_id, split_by_confidence
+
+
+def test_derived_id_is_stable_and_ignores_scores():
+    example = {"prompt": "Add 1 and 2.", "completion": "3"}
+    assert derive_example_id(example) == derive_example_id({"completion": "3", "prompt": "Add 1 and 2."})
+    assert derive_example_id(example) == derive_example_id({**example, "confidence": -3.5})
+    assert derive_example_id(example) != derive_example_id({**example, "completion": "4"})
+
+
+def test_split_is_equal_sized_ranked_and_deterministic():
+    ids = [f"e{i}" for i in range(7)]
+    confidence = [0.0, 5.0, 1.0, 5.0, -2.0, 3.0, 1.0]
+    split = split_by_confidence(confidence, ids)
+    # ranking: e1 (5), e3 (5, tie -> id order), e5 (3), e2 (1), e6 (1), e0 (0), e4 (-2)
+    assert split.confident == [1, 3, 5]
+    assert split.remainder == [2]
+    assert split.unconfident == [6, 0, 4]
+
+
+@pytest.mark.parametrize(
+    "confidence, ids, message",
+    [
+        ([1.0, math.nan, 2.0, 3.0], ["a", "b", "c", "d"], "NaN or infinite"),
+        ([1.0, math.inf, 2.0, 3.0], ["a", "b", "c", "d"], "NaN or infinite"),
+        ([1.0, 2.0, 2.0, 3.0], ["a", "b", "a", "d"], "duplicate example id"),
+        ([1.0, 2.0, 3.0], ["a", "b", "c"], "at least two examples in each"),
+    ],
+)
+def test_split_rejects_bad_scores(confidence, ids, message):
+    with pytest.raises(ValueError, match=message):
+        split_by_confidence(confidence, ids)
