@@ -1,0 +1,57 @@
+import pytest
+from datasets import Dataset
+
+from sftmix_trl.transforms import alpaca_to_prompt_completion, expand_multiturn
+
+
+def _conversation(k):
+    messages = [{"role": "system", "content": "Be brief."}]
+    for t in range(1, k + 1):
+        messages += [{"role": "user", "content": f"question {t}"}, {"role": "assistant", "content": f"answer {t}"}]
+    return messages
+
+
+def test_k_turn_conversation_becomes_k_examples_with_history():
+    dataset = Dataset.from_list(
+        [
+            {"prompt_id": "c1", "messages": _conversation(3)},
+            {"prompt_id": "c2", "messages": _conversation(1)},
+        ]
+    )
+    expanded = expand_multiturn(dataset)
+    assert expanded["id"] == ["c1-1", "c1-2", "c1-3", "c2-1"]
+    third = expanded[2]
+    assert [m["content"] for m in third["prompt"]] == [
+        "Be brief.",
+        "question 1",
+        "answer 1",
+        "question 2",
+        "answer 2",
+        "question 3",
+    ]
+    assert third["completion"] == [{"role": "assistant", "content": "answer 3"}]
+    assert [m["role"] for m in expanded[3]["prompt"]] == ["system", "user"]
+
+
+def test_expansion_rejects_assistant_without_user_turn():
+    dataset = Dataset.from_list([{"messages": [{"role": "assistant", "content": "hi"}]}])
+    with pytest.raises(ValueError, match="does not follow a user message"):
+        expand_multiturn(dataset)
+
+
+def test_alpaca_rows_become_conversational_prompt_completion_with_stable_ids():
+    rows = [
+        {"instruction": "Translate.", "input": "Bonjour", "output": "Hello"},
+        {"instruction": "Say hi.", "input": "", "output": "Hi"},
+    ]
+    converted = alpaca_to_prompt_completion(Dataset.from_list(rows))
+    assert converted[0]["prompt"] == [{"role": "user", "content": "Translate.\n\nBonjour"}]
+    assert converted[1]["prompt"] == [{"role": "user", "content": "Say hi."}]
+    assert converted[1]["completion"] == [{"role": "assistant", "content": "Hi"}]
+    again = alpaca_to_prompt_completion(Dataset.from_list(rows[::-1]))
+    assert again["id"] == converted["id"][::-1]
+
+
+def test_alpaca_needs_its_columns():
+    with pytest.raises(ValueError, match="'instruction' and 'output'"):
+        alpaca_to_prompt_completion(Dataset.from_list([{"question": "q", "answer": "a"}]))
