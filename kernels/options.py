@@ -1,0 +1,74 @@
+"""Options of the fused SFTMix loss, shared by the functional API, the autograd Function and the module."""
+
+import math
+from dataclasses import dataclass, field
+
+IMPLS = ("auto", "triton", "torch", "reference")
+
+
+@dataclass(frozen=True)
+class SFTMixLossOptions:
+    r"""Options of the SFTMix loss ``L = L_NTP + mixup_coef * L_Mixup``.
+
+    Args:
+        mixup_coef (`float`, *optional*, defaults to `0.2`):
+            Weight ``mu`` of the mixup term in the loss.
+        ignore_index (`int`, *optional*, defaults to `-100`):
+            Target value of rows without next-token loss (prompt, padding).
+        logit_softcap (`float` or `None`, *optional*, defaults to `None`):
+            Gemma-2 style soft cap ``c * tanh(z / c)`` applied to every row's logits and to the mixed logits
+            ``z~`` after mixing. `None` disables it.
+        impl (`str`, *optional*, defaults to `"auto"`):
+            `"triton"` (fused Triton kernels), `"torch"` (chunked PyTorch), `"reference"` (dense eager PyTorch), or
+            `"auto"`: triton for CUDA tensors when Triton is installed, torch otherwise.
+        validate (`bool`, *optional*, defaults to `True`):
+            Check the data of the inputs (targets inside the vocabulary, mixed rows in range, valid and in at most
+            one mixed position, finite lambdas in [0, 1], finite weights, positive normalizer). These checks cost
+            one host sync per call; shape / dtype / device checks are free and always run. Switch off only where
+            the caller guarantees these properties: a violation then gives wrong numbers or a device fault.
+        chunk_rows (`int` or `None`, *optional*, defaults to `None`):
+            Rows of logits the torch implementation holds at once (a mixed pair counts two rows). `None` picks
+            about 2**24 logits per chunk.
+        block_pairs (`int` or `None`, *optional*, defaults to `None`):
+            Triton: row slots per program on each side of a pair tile (power of two, >= 16). `None` picks one.
+        block_v (`int` or `None`, *optional*, defaults to `None`):
+            Triton: vocabulary columns per block (power of two, >= 16). `None` picks one.
+        block_d (`int` or `None`, *optional*, defaults to `None`):
+            Triton: hidden-dimension slice per `tl.dot` (power of two, >= 16). `None` picks one.
+    """
+
+    mixup_coef: float = field(default=0.2, metadata={"help": "Weight mu of the mixup term in the loss."})
+    ignore_index: int = field(default=-100, metadata={"help": "Target value of rows without next-token loss."})
+    logit_softcap: float | None = field(
+        default=None,
+        metadata={"help": "Soft cap c * tanh(z / c) on the logits, applied to the mixed logits after mixing."},
+    )
+    impl: str = field(default="auto", metadata={"help": "'auto', 'triton', 'torch' or 'reference'."})
+    validate: bool = field(
+        default=True,
+        metadata={"help": "Check the inputs' data (one host sync per call); shape/dtype checks always run."},
+    )
+    chunk_rows: int | None = field(
+        default=None, metadata={"help": "Rows of logits the torch implementation holds at once; None: automatic."}
+    )
+    block_pairs: int | None = field(
+        default=None, metadata={"help": "Triton row slots per side of a pair tile (power of two >= 16)."}
+    )
+    block_v: int | None = field(default=None, metadata={"help": "Triton vocabulary block (power of two >= 16)."})
+    block_d: int | None = field(default=None, metadata={"help": "Triton hidden-dimension block (power of two >= 16)."})
+
+    def __post_init__(self):
+        if not math.isfinite(self.mixup_coef) or self.mixup_coef < 0:
+            raise ValueError(f"mixup_coef must be a finite number >= 0, got {self.mixup_coef}.")
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {self.ignore_index!r}.")
+        if self.logit_softcap is not None and not (math.isfinite(self.logit_softcap) and self.logit_softcap > 0):
+            raise ValueError(f"logit_softcap must be None or a finite number > 0, got {self.logit_softcap}.")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}.")
+        if self.chunk_rows is not None and self.chunk_rows < 2:
+            raise ValueError(f"chunk_rows must be None or >= 2, got {self.chunk_rows}.")
+        for name in ("block_pairs", "block_v", "block_d"):
+            value = getattr(self, name)
+            if value is not None and (value < 16 or value & (value - 1)):
+                raise ValueError(f"{name} must be None or a power of two >= 16, got {value}.")

@@ -1,0 +1,47 @@
+"""What every implementation of the SFTMix loss returns."""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SFTMixLossOutput:
+    """Result of `sftmix_linear_cross_entropy`; every field is a tensor on the inputs' device.
+
+    Args:
+        loss (`torch.Tensor`):
+            Differentiable scalar ``ntp_loss + mixup_coef * mixup_loss``.
+        ntp_loss (`torch.Tensor`):
+            Detached ``sum_{valid n} NLL_n / ntp_normalizer``.
+        mixup_loss (`torch.Tensor`):
+            Detached ``sum_k mix_weight_k * l_mix_k``, before ``mixup_coef``.
+        num_tokens (`torch.Tensor`):
+            int64 count of valid rows (target != ignore_index).
+        num_correct (`torch.Tensor`):
+            int64 count of valid rows whose argmax logit is the target.
+        entropy (`torch.Tensor`):
+            Mean entropy of softmax(z) over valid rows (0 when there are none).
+    """
+
+    loss: torch.Tensor
+    ntp_loss: torch.Tensor
+    mixup_loss: torch.Tensor
+    num_tokens: torch.Tensor
+    num_correct: torch.Tensor
+    entropy: torch.Tensor
+
+
+def token_metrics(loss, ntp_loss, mixup_loss, valid, correct, entropy) -> SFTMixLossOutput:
+    """Reduce per-row ``correct`` / ``entropy`` over the rows flagged ``valid`` into an `SFTMixLossOutput`."""
+    num_tokens = valid.sum()
+    num_correct = (correct & valid).sum()
+    entropy_sum = torch.where(valid, entropy, 0.0).sum(dtype=torch.float32)
+    return SFTMixLossOutput(
+        loss=loss,
+        ntp_loss=ntp_loss.detach(),
+        mixup_loss=mixup_loss.detach(),
+        num_tokens=num_tokens,
+        num_correct=num_correct,
+        entropy=entropy_sum / num_tokens.clamp(min=1),
+    )
