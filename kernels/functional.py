@@ -1,9 +1,11 @@
 """Functional entry point of the fused SFTMix loss, and the module that wraps it."""
 
+import dataclasses
 import os
 
 import torch
 
+from .function import fused_sftmix_loss
 from .options import SFTMixLossOptions
 from .outputs import SFTMixLossOutput
 from .reference import sftmix_loss_reference
@@ -100,7 +102,7 @@ def sftmix_linear_cross_entropy(
         check_data(hidden, weight, targets, mix_index, mix_lambda, mix_weight, ntp_normalizer, options.ignore_index)
     normalizer = resolve_normalizer(ntp_normalizer, targets, options.ignore_index)
     targets, mix_index = targets.long(), mix_index.long()
-    if resolved == "reference" or options.impl == "auto":  # TEMPORARY until the torch impl lands
+    if resolved == "reference":
         return sftmix_loss_reference(
             hidden,
             weight,
@@ -114,7 +116,18 @@ def sftmix_linear_cross_entropy(
             options.ignore_index,
             options.logit_softcap,
         )
-    raise NotImplementedError(f"impl={resolved!r} lands in the next commit; use impl='reference' for now.")
+    loss, *parts = fused_sftmix_loss(
+        hidden,
+        weight,
+        bias,
+        targets,
+        mix_index,
+        mix_lambda,
+        mix_weight,
+        normalizer,
+        dataclasses.replace(options, impl=resolved),
+    )
+    return SFTMixLossOutput(loss, *parts)
 
 
 class SFTMixLinearCrossEntropy(torch.nn.Module):

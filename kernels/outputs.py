@@ -32,16 +32,9 @@ class SFTMixLossOutput:
     entropy: torch.Tensor
 
 
-def token_metrics(loss, ntp_loss, mixup_loss, valid, correct, entropy) -> SFTMixLossOutput:
-    """Reduce per-row ``correct`` / ``entropy`` over the rows flagged ``valid`` into an `SFTMixLossOutput`."""
+def reduce_metrics(valid, correct, entropy):
+    """(num_tokens, num_correct, mean entropy) over the rows flagged ``valid``."""
     num_tokens = valid.sum()
     num_correct = (correct & valid).sum()
     entropy_sum = torch.where(valid, entropy, 0.0).sum(dtype=torch.float32)
-    return SFTMixLossOutput(
-        loss=loss,
-        ntp_loss=ntp_loss.detach(),
-        mixup_loss=mixup_loss.detach(),
-        num_tokens=num_tokens,
-        num_correct=num_correct,
-        entropy=entropy_sum / num_tokens.clamp(min=1),
-    )
+    return num_tokens, num_correct, entropy_sum / num_tokens.clamp(min=1)

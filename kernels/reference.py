@@ -7,7 +7,7 @@ autograd for the gradients. Math in fp32 (fp64 for fp64 inputs); matrix products
 
 import torch
 
-from .outputs import SFTMixLossOutput, token_metrics
+from .outputs import SFTMixLossOutput, reduce_metrics
 
 
 def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, logit_softcap: float | None):
@@ -60,4 +60,5 @@ def sftmix_loss_reference(
         correct = logits.argmax(dim=-1) == targets
         # entropy of softmax(z) = lse(z) - sum_v softmax(z)_v z_v
         entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
-    return token_metrics(loss, ntp_loss, mixup_loss, valid, correct, entropy)
+    num_tokens, num_correct, mean_entropy = reduce_metrics(valid, correct, entropy)
+    return SFTMixLossOutput(loss, ntp_loss.detach(), mixup_loss.detach(), num_tokens, num_correct, mean_entropy)
