@@ -1,0 +1,285 @@
+"""The `sftmix` command line: SFTMix step 1 (confidence from training dynamics) without writing Python.
+
+    sftmix score --checkpoints run/checkpoint-100 run/checkpoint-200 --dataset_name data.json \\
+        --output_dir scores --max_length 512
+    sftmix aggregate --scores scores --output_dir confidence --dataset_name data.json
+    sftmix datamap --confidence confidence --dataset_name data.json
+
+Each command takes TRL-style flags, and `--config file.yaml` whose keys set the same fields (flags given on the
+command line win). `sftmix score` also takes every `SFTConfig` field (`--max_length`, `--completion_only_loss`,
+`--assistant_only_loss`, `--per_device_eval_batch_size`, `--model_init_kwargs`, ...); on a machine without CUDA it
+defaults to `--use_cpu true --bf16 false`. Run it under `accelerate launch` to score on several devices.
+
+Data: a `.json`, `.jsonl`, `.parquet` or `.csv` file, a `save_to_disk` folder, or a Hub dataset name. Alpaca-style
+rows (`instruction`, `input`, `output`) are turned into conversational prompt/completion rows. Rows without an id
+column get one derived from their content before any processing (see `confidence.add_example_ids`).
+"""
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ERRORS_SHOWN_WITHOUT_TRACEBACK = (ValueError, TypeError, FileExistsError, FileNotFoundError)
+
+
+@dataclass
+class DatasetArguments:
+    """
+    Where the examples come from.
+
+    Args:
+        dataset_name (`str`, *optional*):
+            A `.json`, `.jsonl`, `.parquet` or `.csv` file, a `save_to_disk` folder, or a Hub dataset name. Required by
+            `sftmix score`; for the other commands it supplies the instructions shown in the report.
+        dataset_config (`str`, *optional*):
+            Configuration name of a Hub dataset.
+        dataset_split (`str`, *optional*, defaults to `"train"`):
+            Split to use.
+        id_column (`str`, *optional*, defaults to `"id"`):
+            Column with the example ids; derived from each example's content when the data has none.
+    """
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A .json/.jsonl/.parquet/.csv file, a save_to_disk folder, or a Hub dataset name."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of a Hub dataset."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to use."})
+    id_column: str = field(
+        default="id", metadata={"help": "Column with the example ids; derived from the content when missing."}
+    )
+
+    def __post_init__(self):
+        if not self.id_column:
+            raise ValueError("`id_column` must be a column name.")
+
+
+@dataclass
+class ScoreArguments:
+    """
+    `sftmix score`: score every example with each checkpoint; one score file per checkpoint in `--output_dir`.
+
+    Args:
+        checkpoints (`list[str]`):
+            Checkpoint folders or model ids to score, e.g. the `checkpoint-*` folders of a reference run, or a weaker
+            reference model (paper §5.1).
+        tokenizer_name_or_path (`str`, *optional*):
+            One tokenizer for every checkpoint; by default each checkpoint's own.
+        dataset_label (`str`, *optional*):
+            A label for the data, written beside the scores; `sftmix aggregate` refuses score files with different
+            labels.
+        overwrite (`bool`, *optional*, defaults to `False`):
+            Rescore checkpoints whose score file exists (by default they are skipped when they cover the same examples,
+            and refused otherwise).
+    """
+
+    checkpoints: list[str] = field(metadata={"help": "Checkpoint folders or model ids to score."})
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "One tokenizer for every checkpoint; by default each checkpoint's own."}
+    )
+    dataset_label: str | None = field(
+        default=None, metadata={"help": "A label for the data; aggregation refuses scores with different labels."}
+    )
+    overwrite: bool = field(default=False, metadata={"help": "Rescore checkpoints whose score file exists."})
+
+    def __post_init__(self):
+        if not self.checkpoints:
+            raise ValueError("No checkpoints to score: pass at least one with `--checkpoints`.")
+
+
+@dataclass
+class AggregateArguments:
+    """
+    `sftmix aggregate`: per-example confidence (-mean perplexity over the checkpoints), variability and the split.
+
+    Args:
+        scores (`list[str]`):
+            Score files, or folders of them (a reference run's `output_dir` stands for its `confidence_scores/`).
+        output_dir (`str`):
+            Folder for `dataset/`, `confidence.jsonl`, `confidence.parquet`, `summary.json`, and the data map.
+        drop_unscorable (`bool`, *optional*, defaults to `False`):
+            Leave out examples with no response token after truncation instead of failing on them.
+        overwrite (`bool`, *optional*, defaults to `False`):
+            Replace results already in `output_dir`.
+        data_map (`bool`, *optional*, defaults to `True`):
+            Also write `datamap.png` and `confidence_report.md`.
+        top_n (`int`, *optional*, defaults to `10`):
+            Number of most and least confident examples in the report.
+    """
+
+    scores: list[str] = field(metadata={"help": "Score files, or folders of them."})
+    output_dir: str = field(metadata={"help": "Folder for the aggregated table and the data map."})
+    drop_unscorable: bool = field(
+        default=False, metadata={"help": "Leave out examples with no response token after truncation."}
+    )
+    overwrite: bool = field(default=False, metadata={"help": "Replace results already in `output_dir`."})
+    data_map: bool = field(default=True, metadata={"help": "Also write datamap.png and confidence_report.md."})
+    top_n: int = field(default=10, metadata={"help": "Most and least confident examples in the report."})
+
+    def __post_init__(self):
+        if self.top_n < 1:
+            raise ValueError(f"`top_n` must be at least 1, got {self.top_n}.")
+
+
+@dataclass
+class DataMapArguments:
+    """
+    `sftmix datamap`: the data map picture and the report of the most and least confident examples.
+
+    Args:
+        confidence (`str`):
+            An `sftmix aggregate` output folder, or its `confidence.jsonl` / `confidence.parquet`.
+        output_dir (`str`, *optional*):
+            Folder for `datamap.png` and `confidence_report.md`; defaults to the aggregate folder.
+        top_n (`int`, *optional*, defaults to `10`):
+            Number of most and least confident examples in the report.
+        title (`str`, *optional*):
+            Title of the picture.
+        overwrite (`bool`, *optional*, defaults to `False`):
+            Replace a data map already in `output_dir`.
+    """
+
+    confidence: str = field(metadata={"help": "An `sftmix aggregate` output folder, or its .jsonl / .parquet."})
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Folder for datamap.png and confidence_report.md; default: the aggregate's."}
+    )
+    top_n: int = field(default=10, metadata={"help": "Most and least confident examples in the report."})
+    title: str | None = field(default=None, metadata={"help": "Title of the picture."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a data map already in `output_dir`."})
+
+    def __post_init__(self):
+        if self.top_n < 1:
+            raise ValueError(f"`top_n` must be at least 1, got {self.top_n}.")
+
+
+def load_examples(args: DatasetArguments):
+    """The examples `args` names, as a `datasets.Dataset`, Alpaca-style rows converted to prompt/completion."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    from .transforms import alpaca_to_prompt_completion
+
+    if args.dataset_name is None:
+        raise ValueError("No data given: pass `--dataset_name` (a data file, a save_to_disk folder or a Hub name).")
+    path = Path(args.dataset_name)
+    builders = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+        dataset = load_from_disk(str(path))
+        if isinstance(dataset, DatasetDict):
+            dataset = dataset[args.dataset_split]
+    elif path.is_file():
+        if path.suffix not in builders:
+            raise ValueError(f"Cannot read {path}: expected one of {sorted(builders)}.")
+        dataset = load_dataset(builders[path.suffix], data_files=str(path), split="train")
+    else:
+        dataset = load_dataset(args.dataset_name, args.dataset_config, split=args.dataset_split)
+    columns = set(dataset.column_names)
+    if {"instruction", "output"} <= columns and not columns & {"prompt", "messages", "text"}:
+        dataset = alpaca_to_prompt_completion(dataset, id_column=args.id_column)
+    return dataset
+
+
+def run_score(score_args: ScoreArguments, data_args: DatasetArguments, training_args) -> None:
+    from .confidence import score_checkpoints
+
+    paths = score_checkpoints(
+        score_args.checkpoints,
+        load_examples(data_args),
+        training_args.output_dir,
+        args=training_args,
+        tokenizer=score_args.tokenizer_name_or_path,
+        id_column=data_args.id_column,
+        dataset_name=score_args.dataset_label,
+        overwrite=score_args.overwrite,
+    )
+    for path in paths:
+        print(path)
+
+
+def run_aggregate(aggregate_args: AggregateArguments, data_args: DatasetArguments) -> None:
+    from .confidence import aggregate_scores, write_data_map
+
+    table = aggregate_scores(aggregate_args.scores, drop_unscorable=aggregate_args.drop_unscorable)
+    output_dir = table.save(aggregate_args.output_dir, overwrite=aggregate_args.overwrite)
+    summary = table.summary()
+    print(
+        f"{summary['num_examples']} examples over {len(table.checkpoints)} checkpoint(s): "
+        f"{summary['num_confident']} confident, {summary['num_unconfident']} unconfident, "
+        f"{summary['num_remainder']} left out of the split, {len(table.excluded_ids)} unscorable dropped -> {output_dir}"
+    )
+    if aggregate_args.data_map:
+        examples = load_examples(data_args) if data_args.dataset_name else None
+        for path in write_data_map(
+            table.dataset, output_dir, examples, aggregate_args.top_n, id_column=data_args.id_column
+        ):
+            print(path)
+
+
+def run_datamap(datamap_args: DataMapArguments, data_args: DatasetArguments) -> None:
+    from .confidence import load_confidence, write_data_map
+
+    table = load_confidence(datamap_args.confidence)
+    confidence_path = Path(datamap_args.confidence)
+    default_dir = confidence_path if confidence_path.is_dir() else confidence_path.parent
+    output_dir = Path(datamap_args.output_dir) if datamap_args.output_dir else default_dir
+    existing = [name for name in ("datamap.png", "confidence_report.md") if (output_dir / name).exists()]
+    if existing and not datamap_args.overwrite:
+        raise FileExistsError(
+            f"{output_dir} already holds {', '.join(existing)}. Pass `--overwrite` to replace them, or choose another "
+            "`--output_dir`."
+        )
+    examples = load_examples(data_args) if data_args.dataset_name else None
+    for path in write_data_map(
+        table, output_dir, examples, datamap_args.top_n, title=datamap_args.title, id_column=data_args.id_column
+    ):
+        print(path)
+
+
+def _commands():
+    from trl import SFTConfig
+
+    return {
+        "score": ((ScoreArguments, DatasetArguments, SFTConfig), run_score),
+        "aggregate": ((AggregateArguments, DatasetArguments), run_aggregate),
+        "datamap": ((DataMapArguments, DatasetArguments), run_datamap),
+    }
+
+
+USAGE = """usage: sftmix {score,aggregate,datamap} [--config FILE.yaml] [options]
+
+SFTMix step 1, confidence from training dynamics:
+  score      score every example with each checkpoint (response perplexity), one file per checkpoint
+  aggregate  confidence = -mean perplexity over checkpoints, variability, the confident/unconfident split
+  datamap    the data map picture and a report of the most and least confident examples
+
+`sftmix COMMAND --help` lists a command's options."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    commands = _commands()
+    if command not in commands:
+        print(f"sftmix: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+
+    import torch
+    from trl import TrlParser
+
+    dataclass_types, run = commands[command]
+    parser = TrlParser(dataclass_types, prog=f"sftmix {command}")
+    if not torch.cuda.is_available() and any("bf16" in t.__dataclass_fields__ for t in dataclass_types):
+        # SFTConfig defaults to bf16, which a machine without CUDA refuses: score there in float32 on the CPU
+        parser.set_defaults(bf16=False, use_cpu=True)
+    try:
+        run(*parser.parse_args_and_config(rest))
+    except ERRORS_SHOWN_WITHOUT_TRACEBACK as error:
+        print(f"sftmix {command}: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""From K score files to per-example confidence, its spread, and the confident / unconfident split.
+
+    confidence(x, y)  = -(1/K) * sum_k ppl_k(x, y)                         (paper §3, DESIGN.md §1)
+    variability(x, y) = sqrt((1/K) * sum_k (ppl_k(x, y) - mean_k ppl_k)^2)  (population std, ddof = 0, over checkpoints,
+                                                                            as dataset cartography's variability)
+
+The split is `data_utils.split_by_confidence`: two equal halves, ties broken by id, the median example left out when
+the count is odd.
+
+Output folder of `ConfidenceTable.save`:
+
+    dataset/           the table as a `datasets.Dataset` (`save_to_disk`)
+    confidence.jsonl   the same, one example a line
+    confidence.parquet the same, as Parquet
+    summary.json       checkpoints, counts, excluded ids, definitions
+
+Columns: `id`, `confidence`, `variability`, `half` (`"confident"`, `"unconfident"` or `"remainder"`), `ppl` (the K
+perplexities, in the order of `summary.json`'s `checkpoints`). SFTMixTrainer reads `id` and `confidence`.
+"""
+
+import json
+import math
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from datasets import Dataset, load_from_disk
+
+from ..data_utils import check_unique_ids, split_by_confidence
+from .scoring import SCORES_SUFFIX, read_scores
+
+OUTPUT_FILES = ("dataset", "confidence.jsonl", "confidence.parquet", "summary.json")
+HALVES = ("confident", "unconfident", "remainder")
+
+
+@dataclass
+class ConfidenceTable:
+    """Aggregated confidence: the per-example `dataset`, the `checkpoints` its `ppl` columns follow, and the ids of
+    unscorable examples left out on request."""
+
+    dataset: Dataset
+    checkpoints: list[str]
+    score_files: list[str]
+    excluded_ids: list = field(default_factory=list)
+
+    def summary(self) -> dict:
+        halves = self.dataset["half"]
+        return {
+            "checkpoints": self.checkpoints,
+            "score_files": self.score_files,
+            "num_examples": len(self.dataset),
+            **{f"num_{half}": halves.count(half) for half in HALVES},
+            "excluded_unscorable_ids": self.excluded_ids,
+            "confidence": "-mean_k ppl_k over the K checkpoints",
+            "variability": "population standard deviation (ddof=0) of ppl_k over the K checkpoints",
+        }
+
+    def save(self, output_dir: str | Path, overwrite: bool = False) -> Path:
+        """Write the table (see the module docstring). Refuses a folder that already holds results unless
+        `overwrite`, and checks that before writing anything."""
+        output_dir = Path(output_dir)
+        existing = [name for name in OUTPUT_FILES if (output_dir / name).exists()]
+        if existing and not overwrite:
+            raise FileExistsError(
+                f"{output_dir} already holds confidence results ({', '.join(existing)}). Pass `overwrite=True` "
+                "(`--overwrite`) to replace them, or choose another output folder."
+            )
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if (output_dir / "dataset").exists():
+            shutil.rmtree(output_dir / "dataset")
+        self.dataset.save_to_disk(str(output_dir / "dataset"))
+        self.dataset.to_json(str(output_dir / "confidence.jsonl"), lines=True, force_ascii=False)
+        self.dataset.to_parquet(str(output_dir / "confidence.parquet"))
+        (output_dir / "summary.json").write_text(json.dumps(self.summary(), indent=2, default=str) + "\n")
+        return output_dir
+
+
+def resolve_score_files(paths: Sequence[str | Path]) -> list[Path]:
+    """Score files from files and folders: a folder stands for its `*.jsonl` files (a run's `output_dir` for its
+    `confidence_scores/` folder), ordered by checkpoint step, then by name."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            if (path / "confidence_scores").is_dir() and not any(path.glob(f"*{SCORES_SUFFIX}")):
+                path = path / "confidence_scores"
+            files.extend(sorted(path.glob(f"*{SCORES_SUFFIX}"), key=_checkpoint_order))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"Score file or folder {str(path)!r} does not exist.")
+    return files
+
+
+def _checkpoint_order(path: Path) -> tuple[int, str]:
+    match = re.search(r"checkpoint-(\d+)", path.name)
+    return (int(match.group(1)) if match else math.inf, path.name)
+
+
+def _shown(ids: Sequence, limit: int = 5) -> str:
+    ids = list(ids)
+    return ", ".join(repr(i) for i in ids[:limit]) + (f" (and {len(ids) - limit} more)" if len(ids) > limit else "")
+
+
+def aggregate_scores(score_files: Sequence[str | Path], drop_unscorable: bool = False) -> ConfidenceTable:
+    """Aggregate K score files (or folders of them) into per-example confidence and the split.
+
+    Everything is checked before anything is computed or written: at least one file; no duplicate ids; every file
+    from the same dataset and with the same ids; no NaN or infinite perplexity; and no unscorable example (one with
+    no response token after truncation), unless `drop_unscorable` leaves those out (their ids are in
+    `excluded_ids`).
+    """
+    files = resolve_score_files(score_files)
+    if not files:
+        raise ValueError(
+            "No score files to aggregate (K = 0): pass the `.jsonl` files written by `sftmix score` or "
+            f"ConfidenceCallback, or the folders holding them; got {[str(p) for p in score_files]}."
+        )
+    loaded = [read_scores(path) for path in files]
+
+    datasets_named = {metadata.get("dataset") for _, metadata in loaded} - {None}
+    if len(datasets_named) > 1:
+        raise ValueError(
+            f"The score files come from different datasets ({sorted(datasets_named)}). Aggregate the scores of one "
+            "dataset at a time."
+        )
+    tables = []
+    for path, (records, _) in zip(files, loaded):
+        ids = [record["id"] for record in records]
+        try:
+            check_unique_ids(ids)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+        tables.append({record["id"]: record for record in records})
+
+    ids = [record["id"] for record in loaded[0][0]]
+    for path, table in zip(files[1:], tables[1:]):
+        missing = [i for i in ids if i not in table]
+        extra = [i for i in table if i not in tables[0]]
+        if missing or extra:
+            raise ValueError(
+                f"The score files cover different examples: {path} lacks {len(missing)} id(s) of {files[0]} "
+                f"({_shown(missing)}) and has {len(extra)} it lacks ({_shown(extra)}). They come from different "
+                "datasets or id derivations; score every checkpoint on the same data."
+            )
+
+    ppl = [[table[i]["ppl"] for table in tables] for i in ids]
+    unscorable = [i for i, row in zip(ids, ppl) if any(value is None for value in row)]
+    if unscorable and not drop_unscorable:
+        raise ValueError(
+            f"{len(unscorable)} example(s) have no response token left after truncation and cannot be scored: "
+            f"{_shown(unscorable)}. Raise `max_length`, or pass `drop_unscorable=True` (`--drop_unscorable`) to "
+            "leave them out of the split."
+        )
+    keep = [n for n, row in enumerate(ppl) if all(value is not None for value in row)]
+    ids = [ids[n] for n in keep]
+    ppl = np.array([ppl[n] for n in keep], dtype=np.float64).reshape(len(keep), len(files))
+
+    not_finite = ~np.isfinite(ppl)
+    if not_finite.any():
+        rows, columns = np.nonzero(not_finite)
+        where = sorted({str(files[c]) for c in columns})
+        raise ValueError(
+            f"{len(set(rows.tolist()))} example(s) have a NaN or infinite perplexity ({_shown([ids[r] for r in rows])}) "
+            f"in {where}. The checkpoint diverged or scored in too low a precision; rescore it in float32."
+        )
+
+    confidence = -ppl.mean(axis=1)
+    variability = ppl.std(axis=1, ddof=0)
+    split = split_by_confidence(confidence.tolist(), ids)
+    half = [""] * len(ids)
+    for name, rows in zip(HALVES, (split.confident, split.unconfident, split.remainder)):
+        for row in rows:
+            half[row] = name
+    dataset = Dataset.from_dict(
+        {
+            "id": ids,
+            "confidence": confidence.tolist(),
+            "variability": variability.tolist(),
+            "half": half,
+            "ppl": ppl.tolist(),
+        }
+    )
+    return ConfidenceTable(
+        dataset=dataset,
+        checkpoints=[path.name.removesuffix(SCORES_SUFFIX) for path in files],
+        score_files=[str(path) for path in files],
+        excluded_ids=unscorable,
+    )
+
+
+def load_confidence(path: str | Path) -> Dataset:
+    """An aggregated table from `ConfidenceTable.save`'s folder, its `dataset/`, or its JSONL / Parquet file."""
+    path = Path(path)
+    if path.is_dir():
+        return load_from_disk(str(path / "dataset" if (path / "dataset").is_dir() else path))
+    if path.suffix == ".parquet":
+        return Dataset.from_parquet(str(path))
+    if path.suffix in (".jsonl", ".json"):
+        return Dataset.from_json(str(path))
+    raise ValueError(
+        f"Cannot read a confidence table from {str(path)!r}: pass an aggregate folder, .jsonl or .parquet."
+    )

@@ -1,0 +1,153 @@
+"""Offline confidence scoring: checkpoints or models that already exist, on a dataset, with each model's own tokenizer.
+
+The reference model may be a different, weaker model than the target (paper §5.1), with its own tokenizer. Each model
+gets the tokens SFTTrainer would train it on, because the scorer builds an `SFTTrainer` for it and scores its
+prepared training set (same chat template, EOS, completion/assistant masks, truncation and filtering). Scores are
+keyed by the raw examples' ids, which every tokenizer shares.
+"""
+
+import gc
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from datasets import Dataset
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from trl import SFTConfig, SFTTrainer
+
+from .scoring import (
+    SCORES_SUFFIX,
+    add_example_ids,
+    ids_fingerprint,
+    make_record,
+    read_scores,
+    score_trainer,
+    write_scores,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def checkpoint_name(checkpoint: str | Path) -> str:
+    """The stem of a checkpoint's score file: the folder name (`checkpoint-500`), or a hub id with `/` as `--`."""
+    path = Path(checkpoint)
+    return path.name if path.exists() else str(checkpoint).strip("/").replace("/", "--")
+
+
+def _global_step(name: str) -> int | None:
+    match = re.fullmatch(r"checkpoint-(\d+)", name)
+    return int(match.group(1)) if match else None
+
+
+def score_checkpoints(
+    checkpoints: Sequence[str | Path],
+    dataset: Dataset,
+    output_dir: str | Path,
+    args: SFTConfig | None = None,
+    tokenizer: str | PreTrainedTokenizerBase | None = None,
+    id_column: str = "id",
+    dataset_name: str | None = None,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Score every example of `dataset` with each checkpoint, one score file per checkpoint in `output_dir`
+    (`<checkpoint name>.jsonl` and its `.json` sidecar; see `scoring`).
+
+    Examples that SFTTrainer drops for a model (no loss token left after truncation at `args.max_length`) cannot be
+    scored: they get a record with `num_tokens = 0` and `ppl = null`, and aggregation says which they are.
+
+    Every checkpoint's config is loaded before any scoring, so a bad path fails at once. A score file that already
+    exists for the same examples is kept (resuming an interrupted run); one for other examples is refused unless
+    `overwrite`.
+
+    Args:
+        checkpoints (`Sequence[str | Path]`): checkpoint folders or model ids, e.g. a reference run's `checkpoint-*`.
+        dataset (`datasets.Dataset`): the raw training data in a format SFTTrainer accepts; without an id column,
+            ids are derived from each example's content (`add_example_ids`).
+        output_dir (`str | Path`): where the score files go.
+        args (`trl.SFTConfig`, *optional*): how SFTTrainer prepares the data (`max_length`, `completion_only_loss`,
+            `assistant_only_loss`, ...), the batch size (`per_device_eval_batch_size`) and the model loading
+            (`model_init_kwargs`); defaults to `SFTConfig(output_dir=output_dir, report_to="none")`.
+        tokenizer (`str` or tokenizer, *optional*): one tokenizer for every checkpoint; by default each checkpoint's own.
+        id_column (`str`, *optional*, defaults to `"id"`): column with the example ids.
+        dataset_name (`str`, *optional*): a label for the data, written to the sidecars.
+        overwrite (`bool`, *optional*, defaults to `False`): rescore checkpoints whose score file exists.
+
+    Returns:
+        The score files, one per checkpoint, in the order given.
+    """
+    if not checkpoints:
+        raise ValueError("No checkpoints to score: pass at least one checkpoint folder or model id.")
+    output_dir = Path(output_dir)
+    names = [checkpoint_name(c) for c in checkpoints]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(
+            f"Several checkpoints would write the same score file in {output_dir}: {duplicates}. Score checkpoints "
+            "of different runs into different output folders."
+        )
+    for checkpoint in checkpoints:
+        try:
+            AutoConfig.from_pretrained(str(checkpoint))
+        except Exception as error:
+            raise ValueError(
+                f"Checkpoint {str(checkpoint)!r} cannot be loaded ({type(error).__name__}: {error}). Pass a folder "
+                "written by `save_pretrained` (config.json and weights) or a model id."
+            ) from error
+
+    dataset = add_example_ids(dataset, id_column)
+    ids = dataset[id_column]
+    fingerprint = ids_fingerprint(ids)
+    args = args if args is not None else SFTConfig(output_dir=str(output_dir), report_to="none")
+    if isinstance(tokenizer, str):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+
+    paths = [output_dir / f"{name}{SCORES_SUFFIX}" for name in names]
+    to_score = []
+    for checkpoint, path in zip(checkpoints, paths):
+        if path.is_file() and not overwrite:
+            _, metadata = read_scores(path)
+            if metadata.get("ids_fingerprint") != fingerprint:
+                raise FileExistsError(
+                    f"{path} already holds scores of other examples. Pass `overwrite=True` (`--overwrite`) to replace "
+                    "them, or choose another output folder."
+                )
+            logger.info("%s already scored on these examples (%s): skipping.", checkpoint, path)
+            continue
+        to_score.append((checkpoint, path))
+
+    for checkpoint, path in to_score:
+        name = path.name.removesuffix(SCORES_SUFFIX)
+        try:
+            trainer = SFTTrainer(model=str(checkpoint), args=args, train_dataset=dataset, processing_class=tokenizer)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise ValueError(
+                f"Checkpoint {str(checkpoint)!r} cannot be loaded for scoring ({type(error).__name__}: {error}). "
+                f"Score files written so far are kept in {output_dir}."
+            ) from error
+        scored = score_trainer(trainer, id_column=id_column, desc=f"Scoring {name}")
+        if trainer.accelerator.is_main_process:
+            by_id = {record["id"]: record for record in scored}
+            # every example of the raw data, in its order; those TRL dropped have no loss token to score
+            records = [by_id.get(example_id) or make_record(example_id, 0.0, 0) for example_id in ids]
+            metadata = {
+                "source": "score_checkpoints",
+                "checkpoint": str(checkpoint),
+                "global_step": _global_step(name),
+                "dataset": dataset_name,
+                "max_length": args.max_length,
+                "tokenizer": trainer.processing_class.name_or_path,
+            }
+            write_scores(records, path, metadata)
+            unscorable = len(records) - len(scored)
+            if unscorable:
+                logger.warning(
+                    "%s: %d example(s) have no response token after truncation at max_length=%s and cannot be scored.",
+                    name,
+                    unscorable,
+                    args.max_length,
+                )
+        trainer.accelerator.wait_for_everyone()
+        del trainer
+        gc.collect()
+    return paths

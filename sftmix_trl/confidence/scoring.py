@@ -1,0 +1,247 @@
+"""Per-example response perplexity of a model under an SFTTrainer: the one scoring routine that the training-time
+callback and the offline scorer share.
+
+An example's score is the mean negative log-likelihood over its loss tokens, the tokens whose label is not -100 after
+TRL's preparation (the completion, or the assistant turns), so the tokens scored are exactly the tokens trained:
+
+    nll(x, y) = -(1 / |y|) * sum_{t in y} log p(y_t | x, y_<t)        ppl(x, y) = exp(nll(x, y))
+
+The log-probabilities come from the forward that SFTTrainer patches onto its model (`fused_lm_head=True`), which
+projects through the LM head in tiles and never holds the (batch, length, vocabulary) logits.
+
+Score files: one JSON Lines file per checkpoint, one record per example, `{"id", "num_tokens", "nll", "ppl"}`, in the
+dataset's order, and beside it a JSON sidecar with the same stem that says what was scored (checkpoint, step, dataset,
+number of examples and a hash of their ids). An example with no loss token has `num_tokens = 0` and `nll = ppl = null`:
+it cannot be scored.
+"""
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import gather_object
+from datasets import Dataset
+from tqdm.auto import tqdm
+
+from ..data_utils import check_unique_ids, derive_example_id
+
+SCORES_SUFFIX = ".jsonl"
+METADATA_SUFFIX = ".json"
+FORMAT_VERSION = 1
+
+
+def add_example_ids(dataset: Dataset, id_column: str = "id") -> Dataset:
+    """`dataset` with an id column: left as it is when it has one, else derived from each example's content with
+    `derive_example_id` (the first 16 hex digits of the SHA-1 of the example's columns as canonical JSON).
+
+    Call it on the raw data, before SFTTrainer prepares it: preparation rewrites columns (it appends the EOS token to
+    completions and texts, and that token depends on the tokenizer), so ids derived afterwards would differ between
+    a reference model and the target model. Exact duplicate examples get the same id and are refused; give such data
+    an id column of its own.
+    """
+    if id_column not in dataset.column_names:
+        dataset = dataset.map(
+            lambda example: {id_column: derive_example_id(example)}, desc="Deriving example ids from content"
+        )
+    check_unique_ids(dataset[id_column])
+    return dataset
+
+
+def check_scorable(trainer, id_column: str = "id") -> None:
+    """Raise, before any work, if the trainer's prepared training set cannot be scored per example by id."""
+    dataset = trainer.train_dataset
+    if not isinstance(dataset, Dataset):
+        raise TypeError(
+            f"Confidence scoring needs a map-style `datasets.Dataset` as training set, got {type(dataset).__name__}. "
+            "Load the data without `streaming=True`."
+        )
+    if getattr(trainer.args, "packing", False):
+        raise ValueError(
+            "Confidence scoring needs one example per sequence, but `packing=True` merges examples and drops their "
+            "ids. Train the reference model with `packing=False` (`padding_free=True` is supported)."
+        )
+    if id_column not in dataset.column_names:
+        raise ValueError(
+            f"The trainer's training set has no {id_column!r} column, so scores could not be joined to examples. "
+            "Give the dataset an id column before building the trainer, e.g. "
+            "`dataset = sftmix_trl.confidence.add_example_ids(dataset)` (ids derived from each example's content)."
+        )
+    missing = {"input_ids", "labels"} - set(dataset.column_names)
+    if missing:
+        raise ValueError(
+            f"The trainer's training set lacks {sorted(missing)} after preparation; confidence scoring supports text "
+            "datasets that SFTTrainer tokenizes itself (prompt/completion, messages or text)."
+        )
+
+
+@torch.no_grad()
+def score_trainer(
+    trainer, id_column: str = "id", batch_size: int | None = None, show_progress: bool = True, desc: str = "Scoring"
+) -> list[dict[str, Any]] | None:
+    """Score every example of `trainer.train_dataset` with `trainer.model` as it is now.
+
+    Data parallel: each process scores a shard, and the main process gets every record (in the dataset's order);
+    other processes get None. The model is put in eval mode and given back in its previous mode.
+
+    Args:
+        trainer (`trl.SFTTrainer`): a trainer whose training set has been prepared (tokenized) and has an id column.
+        id_column (`str`, *optional*, defaults to `"id"`): column with the example ids.
+        batch_size (`int`, *optional*): examples per forward; defaults to `args.per_device_eval_batch_size`.
+        show_progress (`bool`, *optional*, defaults to `True`): show a progress bar on the main process.
+        desc (`str`, *optional*, defaults to `"Scoring"`): the progress bar's label.
+
+    Returns:
+        On the main process, a list of `{"id", "num_tokens", "nll", "ppl"}` records in the dataset's order.
+    """
+    check_scorable(trainer, id_column)
+    dataset = trainer.train_dataset
+    if len(dataset) == 0:
+        raise ValueError("The trainer's training set is empty after preparation: there is nothing to score.")
+    accelerator = trainer.accelerator
+    ids = dataset[id_column]
+    check_unique_ids(ids)
+    batch_size = batch_size or trainer.args.per_device_eval_batch_size
+    # Exactly what the training dataloader hands to the collator: the columns the model's forward takes
+    collator_dataset = trainer._remove_unused_columns(dataset, description="confidence scoring")
+    lengths = _sequence_lengths(dataset)
+
+    # Longest examples first, so that batches hold examples of similar lengths (little padding) and the largest batch
+    # comes first; dealt round-robin to the processes so each shard is about as long as the others.
+    order = sorted(range(len(dataset)), key=lambda i: -lengths[i])
+    shard = order[accelerator.process_index :: accelerator.num_processes]
+    batches = [shard[start : start + batch_size] for start in range(0, len(shard), batch_size)]
+    # Every process runs the same number of forwards, since a sharded model (FSDP, ZeRO-3) gathers its weights in
+    # collectives: a process with fewer batches repeats a batch and drops its result.
+    num_batches = math.ceil(math.ceil(len(dataset) / accelerator.num_processes) / batch_size)
+
+    model = trainer.model_wrapped if (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled) else trainer.model
+    was_training = model.training
+    model.eval()
+    records = []
+    try:
+        progress = tqdm(
+            total=num_batches, desc=desc, unit="batch", disable=not (show_progress and accelerator.is_main_process)
+        )
+        for step in range(num_batches):
+            is_padding = step >= len(batches)
+            batch_rows = (batches[0] if batches else order[:1]) if is_padding else batches[step]
+            inputs = trainer._prepare_inputs(trainer.data_collator(collator_dataset.__getitems__(batch_rows)))
+            with trainer.compute_loss_context_manager():
+                outputs = model(**inputs, fused_lm_head=True)
+            if not is_padding:
+                nll_sum, num_tokens = _per_example_sums(outputs.log_probs, outputs.label_mask, inputs, len(batch_rows))
+                for row, total, count in zip(batch_rows, nll_sum.tolist(), num_tokens.tolist()):
+                    records.append(make_record(ids[row], total, count, row))
+            progress.update(1)
+        progress.close()
+    finally:
+        model.train(was_training)
+
+    records = gather_object(records)
+    if not accelerator.is_main_process:
+        return None
+    records.sort(key=lambda record: record.pop("row"))
+    return records
+
+
+def _sequence_lengths(dataset: Dataset) -> list[int]:
+    import pyarrow.compute as pc
+
+    # read through the dataset's row mapping (after shuffle/filter) without decoding the token lists into Python
+    table = dataset.select_columns(["input_ids"]).with_format("arrow")[:]
+    return pc.list_value_length(table.column("input_ids")).to_pylist()
+
+
+def _per_example_sums(
+    log_probs: torch.Tensor, label_mask: torch.Tensor, inputs: dict, num_examples: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of -log p and number of loss tokens per example, from the fused forward's per-token outputs (shifted:
+    position j scores the label at j + 1)."""
+    if "seq_idx" in inputs:
+        # padding-free: one row holding every example back to back; `seq_idx` says which example a token belongs to
+        example_of = inputs["seq_idx"][:, 1:].to(log_probs.device).long().expand_as(label_mask)
+    else:
+        example_of = torch.arange(label_mask.size(0), device=log_probs.device)[:, None].expand_as(label_mask)
+    example_of = example_of[label_mask]
+    # accumulate in fp64: a long response sums hundreds of terms
+    nll_sum = torch.zeros(num_examples, dtype=torch.float64, device=log_probs.device)
+    nll_sum.index_add_(0, example_of, -log_probs[label_mask].double())
+    num_tokens = torch.bincount(example_of, minlength=num_examples)
+    return nll_sum.cpu(), num_tokens.cpu()
+
+
+def make_record(example_id, nll_sum: float, num_tokens: int, row: int | None = None) -> dict[str, Any]:
+    """One example's score; `nll` and `ppl` are None when the example has no loss token."""
+    nll = nll_sum / num_tokens if num_tokens else None
+    ppl = None
+    if nll is not None:
+        try:
+            ppl = math.exp(nll)
+        except OverflowError:  # nll past ~709: kept as inf, which aggregation reports
+            ppl = math.inf
+    record = {"id": example_id, "num_tokens": int(num_tokens), "nll": nll, "ppl": ppl}
+    if row is not None:
+        record["row"] = row
+    return record
+
+
+def ids_fingerprint(ids: Sequence) -> str:
+    """Order-independent hash of an id set: two score files cover the same examples iff their fingerprints match."""
+    digest = hashlib.sha1()
+    for example_id in sorted(str(i) for i in ids):
+        digest.update(example_id.encode("utf-8") + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def write_scores(records: Sequence[dict], path: str | Path, metadata: dict[str, Any]) -> Path:
+    """Write a score file and its sidecar. The sidecar goes first and the scores file appears last, by rename, so a
+    scores file exists only when it is complete (what resuming relies on)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sidecar = {
+        "format_version": FORMAT_VERSION,
+        **metadata,
+        "num_examples": len(records),
+        "ids_fingerprint": ids_fingerprint([r["id"] for r in records]),
+        "unscorable_ids": [r["id"] for r in records if r["nll"] is None],
+    }
+    metadata_path(path).write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w", encoding="utf-8") as f:
+        for record in records:
+            # `allow_nan`: an infinite perplexity is written as Infinity and reported by aggregation
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(partial, path)
+    return path
+
+
+def metadata_path(scores_path: str | Path) -> Path:
+    scores_path = Path(scores_path)
+    return scores_path.with_name(scores_path.name.removesuffix(SCORES_SUFFIX) + METADATA_SUFFIX)
+
+
+def read_scores(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A score file's records and its sidecar metadata (empty when the sidecar is missing)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Score file {str(path)!r} does not exist.")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{line_number} is not valid JSON ({error}); is this a score file?") from None
+            if not isinstance(record, dict) or not {"id", "ppl"} <= record.keys():
+                raise ValueError(f"{path}:{line_number} is not a score record (needs 'id' and 'ppl'): {line[:80]!r}")
+            records.append(record)
+    sidecar = metadata_path(path)
+    metadata = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    return records, metadata
