@@ -9,7 +9,11 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 # public name -> submodule that defines it; filled in as the modules land
-_LAZY_EXPORTS: dict[str, str] = {}
+_LAZY_EXPORTS: dict[str, str] = {
+    "BalancedPairSampler": "sampler",
+    "SFTMixConfig": "config",
+    "SFTMixTrainer": "trainer",
+}
 
 __all__ = ["__version__", *_LAZY_EXPORTS]
 

@@ -1,0 +1,147 @@
+"""Configuration of the SFTMix trainer: TRL's `SFTConfig` plus the Mixup recipe's own knobs."""
+
+import math
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+LOSS_IMPLS = ("auto", "triton", "torch", "reference")
+NTP_LOSS_SUBSETS = ("all", "confident", "unconfident", "none")
+
+
+@dataclass
+class SFTMixConfig(SFTConfig):
+    r"""
+    Configuration class for the [`SFTMixTrainer`], SFTMix instruction tuning ([arXiv 2410.05248](https://huggingface.co/papers/2410.05248)).
+
+    Every micro-batch pairs confident with unconfident examples, interpolates their last hidden states over the
+    responses with `lam ~ Beta(mixup_alpha, mixup_alpha)`, and adds `mixup_coef` times the soft-target cross-entropy
+    of the mixed positions to the next-token loss. All the parameters of [`~trl.SFTConfig`] apply, except packing and
+    padding-free training, which would merge the sequences that SFTMix pairs.
+
+    Parameters:
+        > Parameters that control the Mixup regularization
+
+        mixup_alpha (`float`, *optional*, defaults to `0.5`):
+            Concentration of the symmetric Beta distribution the interpolation weight of each pair is drawn from.
+            Must be positive. The paper's choice after its sweep (§B.1).
+        mixup_coef (`float`, *optional*, defaults to `0.2`):
+            Weight `mu` of the Mixup loss in `L = L_NTP + mu * L_Mixup`. Must be non-negative; `0.0` trains with the
+            next-token loss alone (the batches are still balanced and paired).
+        ntp_loss_on (`str`, *optional*, defaults to `"all"`):
+            Which examples the next-token loss applies to: `"all"` (the paper's recipe), `"confident"` or
+            `"unconfident"` (one half only), or `"none"` (Mixup loss alone), the ablations of the paper's §5.3-5.4.
+            The Mixup loss always interpolates both halves.
+        loss_impl (`str`, *optional*, defaults to `"auto"`):
+            Implementation of the fused loss: `"triton"` (CUDA), `"torch"` (chunked PyTorch, any device),
+            `"reference"` (dense eager PyTorch, for checks) or `"auto"` (Triton on CUDA, torch elsewhere).
+
+        > Parameters that control the confidence split
+
+        confidence_column (`str`, *optional*, defaults to `"confidence"`):
+            Column of the training dataset holding each example's confidence; higher means more confident (SFTMix
+            uses minus the mean response perplexity over reference checkpoints). Used when the trainer gets no
+            separate scores.
+        id_column (`str`, *optional*, defaults to `"id"`):
+            Column holding a unique id per example, used to join scores computed elsewhere. When the dataset has no
+            such column, ids are derived from each example's content with
+            [`~sftmix_trl.data_utils.derive_example_id`].
+        confidence_scores_path (`str`, *optional*):
+            Scores to join to the training dataset by id: a JSON Lines or Parquet file, or a directory written by
+            `Dataset.save_to_disk`, with `id_column` and `confidence_column` columns. The trainer's
+            `confidence_scores` argument takes precedence. If neither is set, the training dataset must carry
+            `confidence_column`.
+    """
+
+    mixup_alpha: float = field(
+        default=0.5,
+        metadata={
+            "help": "Concentration of the symmetric Beta distribution the interpolation weight of each pair is drawn "
+            "from. Must be positive."
+        },
+    )
+    mixup_coef: float = field(
+        default=0.2,
+        metadata={
+            "help": "Weight `mu` of the Mixup loss in `L = L_NTP + mu * L_Mixup`. Must be non-negative; 0.0 trains with "
+            "the next-token loss alone."
+        },
+    )
+    ntp_loss_on: str = field(
+        default="all",
+        metadata={
+            "help": "Which examples the next-token loss applies to: 'all' (the paper's recipe), 'confident' or "
+            "'unconfident' (one half only), or 'none' (Mixup loss alone). The Mixup loss always interpolates both "
+            "halves.",
+            "choices": list(NTP_LOSS_SUBSETS),
+        },
+    )
+    loss_impl: str = field(
+        default="auto",
+        metadata={
+            "help": "Implementation of the fused loss: 'triton' (CUDA), 'torch' (chunked PyTorch), 'reference' (dense "
+            "eager PyTorch) or 'auto' (Triton on CUDA, torch elsewhere).",
+            "choices": list(LOSS_IMPLS),
+        },
+    )
+    confidence_column: str = field(
+        default="confidence",
+        metadata={
+            "help": "Column holding each example's confidence (higher means more confident). Used when the trainer "
+            "gets no separate scores."
+        },
+    )
+    id_column: str = field(
+        default="id",
+        metadata={
+            "help": "Column holding a unique id per example, used to join scores computed elsewhere. Derived from the "
+            "example's content when the dataset has no such column."
+        },
+    )
+    confidence_scores_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Scores to join to the training dataset by id: a JSON Lines or Parquet file, or a `save_to_disk` "
+            "directory, with `id_column` and `confidence_column` columns."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not (math.isfinite(self.mixup_alpha) and self.mixup_alpha > 0):
+            raise ValueError(
+                f"`mixup_alpha` must be a positive number (the Beta concentration), got {self.mixup_alpha}."
+            )
+        if not (math.isfinite(self.mixup_coef) and self.mixup_coef >= 0):
+            raise ValueError(f"`mixup_coef` must be a non-negative number, got {self.mixup_coef}.")
+        if self.ntp_loss_on not in NTP_LOSS_SUBSETS:
+            raise ValueError(f"`ntp_loss_on` must be one of {NTP_LOSS_SUBSETS}, got {self.ntp_loss_on!r}.")
+        if self.ntp_loss_on == "none" and self.mixup_coef == 0:
+            raise ValueError(
+                "`ntp_loss_on='none'` with `mixup_coef=0` leaves no loss to train on: set `mixup_coef > 0` or apply the "
+                "next-token loss to some examples."
+            )
+        if self.loss_impl not in LOSS_IMPLS:
+            raise ValueError(f"`loss_impl` must be one of {LOSS_IMPLS}, got {self.loss_impl!r}.")
+        if self.packing or self.padding_free:
+            raise ValueError(
+                "SFTMix pairs whole sequences within each micro-batch, so it does not support `packing` or "
+                "`padding_free`, which merge sequences into one row. Set `packing=False` and `padding_free=False`."
+            )
+        batch_size = self.per_device_train_batch_size
+        if batch_size < 2 or batch_size % 2:
+            raise ValueError(
+                f"SFTMix needs an even `per_device_train_batch_size` of at least 2 (half confident, half unconfident "
+                f"examples per micro-batch), got {batch_size}."
+            )
+        if self.train_sampling_strategy != "random":
+            raise ValueError(
+                "SFTMix builds its own balanced, shuffled micro-batches, so `train_sampling_strategy` must stay "
+                f"'random', got {self.train_sampling_strategy!r}."
+            )
+        if self.loss_type != "nll":
+            raise ValueError(
+                f"SFTMix adds its Mixup loss to the plain next-token loss: `loss_type` must be 'nll', got {self.loss_type!r}."
+            )
+        if self.label_smoothing_factor != 0:
+            raise ValueError("SFTMix does not support `label_smoothing_factor`: leave it at 0.")
