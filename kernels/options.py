@@ -35,6 +35,9 @@ class SFTMixLossOptions:
             Triton: vocabulary columns per block (power of two, >= 16). `None` picks one.
         block_d (`int` or `None`, *optional*, defaults to `None`):
             Triton: hidden-dimension slice per `tl.dot` (power of two, >= 16). `None` picks one.
+        v_splits (`int` or `None`, *optional*, defaults to `None`):
+            Triton: vocabulary ranges the forward grid splits each row tile into (their log-sum-exps are combined
+            afterwards). `None` picks enough for about two waves of programs on the GPU, and 1 in the interpreter.
     """
 
     mixup_coef: float = field(default=0.2, metadata={"help": "Weight mu of the mixup term in the loss."})
@@ -56,6 +59,9 @@ class SFTMixLossOptions:
     )
     block_v: int | None = field(default=None, metadata={"help": "Triton vocabulary block (power of two >= 16)."})
     block_d: int | None = field(default=None, metadata={"help": "Triton hidden-dimension block (power of two >= 16)."})
+    v_splits: int | None = field(
+        default=None, metadata={"help": "Triton vocabulary splits of the forward grid; None: automatic."}
+    )
 
     def __post_init__(self):
         if not math.isfinite(self.mixup_coef) or self.mixup_coef < 0:
@@ -68,6 +74,8 @@ class SFTMixLossOptions:
             raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}.")
         if self.chunk_rows is not None and self.chunk_rows < 2:
             raise ValueError(f"chunk_rows must be None or >= 2, got {self.chunk_rows}.")
+        if self.v_splits is not None and self.v_splits < 1:
+            raise ValueError(f"v_splits must be None or >= 1, got {self.v_splits}.")
         for name in ("block_pairs", "block_v", "block_d"):
             value = getattr(self, name)
             if value is not None and (value < 16 or value & (value - 1)):
