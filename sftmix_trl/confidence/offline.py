@@ -67,7 +67,7 @@ def score_checkpoints(
         output_dir (`str | Path`): where the score files go.
         args (`trl.SFTConfig`, *optional*): how SFTTrainer prepares the data (`max_length`, `completion_only_loss`,
             `assistant_only_loss`, ...), the batch size (`per_device_eval_batch_size`) and the model loading
-            (`model_init_kwargs`); defaults to `SFTConfig(output_dir=output_dir, report_to="none")`.
+            (`model_init_kwargs`); defaults to `SFTConfig(output_dir=output_dir, report_to="none", bf16=False)`.
         tokenizer (`str` or tokenizer, *optional*): one tokenizer for every checkpoint; by default each checkpoint's own.
         id_column (`str`, *optional*, defaults to `"id"`): column with the example ids.
         dataset_name (`str`, *optional*): a label for the data, written to the sidecars.
@@ -98,7 +98,8 @@ def score_checkpoints(
     dataset = add_example_ids(dataset, id_column)
     ids = dataset[id_column]
     fingerprint = ids_fingerprint(ids)
-    args = args if args is not None else SFTConfig(output_dir=str(output_dir), report_to="none")
+    # float32 by default: perplexities are compared across checkpoints, and bf16 needs a GPU
+    args = args if args is not None else SFTConfig(output_dir=str(output_dir), report_to="none", bf16=False)
     if isinstance(tokenizer, str):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
 
