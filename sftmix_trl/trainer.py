@@ -225,6 +225,7 @@ class SFTMixTrainer(SFTTrainer):
         self._forward_redirection = _ForwardRedirection()
         self._pair_sampler: BalancedPairSampler | None = None
         self._lambda_distribution: torch.distributions.Beta | None = None
+        self._zero3_head_checked = False
 
     # ---- construction checks and the confidence split ----
 
@@ -500,11 +501,28 @@ class SFTMixTrainer(SFTTrainer):
         # The whole loss runs inside the (DDP / FSDP / DeepSpeed) wrapper's forward, so gradient sync is armed and
         # sharded weights are gathered, as in TRL's DistillationTrainer.
         unwrapped_model = self.accelerator.unwrap_model(model)
+        if not self._zero3_head_checked:
+            self._register_head_with_zero3(unwrapped_model)
         outputs = self._forward_redirection(
             model, unwrapped_model, self._fused_loss, unwrapped_model, model_inputs, loss_calls
         )
         self._log_train_metrics(inputs, calls, loss_calls, outputs, lambdas, accumulation)
         return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
+
+    def _register_head_with_zero3(self, unwrapped_model) -> None:
+        """DeepSpeed ZeRO-3 (not testable here): the fused loss reads the LM head's weight outside the head's own
+        forward, and its backward recomputes the logits from it. Registered as an external parameter of the module
+        whose forward runs the loss, the weight is gathered for that forward and again for its backward."""
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():
+            import deepspeed
+
+            head = unwrapped_model.get_output_embeddings()
+            for parameter in (head.weight, head.bias):
+                if parameter is not None:
+                    deepspeed.zero.register_external_parameter(unwrapped_model, parameter)
+        self._zero3_head_checked = True
 
     def _fused_loss(self, unwrapped_model, model_inputs: dict, loss_calls: list[dict]) -> dict[str, torch.Tensor]:
         """Backbone forward and the fused SFTMix loss; runs inside the wrapped model's forward."""
