@@ -38,7 +38,7 @@ def draw_data_map(table: Dataset, path: str | Path, title: str | None = None) ->
     ax.set_ylabel("confidence: - mean perplexity across checkpoints")
     ax.set_title(title or f"Data map ({len(table)} examples)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

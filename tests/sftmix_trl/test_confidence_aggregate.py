@@ -1,0 +1,162 @@
+"""Aggregation: confidence = -mean_k ppl_k, variability = population std over checkpoints, the equal-size split,
+the saved table, the data map, and a clear error for every bad input before anything is written."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from datasets import Dataset
+
+from sftmix_trl.confidence import aggregate_scores, confidence_report, load_confidence, write_data_map
+from sftmix_trl.confidence.scoring import make_record, write_scores
+
+import tiny
+
+
+def write_run(directory, ppl_by_checkpoint: dict[str, dict], dataset: str | None = None):
+    """Score files as the scorer writes them, from {checkpoint name: {id: ppl or None}}."""
+    paths = []
+    for name, ppl in ppl_by_checkpoint.items():
+        records = []
+        for example_id, value in ppl.items():
+            # a record whose nll gives back this ppl; None: no loss token
+            record = (
+                make_record(example_id, 0.0, 0) if value is None else make_record(example_id, 3 * math.log(value), 3)
+            )
+            if value is not None and not math.isfinite(value):
+                record["ppl"] = value
+            records.append(record)
+        paths.append(write_scores(records, directory / f"{name}.jsonl", {"dataset": dataset}))
+    return paths
+
+
+PPL = {
+    "checkpoint-10": {"a": 2.0, "b": 8.0, "c": 4.0, "d": 1.5, "e": 3.0},
+    "checkpoint-20": {"a": 4.0, "b": 6.0, "c": 2.0, "d": 1.5, "e": 3.0},
+}
+
+
+def test_confidence_is_minus_mean_ppl_and_halves_are_equal(tmp_path):
+    # files given in the wrong order are read in checkpoint order (10 before 20, not by name: 20 < 100)
+    write_run(tmp_path, {"checkpoint-100": {k: v + 1 for k, v in PPL["checkpoint-20"].items()}, **PPL})
+    table = aggregate_scores([tmp_path])
+    assert table.checkpoints == ["checkpoint-10", "checkpoint-20", "checkpoint-100"]
+    data = table.dataset
+    assert data.column_names == ["id", "confidence", "variability", "half", "ppl"]
+    for row in data:
+        ppl = np.array([PPL["checkpoint-10"][row["id"]], PPL["checkpoint-20"][row["id"]]])
+        ppl = np.append(ppl, PPL["checkpoint-20"][row["id"]] + 1)
+        assert row["ppl"] == pytest.approx(ppl.tolist())
+        assert row["confidence"] == pytest.approx(-ppl.mean())
+        assert row["variability"] == pytest.approx(math.sqrt(((ppl - ppl.mean()) ** 2).mean()))  # ddof = 0
+    half = dict(zip(data["id"], data["half"]))
+    # mean ppl: d 1.83, c 3.0, e 3.33, a 3.67, b 7.33 -> d, c confident; a, b unconfident; e the median
+    assert half == {"d": "confident", "c": "confident", "e": "remainder", "a": "unconfident", "b": "unconfident"}
+
+
+def test_single_checkpoint_has_zero_variability_and_ties_split_by_id(tmp_path):
+    write_run(tmp_path, {"checkpoint-1": {"x3": 2.0, "x1": 2.0, "x2": 2.0, "x0": 2.0}})
+    data = aggregate_scores([tmp_path / "checkpoint-1.jsonl"]).dataset
+    assert data["variability"] == [0.0] * 4
+    assert dict(zip(data["id"], data["half"])) == {
+        "x0": "confident",
+        "x1": "confident",
+        "x2": "unconfident",
+        "x3": "unconfident",
+    }
+
+
+def test_saved_table_round_trips_and_refuses_to_overwrite(tmp_path):
+    write_run(tmp_path / "scores", PPL)
+    table = aggregate_scores([tmp_path / "scores"])
+    out = table.save(tmp_path / "out")
+    for reader in (out, out / "dataset", out / "confidence.jsonl", out / "confidence.parquet"):
+        loaded = load_confidence(reader)
+        assert loaded["id"] == table.dataset["id"]
+        assert loaded["confidence"] == pytest.approx(table.dataset["confidence"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["checkpoints"] == ["checkpoint-10", "checkpoint-20"]
+    assert summary["num_confident"] == summary["num_unconfident"] == 2 and summary["num_remainder"] == 1
+    before = (out / "confidence.jsonl").read_bytes()
+    with pytest.raises(FileExistsError, match="already holds confidence results.*overwrite"):
+        table.save(out)
+    assert (out / "confidence.jsonl").read_bytes() == before
+    table.save(out, overwrite=True)
+
+
+def test_unscorable_examples_are_named_and_dropped_only_on_request(tmp_path):
+    write_run(
+        tmp_path,
+        {
+            "checkpoint-1": {**PPL["checkpoint-10"], "empty": None},
+            "checkpoint-2": {**PPL["checkpoint-20"], "empty": None},
+        },
+    )
+    with pytest.raises(ValueError, match=r"1 example\(s\) have no response token.*'empty'.*drop_unscorable"):
+        aggregate_scores([tmp_path])
+    table = aggregate_scores([tmp_path], drop_unscorable=True)
+    assert "empty" not in table.dataset["id"] and table.excluded_ids == ["empty"]
+    assert table.summary()["excluded_unscorable_ids"] == ["empty"]
+
+
+@pytest.mark.parametrize(
+    "runs, message",
+    [
+        ({}, r"No score files to aggregate \(K = 0\)"),
+        (
+            {
+                "checkpoint-1": {"a": 2.0, "b": 3.0, "c": 1.0, "d": 4.0},
+                "checkpoint-2": {"a": 2.0, "b": 3.0, "c": 1.0, "z": 4.0},
+            },
+            r"cover different examples.*lacks 1 id.*'d'.*'z'",
+        ),
+        ({"checkpoint-1": {"a": 2.0, "b": math.nan, "c": 1.0, "d": 4.0}}, r"NaN or infinite perplexity \('b'\)"),
+        ({"checkpoint-1": {"a": 2.0, "b": 3.0, "c": math.inf, "d": 4.0}}, r"NaN or infinite perplexity \('c'\)"),
+    ],
+    ids=["no-files", "different-ids", "nan", "inf"],
+)
+def test_bad_score_files_are_refused(tmp_path, runs, message):
+    write_run(tmp_path, runs)
+    with pytest.raises(ValueError, match=message):
+        aggregate_scores([tmp_path])
+
+
+def test_duplicate_ids_and_different_datasets_are_refused(tmp_path):
+    (path,) = write_run(tmp_path / "dup", {"checkpoint-1": {"a": 2.0, "b": 3.0}})
+    path.write_text(path.read_text() + path.read_text().splitlines()[0] + "\n")
+    with pytest.raises(ValueError, match=r"checkpoint-1.jsonl: 1 duplicate example id\(s\), e.g. 'a'"):
+        aggregate_scores([path])
+    write_run(tmp_path / "alpaca", {"checkpoint-1": PPL["checkpoint-10"]}, dataset="alpaca")
+    write_run(tmp_path / "dolly", {"checkpoint-2": PPL["checkpoint-20"]}, dataset="dolly")
+    with pytest.raises(ValueError, match=r"different datasets \(\['alpaca', 'dolly'\]\)"):
+        aggregate_scores([tmp_path / "alpaca", tmp_path / "dolly"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        aggregate_scores([tmp_path / "nowhere"])
+
+
+def test_data_map_png_and_report(tmp_path):
+    rng = np.random.default_rng(0)
+    examples = tiny.prompt_completion_dataset(40)
+    runs = {f"checkpoint-{k}": {i: float(rng.lognormal(1.0, 0.6)) for i in examples["id"]} for k in (1, 2, 3)}
+    write_run(tmp_path / "scores", runs)
+    table = aggregate_scores([tmp_path / "scores"])
+    png, report = write_data_map(table.dataset, tmp_path / "out", examples=examples, top_n=3)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    text = report.read_text()
+    order = sorted(zip(table.dataset["confidence"], table.dataset["id"]), key=lambda pair: -pair[0])
+    most, least = order[0][1], order[-1][1]
+    prompt_of = dict(zip(examples["id"], examples["prompt"]))
+    assert text.index("Most confident 3") < text.index(most) < text.index("Least confident 3") < text.index(least)
+    assert " ".join(prompt_of[most].split()) in text
+    assert "20 confident, 20 unconfident, 0 remainder" in text
+
+
+def test_report_truncates_long_instructions():
+    table = Dataset.from_dict(
+        {"id": ["a"], "confidence": [-1.0], "variability": [0.0], "half": ["remainder"], "ppl": [[1.0]]}
+    )
+    examples = Dataset.from_dict({"id": ["a"], "messages": [[{"role": "user", "content": "word " * 100}]]})
+    line = next(line for line in confidence_report(table, examples, width=40).splitlines() if line.startswith("| 1 |"))
+    instruction = line.split("|")[5].strip()
+    assert len(instruction) == 40 and instruction.endswith("…") and instruction.startswith("word word")
