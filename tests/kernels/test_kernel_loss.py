@@ -1,0 +1,157 @@
+"""Every implementation of the SFTMix loss against an fp64 evaluation of the formula: loss, parts, metrics, grads."""
+
+import dataclasses
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kernel_cases import make_case, run_impl
+from kernel_oracle import fp64_oracle, h_mix_oracle
+
+from sftmix_trl.kernels import SFTMixLinearCrossEntropy, sftmix_linear_cross_entropy
+
+IMPLS = ["reference", "torch", "triton"]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+TENSOR_KEYS = ("loss", "ntp_loss", "mixup_loss", "grad_hidden", "grad_weight", "grad_bias")
+
+CASES = {
+    "odd_shapes": dict(),
+    "lam_zero_one": dict(lam="zero_one", num_pairs=12),
+    "same_targets": dict(same_targets=True),
+    "no_pairs": dict(num_pairs=0),
+    "self_mixed_rows": dict(self_pairs=3, num_pairs=10),
+    # 2P > N: the self-mixed rows cannot all borrow an unpaired row
+    "self_mixed_crowded": dict(num_rows=9, ignore_fraction=0.0, num_pairs=6, self_pairs=4),
+    "peaked": dict(peaked=True),
+    "softcap": dict(peaked=True, logit_softcap=5.0),
+    "frozen_head_no_bias": dict(bias=False, requires_grad=("hidden",), ntp_normalizer=57.0),
+    "tensor_normalizer": dict(ntp_normalizer=torch.tensor(80.0), mixup_coef=0.7, ignore_fraction=0.6, num_pairs=5),
+}
+
+
+def _skip_unavailable(impl, device):
+    if impl == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton on CPU needs TRITON_INTERPRET=1 (set by conftest only when there is no CUDA)")
+
+
+def _rel_error(actual, expected):
+    return float((actual - expected).abs().max() / expected.abs().max().clamp(min=1e-12))
+
+
+def _errors(result, oracle):
+    return {key: _rel_error(result[key], oracle[key]) for key in TENSOR_KEYS if key in oracle}
+
+
+def _assert_metrics(result, oracle):
+    assert result["num_tokens"] == oracle["num_tokens"]
+    assert result["num_correct"] == oracle["num_correct"]
+    assert result["entropy"] == pytest.approx(oracle["entropy"], rel=1e-4, abs=1e-5)
+    assert {k for k in result if k.startswith("grad_")} == {k for k in oracle if k.startswith("grad_")}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case_name", list(CASES))
+def test_fp32_matches_fp64_formula(case_name, impl, device):
+    _skip_unavailable(impl, device)
+    case = make_case(seed=list(CASES).index(case_name), upstream=1.7, **CASES[case_name])
+    oracle = fp64_oracle(case)
+    result = run_impl(case, impl, torch.float32, device)
+    _assert_metrics(result, oracle)
+    errors = _errors(result, oracle)
+    assert max(errors.values()) < 2e-5, errors
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("case_name", ["odd_shapes", "peaked", "softcap"])
+def test_bf16_no_worse_than_pytorch_bf16(case_name, impl, device):
+    """bf16 inputs: each error against fp64 at most 1.5x the dense PyTorch bf16 one, plus a little."""
+    _skip_unavailable(impl, device)
+    case = make_case(seed=7, upstream=0.6, **CASES[case_name])
+    # the oracle sees exactly the bf16 inputs
+    case = dataclasses.replace(case, **{n: getattr(case, n).bfloat16() for n in ("hidden", "weight", "bias")})
+    oracle = fp64_oracle(case)
+    baseline = _errors(run_impl(case, "reference", torch.bfloat16, device), oracle)
+    errors = _errors(run_impl(case, impl, torch.bfloat16, device), oracle)
+    for key, error in errors.items():
+        assert error <= 1.5 * baseline[key] + 5e-4, (key, errors, baseline)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_logit_space_mixing_equals_autograd_through_h_mix(impl, device):
+    """z~ = lam z_p + (1 - lam) z_q is exact: loss and grads equal the naive route through materialized h_mix."""
+    _skip_unavailable(impl, device)
+    case = make_case(seed=3, num_pairs=15, upstream=-2.0)
+    naive = h_mix_oracle(case)
+    result = run_impl(case, impl, torch.float32, device)
+    _assert_metrics(result, naive)
+    errors = _errors(result, naive)
+    assert max(errors.values()) < 2e-5, errors
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_chunking_and_tiling_do_not_change_the_result(impl, device):
+    """Small chunks / blocks and several vocabulary splits (many programs, partial tiles) give the same numbers."""
+    _skip_unavailable(impl, device)
+    case = make_case(seed=11, num_rows=70, num_pairs=20, vocab_size=75)
+    oracle = fp64_oracle(case)
+    options = dict(chunk_rows=6) if impl == "torch" else dict(block_pairs=16, block_v=16, block_d=16, v_splits=3)
+    result = run_impl(case, impl, torch.float32, device, **options)
+    _assert_metrics(result, oracle)
+    errors = _errors(result, oracle)
+    assert max(errors.values()) < 2e-5, errors
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    num_rows=st.integers(2, 40),
+    hidden_size=st.integers(1, 24),
+    vocab_size=st.integers(2, 90),
+    pair_fraction=st.floats(0.0, 1.0),
+    ignore_fraction=st.floats(0.0, 0.9),
+    seed=st.integers(0, 2**16),
+    impl=st.sampled_from(["torch", "triton"]),
+)
+def test_random_shapes_masks_and_lambdas(
+    num_rows, hidden_size, vocab_size, pair_fraction, ignore_fraction, seed, impl
+):
+    case = make_case(
+        seed=seed,
+        num_rows=num_rows,
+        hidden_size=hidden_size,
+        vocab_size=vocab_size,
+        pair_fraction=pair_fraction,
+        ignore_fraction=ignore_fraction,
+    )
+    oracle = fp64_oracle(case)
+    result = run_impl(case, impl)
+    assert result["num_tokens"] == oracle["num_tokens"]
+    errors = _errors(result, oracle)
+    assert max(errors.values()) < 5e-5, errors
+
+
+def test_module_and_auto_match_the_functional_torch_impl():
+    case = make_case(seed=5)
+    args = (case.hidden, case.weight, case.targets, case.mix_index, case.mix_lambda, case.mix_weight)
+    module = SFTMixLinearCrossEntropy(mixup_coef=0.3)
+    by_module = module(*args, bias=case.bias)
+    by_auto = sftmix_linear_cross_entropy(*args, bias=case.bias, mixup_coef=0.3)
+    by_torch = sftmix_linear_cross_entropy(*args, bias=case.bias, mixup_coef=0.3, impl="torch")
+    assert "mixup_coef=0.3" in repr(module)
+    for name in ("loss", "ntp_loss", "mixup_loss", "num_tokens", "num_correct", "entropy"):
+        torch.testing.assert_close(getattr(by_module, name), getattr(by_torch, name), rtol=0, atol=0)
+        torch.testing.assert_close(getattr(by_auto, name), getattr(by_torch, name), rtol=0, atol=0)
+
+
+def test_no_valid_rows_gives_zero_loss_and_zero_grads():
+    case = make_case(seed=2, num_pairs=0, ignore_fraction=1.0)
+    for impl in IMPLS:
+        _skip_unavailable(impl, "cpu")
+        result = run_impl(case, impl)
+        assert result["num_tokens"] == 0 and result["entropy"] == 0.0
+        assert float(result["loss"]) == 0.0 and float(result["grad_hidden"].abs().max()) == 0.0
