@@ -1,0 +1,115 @@
+"""`sftmix score | aggregate | datamap` end to end on the tiny fixtures, through the installed console script, and
+the messages a user sees for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sftmix_trl.cli import main
+from sftmix_trl.confidence import load_confidence
+from sftmix_trl.data_utils import derive_example_id
+
+import tiny
+
+SFTMIX = Path(sys.executable).parent / "sftmix"
+
+
+def alpaca_rows(num_examples: int = 12) -> list[dict]:
+    """Alpaca-style rows without ids; the last two have instructions too long to leave room for a response."""
+    rows = [
+        {"instruction": f"{i}. {prompt}", "input": "", "output": response}
+        for i, (prompt, response) in enumerate(tiny.make_pairs(num_examples))
+    ]
+    for row in rows[-2:]:
+        row["instruction"] += " please" * 60
+    return rows
+
+
+def sftmix(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([str(SFTMIX), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def data_file(tmp_path) -> Path:
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps(alpaca_rows()))
+    return path
+
+
+def test_score_aggregate_datamap_end_to_end(tmp_path, llama_dir, tokenizer, data_file):
+    second = tmp_path / "run" / "checkpoint-2"
+    tiny.build_llama(tokenizer, seed=1).save_pretrained(second)
+    tokenizer.save_pretrained(second)
+
+    scored = sftmix(
+        "score",
+        *("--checkpoints", str(llama_dir), str(second)),
+        *("--dataset_name", str(data_file), "--output_dir", "scores"),
+        *("--max_length", "64", "--per_device_eval_batch_size", "4"),
+        cwd=tmp_path,
+    )
+    assert scored.returncode == 0, scored.stderr
+    assert len(list((tmp_path / "scores").glob("*.jsonl"))) == 2
+
+    # without the flag, the two examples truncation left without a response are named, and nothing is written
+    refused = sftmix("aggregate", "--scores", "scores", "--output_dir", "confidence", cwd=tmp_path)
+    assert refused.returncode == 1
+    assert "2 example(s) have no response token" in refused.stderr and "--drop_unscorable" in refused.stderr
+    assert not (tmp_path / "confidence").exists()
+
+    aggregated = sftmix(
+        "aggregate",
+        *("--scores", "scores", "--output_dir", "confidence", "--drop_unscorable"),
+        *("--dataset_name", str(data_file)),
+        cwd=tmp_path,
+    )
+    assert aggregated.returncode == 0, aggregated.stderr
+    assert "10 examples over 2 checkpoint(s): 5 confident, 5 unconfident" in aggregated.stdout
+    table = load_confidence(tmp_path / "confidence")
+    raw_ids = [derive_example_id(row) for row in alpaca_rows()]
+    assert sorted(table["id"]) == sorted(raw_ids[:-2])  # ids derived from the raw rows, before any processing
+    report = (tmp_path / "confidence" / "confidence_report.md").read_text()
+    most_confident = max(zip(table["confidence"], table["id"]))[1]
+    assert f"| 1 | {most_confident} |" in report
+    assert alpaca_rows()[raw_ids.index(most_confident)]["instruction"] in report  # joined by id to the raw data
+    assert (tmp_path / "confidence" / "datamap.png").stat().st_size > 10_000
+
+    # `--config` sets the fields, the command line overrides them
+    (tmp_path / "datamap.yaml").write_text("confidence: confidence\ntop_n: 2\noutput_dir: elsewhere\n")
+    drawn = sftmix("datamap", "--config", "datamap.yaml", "--output_dir", "map", cwd=tmp_path)
+    assert drawn.returncode == 0, drawn.stderr
+    assert "Most confident 2" in (tmp_path / "map" / "confidence_report.md").read_text()
+    assert (tmp_path / "map" / "datamap.png").is_file() and not (tmp_path / "elsewhere").exists()
+
+
+def test_bad_input_messages(tmp_path, llama_dir, data_file, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def run(*argv: str) -> tuple[int, str]:
+        code = main(list(argv))
+        return code, capsys.readouterr().err
+
+    code, err = run("score", "--checkpoints", str(tmp_path / "no-such-checkpoint"), "--dataset_name", str(data_file))
+    assert code == 1 and "cannot be loaded" in err and "no-such-checkpoint" in err
+    code, err = run("score", "--checkpoints", str(llama_dir))
+    assert code == 1 and "pass `--dataset_name`" in err
+    code, err = run("aggregate", "--scores", str(tmp_path), "--output_dir", "out")
+    assert code == 1 and "K = 0" in err
+    code, err = run("aggregate", "--scores", "missing-folder", "--output_dir", "out")
+    assert code == 1 and "does not exist" in err
+
+    code, _ = run("score", "--checkpoints", str(llama_dir), "--dataset_name", str(data_file), "--output_dir", "s")
+    assert code == 0
+    args = ("aggregate", "--scores", "s", "--output_dir", "out", "--drop_unscorable", "--data_map", "false")
+    assert run(*args)[0] == 0
+    code, err = run(*args)
+    assert code == 1 and "already holds confidence results" in err and "--overwrite" in err
+    assert run(*args, "--overwrite")[0] == 0
+    code, err = run("datamap", "--confidence", "out", "--top_n", "0")
+    assert code == 1 and "`top_n` must be at least 1" in err
+    assert main(["frobnicate"]) == 2 and "unknown command 'frobnicate'" in capsys.readouterr().err
