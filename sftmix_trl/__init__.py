@@ -11,6 +11,13 @@ __version__ = "0.1.0"
 # public name -> submodule that defines it; filled in as the modules land
 _LAZY_EXPORTS: dict[str, str] = {
     "BalancedPairSampler": "sampler",
+    "ConfidenceCallback": "confidence",
+    "ConfidenceTable": "confidence",
+    "add_example_ids": "confidence",
+    "aggregate_scores": "confidence",
+    "load_confidence": "confidence",
+    "score_checkpoints": "confidence",
+    "write_data_map": "confidence",
     "SFTMixConfig": "config",
     "SFTMixTrainer": "trainer",
 }
