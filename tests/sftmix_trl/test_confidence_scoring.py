@@ -252,3 +252,34 @@ def test_two_process_run_writes_one_file_with_every_example(tmp_path, llama_dir)
         assert ddp["num_tokens"] == one["num_tokens"]
         assert ddp["nll"] == pytest.approx(one["nll"], rel=1e-5)
     assert json.loads(ddp_file.with_suffix(".json").read_text())["num_examples"] == 11
+
+
+def test_weaker_reference_scores_feed_sftmix_trainer(tokenizer, llama, tmp_path):
+    """Step 1 with a weaker reference (another tokenizer), step 2 with the target: SFTMixTrainer takes the aggregated
+    file and joins it by the ids both derive from the raw content."""
+    # from the submodules: under pytest, `tests/sftmix_trl/` shadows the package's top level (a namespace package)
+    from sftmix_trl.confidence import aggregate_scores
+    from sftmix_trl.config import SFTMixConfig
+    from sftmix_trl.trainer import SFTMixTrainer
+
+    other_tokenizer = tiny.build_tokenizer(vocab_size=400)
+    reference_dir = tmp_path / "weak-qwen2"
+    tiny.build_qwen2(other_tokenizer, hidden_size=32, num_layers=1).save_pretrained(reference_dir)
+    other_tokenizer.save_pretrained(reference_dir)
+    dataset = tiny.prompt_completion_dataset(12).remove_columns("id")
+    dataset = dataset.map(lambda example, i: {"prompt": f"{i}. {example['prompt']}"}, with_indices=True)
+
+    score_checkpoints([reference_dir], dataset, tmp_path / "scores", args=sft_config(tmp_path))
+    aggregate_scores([tmp_path / "scores"]).save(tmp_path / "confidence")
+    args = SFTMixConfig(
+        output_dir=str(tmp_path / "target"), per_device_train_batch_size=4, report_to="none", use_cpu=True, bf16=False
+    )
+    trainer = SFTMixTrainer(
+        model=llama,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        confidence_scores=tmp_path / "confidence" / "confidence.parquet",
+    )
+    split = trainer.confidence_split
+    assert len(split.confident) == len(split.unconfident) == 6
