@@ -1,5 +1,6 @@
 """SFTMixTrainer: TRL's SFTTrainer with SFTMix's confidence-balanced micro-batches and Mixup regularization."""
 
+import dataclasses
 import math
 import os
 import textwrap
@@ -188,9 +189,8 @@ class SFTMixTrainer(SFTTrainer):
             model_name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = SFTMixConfig(f"{model_name.split('/')[-1]}-SFTMix")
         elif not isinstance(args, SFTMixConfig):
-            dict_args = args.to_dict()
-            dict_args["hub_token"] = args.hub_token  # to_dict hides the hub_token
-            args = SFTMixConfig(**dict_args)
+            # field by field: `to_dict` masks every `*_token` field (hub_token, but also eos_token and pad_token)
+            args = SFTMixConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
 
         self._check_model_and_data(model, train_dataset, processing_class, peft_config, compute_loss_func)
         # Validate every score before the (possibly long) dataset preparation; the split itself is made afterwards,
