@@ -127,7 +127,7 @@ def sftmix_linear_cross_entropy(
         normalizer,
         dataclasses.replace(options, impl=resolved),
     )
-    return SFTMixLossOutput(loss, *parts)
+    return SFTMixLossOutput(loss, *(part.detach() for part in parts))
 
 
 class SFTMixLinearCrossEntropy(torch.nn.Module):

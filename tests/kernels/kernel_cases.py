@@ -49,7 +49,8 @@ def make_case(
         targets[q_rows] = targets[p_rows]
     targets[ignored] = -100
     if lam == "beta":
-        mix_lambda = torch.distributions.Beta(0.5, 0.5).sample((num_pairs,))
+        # Beta(0.5, 0.5) is the arcsine law: sin^2(pi U / 2), U uniform (seeded, unlike torch.distributions)
+        mix_lambda = torch.sin(torch.rand(num_pairs, generator=gen) * torch.pi / 2).square()
     elif lam == "zero_one":
         mix_lambda = (torch.arange(num_pairs) % 2).float()
     else:
@@ -98,6 +99,7 @@ def run_impl(case: Case, impl: str, dtype=torch.float32, device="cpu", **option_
     for name in ("loss", "ntp_loss", "mixup_loss", "num_tokens", "num_correct", "entropy"):
         value = getattr(out, name)
         assert isinstance(value, torch.Tensor) and value.device.type == torch.device(device).type, name
+        assert name == "loss" or not value.requires_grad, f"{name} must be detached"
     (out.loss * case.upstream).backward()
     return {
         "loss": out.loss.detach().cpu().double(),

@@ -155,3 +155,24 @@ def test_no_valid_rows_gives_zero_loss_and_zero_grads():
         result = run_impl(case, impl)
         assert result["num_tokens"] == 0 and result["entropy"] == 0.0
         assert float(result["loss"]) == 0.0 and float(result["grad_hidden"].abs().max()) == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_no_host_sync_in_the_loss_path(impl):
+    """With validate=False (the trainer's setting) forward and backward never synchronize with the host."""
+    case = make_case(seed=4)
+    hidden = case.hidden.cuda().requires_grad_()
+    weight = case.weight.cuda().requires_grad_()
+    tensors = [t.cuda() for t in (case.targets, case.mix_index, case.mix_lambda, case.mix_weight)]
+    normalizer = torch.tensor(31.0, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = sftmix_linear_cross_entropy(
+            hidden, weight, *tensors, ntp_normalizer=normalizer, impl=impl, validate=False
+        )
+        out.loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert hidden.grad is not None and weight.grad is not None
