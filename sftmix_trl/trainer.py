@@ -84,8 +84,13 @@ def load_confidence_scores(source, id_column: str, confidence_column: str) -> di
                 f"Cannot read confidence scores from {path}: pass a .jsonl/.json or .parquet file, or a directory "
                 "written by `Dataset.save_to_disk`."
             )
-    if isinstance(source, Mapping) and not (id_column in source and confidence_column in source):
+    if isinstance(source, Mapping) and id_column not in source and confidence_column not in source:
         ids, scores = list(source.keys()), list(source.values())
+        if not all(s is None or isinstance(s, int | float) for s in scores):
+            raise ValueError(
+                "A mapping of confidence scores must map each example id to a number, or hold the columns "
+                f"{id_column!r} and {confidence_column!r}."
+            )
     elif isinstance(source, Dataset | Mapping):
         columns = source.column_names if isinstance(source, Dataset) else list(source)
         missing = [c for c in (id_column, confidence_column) if c not in columns]
@@ -223,7 +228,8 @@ class SFTMixTrainer(SFTTrainer):
         self.train_dataset, self.confidence_split = self._split_prepared_dataset(self.train_dataset, confidence_by_id)
         self.data_collator = PairedBatchCollator(self.data_collator)
         self._forward_redirection = _ForwardRedirection()
-        self._pair_sampler: BalancedPairSampler | None = None
+        # built now so that a dataset too small for one balanced micro-batch per rank fails at construction
+        self._pair_sampler: BalancedPairSampler | None = self._get_train_sampler()
         self._lambda_distribution: torch.distributions.Beta | None = None
         self._zero3_head_checked = False
 

@@ -1,0 +1,209 @@
+"""SFTMixTrainer construction: confidence from a column or joined by id from every supported source, and every bad
+input refused with its message before training starts."""
+
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, PromptTuningConfig, get_peft_model
+from sftmix_helpers import tiny_config, with_confidence
+from trl import SFTConfig
+
+from sftmix_trl.data_utils import derive_example_id
+from sftmix_trl.trainer import HALF_COLUMN, SFTMixTrainer
+
+import tiny
+
+
+def build(tokenizer, tmp_path, dataset, model=None, **kwargs):
+    args = kwargs.pop("args", None) or tiny_config(tmp_path, **kwargs.pop("config", {}))
+    model = model if model is not None else tiny.build_llama(tokenizer)
+    return SFTMixTrainer(model, args=args, train_dataset=dataset, processing_class=tokenizer, **kwargs)
+
+
+def expected_halves(scores: dict[str, float]) -> dict[str, int]:
+    """The median split written out: rank by descending score (ties by id), top half 0, bottom half 1."""
+    ranked = sorted(scores, key=lambda i: (-scores[i], i))
+    half = len(ranked) // 2
+    return {i: 0 if r < half else 1 if r >= len(ranked) - half else -1 for r, i in enumerate(ranked)}
+
+
+def halves_by_id(trainer) -> dict[str, int]:
+    return dict(zip(trainer.train_dataset["id"], trainer.train_dataset[HALF_COLUMN]))
+
+
+def scores_for(dataset, seed=3) -> dict[str, float]:
+    return dict(zip(dataset["id"], with_confidence(dataset, seed=seed)["confidence"]))
+
+
+def test_confidence_column_splits_at_the_median(tokenizer, tmp_path):
+    dataset = with_confidence(tiny.prompt_completion_dataset(11))
+    trainer = build(tokenizer, tmp_path, dataset)
+    assert halves_by_id(trainer) == expected_halves(dict(zip(dataset["id"], dataset["confidence"])))
+    assert (len(trainer.confidence_split.confident), len(trainer.confidence_split.remainder)) == (5, 1)
+
+
+@pytest.mark.parametrize(
+    "source", ["dataset", "jsonl", "parquet", "save_to_disk", "mapping", "columns", "config_path"]
+)
+def test_scores_are_joined_by_id_from_every_source(tokenizer, tmp_path, source):
+    dataset = tiny.prompt_completion_dataset(12)
+    scores = scores_for(dataset)
+    # the scores come in another order and cover extra examples
+    rows = [{"id": i, "confidence": c} for i, c in reversed(list(scores.items()))] + [
+        {"id": "other", "confidence": 0.0}
+    ]
+    table = Dataset.from_list(rows)
+    kwargs, config = {}, {}
+    if source == "dataset":
+        kwargs["confidence_scores"] = table
+    elif source == "jsonl":
+        path = tmp_path / "scores.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        kwargs["confidence_scores"] = str(path)
+    elif source == "parquet":
+        table.to_parquet(tmp_path / "scores.parquet")
+        kwargs["confidence_scores"] = tmp_path / "scores.parquet"
+    elif source == "save_to_disk":
+        table.save_to_disk(tmp_path / "scores")
+        kwargs["confidence_scores"] = tmp_path / "scores"
+    elif source == "mapping":
+        kwargs["confidence_scores"] = {row["id"]: row["confidence"] for row in rows}
+    elif source == "columns":
+        kwargs["confidence_scores"] = table.to_dict()
+    else:
+        table.to_json(tmp_path / "scores.jsonl")
+        config["confidence_scores_path"] = str(tmp_path / "scores.jsonl")
+    trainer = build(tokenizer, tmp_path, dataset, config=config, **kwargs)
+    assert halves_by_id(trainer) == expected_halves(scores)
+
+
+def test_ids_are_derived_from_content_when_the_dataset_has_none(tokenizer, tmp_path):
+    dataset = tiny.prompt_completion_dataset(8).remove_columns("id")
+    dataset = dataset.map(lambda row, i: {"prompt": f"{row['prompt']} (#{i})"}, with_indices=True)  # no duplicates
+    scores = {derive_example_id(example): float(i) for i, example in enumerate(dataset)}
+    trainer = build(tokenizer, tmp_path, dataset, confidence_scores=scores)
+    assert halves_by_id(trainer) == expected_halves(scores)
+
+
+def test_the_join_survives_rows_that_preparation_drops(tokenizer, tmp_path):
+    """TRL drops examples whose labels are all masked after truncation; the split is made on the rows it keeps,
+    matched by id, not by position."""
+    dataset = tiny.prompt_completion_dataset(12)
+    long_prompt = "Instruction: " + " ".join(["Describe a red cat."] * 20)
+    dataset = dataset.map(lambda row, i: {"prompt": long_prompt} if i in (1, 4) else {}, with_indices=True)
+    scores = scores_for(dataset)
+    trainer = build(tokenizer, tmp_path, dataset, confidence_scores=scores, config=dict(max_length=48))
+    kept = set(trainer.train_dataset["id"])
+    assert kept == set(dataset["id"]) - {"ex-0001", "ex-0004"}
+    assert halves_by_id(trainer) == expected_halves({i: scores[i] for i in kept})
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d.remove_columns("confidence"), "no 'confidence' column and no `confidence_scores`"),
+        (
+            lambda d: d.map(
+                lambda r, i: {"confidence": float("nan") if i == 2 else r["confidence"]}, with_indices=True
+            ),
+            "NaN or infinite",
+        ),
+        (
+            lambda d: d.map(
+                lambda r, i: {"confidence": float("inf") if i == 2 else r["confidence"]}, with_indices=True
+            ),
+            "NaN or infinite",
+        ),
+        (
+            lambda d: d.map(lambda r, i: {"confidence": None if i == 2 else r["confidence"]}, with_indices=True),
+            "NaN or infinite",
+        ),
+        (
+            lambda d: d.map(lambda r, i: {"id": "ex-0000" if i == 3 else r["id"]}, with_indices=True),
+            "duplicate example id",
+        ),
+        (lambda d: d.select(range(3)), "at least two examples in each"),
+        (lambda d: d.to_iterable_dataset(), "map-style"),
+    ],
+    ids=["no-confidence", "nan", "inf", "none", "duplicate-ids", "too-few", "iterable"],
+)
+def test_bad_datasets_are_refused(tokenizer, tmp_path, change, message):
+    dataset = change(with_confidence(tiny.prompt_completion_dataset(8)))
+    with pytest.raises((ValueError, TypeError), match=message):
+        build(tokenizer, tmp_path, dataset)
+
+
+@pytest.mark.parametrize(
+    "scores, message",
+    [
+        ({"ex-0000": 1.0}, "7 of 8 training example\\(s\\) have no confidence score"),
+        ({"id": ["ex-0000", "ex-0000"], "confidence": [1.0, 2.0]}, "In the confidence scores: 1 duplicate"),
+        ({"key": ["a"], "score": [1.0]}, "must map each example id to a number"),
+        ({"id": ["ex-0000"]}, "lack the column\\(s\\) \\['confidence'\\]"),
+        (Dataset.from_dict({"key": ["a"], "confidence": [1.0]}), "lack the column\\(s\\) \\['id'\\]"),
+        ("scores.csv", "pass a .jsonl/.json or .parquet file"),
+        (42, "must be a Dataset, a path, or a mapping"),
+    ],
+)
+def test_bad_scores_are_refused(tokenizer, tmp_path, scores, message):
+    dataset = tiny.prompt_completion_dataset(8)
+    with pytest.raises((ValueError, TypeError), match=message):
+        build(tokenizer, tmp_path, dataset, confidence_scores=scores)
+
+
+def test_a_dataset_too_small_for_one_micro_batch_is_refused(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="too few for one micro-batch of 4 \\+ 4"):
+        build(
+            tokenizer,
+            tmp_path,
+            with_confidence(tiny.prompt_completion_dataset(6)),
+            config=dict(per_device_train_batch_size=8),
+        )
+
+
+def test_an_sftconfig_is_converted_and_still_validated(tokenizer, tmp_path):
+    dataset = with_confidence(tiny.prompt_completion_dataset(8))
+    common = dict(output_dir=str(tmp_path), use_cpu=True, report_to="none", eos_token="<|im_end|>")
+    trainer = build(tokenizer, tmp_path, dataset, args=SFTConfig(per_device_train_batch_size=4, **common))
+    assert (trainer.args.mixup_alpha, trainer.args.eos_token) == (0.5, "<|im_end|>")
+    with pytest.raises(ValueError, match="does not support `packing`"):
+        build(tokenizer, tmp_path, dataset, args=SFTConfig(per_device_train_batch_size=4, packing=True, **common))
+    with pytest.raises(ValueError, match="even `per_device_train_batch_size`"):
+        build(tokenizer, tmp_path, dataset, args=SFTConfig(per_device_train_batch_size=5, **common))
+
+
+def test_lora_on_the_lm_head_and_prompt_learning_are_refused(tokenizer, tmp_path):
+    dataset = with_confidence(tiny.prompt_completion_dataset(8))
+    with pytest.raises(ValueError, match="targets the LM head \\('lm_head'\\)"):
+        build(tokenizer, tmp_path, dataset, peft_config=LoraConfig(target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(ValueError, match="targets the LM head"):
+        build(tokenizer, tmp_path, dataset, peft_config=LoraConfig(target_modules=r".*(q_proj|lm_head)"))
+    peft_model = get_peft_model(tiny.build_llama(tokenizer), LoraConfig(target_modules=["lm_head"]))
+    with pytest.raises(ValueError, match="adapter on its LM head"):
+        build(tokenizer, tmp_path, dataset, model=peft_model)
+    prompt_tuning = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    with pytest.raises(ValueError, match="Prompt-learning PEFT methods"):
+        build(tokenizer, tmp_path, dataset, peft_config=prompt_tuning)
+    with pytest.raises(ValueError, match="Prompt-learning PEFT methods"):
+        build(tokenizer, tmp_path, dataset, model=get_peft_model(tiny.build_llama(tokenizer), prompt_tuning))
+
+
+def test_other_unsupported_setups_are_refused(tokenizer, tmp_path):
+    dataset = with_confidence(tiny.prompt_completion_dataset(8))
+    with pytest.raises(ValueError, match="`compute_loss_func` cannot be used"):
+        build(tokenizer, tmp_path, dataset, compute_loss_func=lambda outputs, labels, num_items_in_batch: 0)
+    scaled = tiny.build_llama(tokenizer)
+    scaled.config.logit_scale = 0.5
+    with pytest.raises(ValueError, match="scales its logits \\(logit_scale\\)"):
+        build(tokenizer, tmp_path, dataset, model=scaled)
+    with pytest.raises(ValueError, match="vision-language datasets are not supported"):
+        build(tokenizer, tmp_path, dataset.add_column("images", [[]] * len(dataset)))
+
+
+def test_the_half_flags_reach_the_batches_and_never_the_model(tokenizer, tmp_path):
+    trainer = build(tokenizer, tmp_path, with_confidence(tiny.prompt_completion_dataset(8)))
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert set(batch) == {"input_ids", "attention_mask", "labels", HALF_COLUMN}
+    assert batch[HALF_COLUMN].dtype == torch.int64
