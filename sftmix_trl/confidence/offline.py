@@ -120,11 +120,12 @@ def score_checkpoints(
     for checkpoint, path in to_score:
         name = path.name.removesuffix(SCORES_SUFFIX)
         try:
+            # SFTTrainer loads the model as TRL does (`model_init_kwargs`, device placement) and prepares the data
             trainer = SFTTrainer(model=str(checkpoint), args=args, train_dataset=dataset, processing_class=tokenizer)
         except (OSError, ValueError, RuntimeError) as error:
             raise ValueError(
-                f"Checkpoint {str(checkpoint)!r} cannot be loaded for scoring ({type(error).__name__}: {error}). "
-                f"Score files written so far are kept in {output_dir}."
+                f"Checkpoint {str(checkpoint)!r} cannot be loaded for scoring, or its tokenizer cannot prepare the "
+                f"data ({type(error).__name__}: {error}). Score files written so far are kept in {output_dir}."
             ) from error
         scored = score_trainer(trainer, id_column=id_column, desc=f"Scoring {name}")
         if trainer.accelerator.is_main_process:

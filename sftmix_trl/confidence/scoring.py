@@ -6,8 +6,9 @@ TRL's preparation (the completion, or the assistant turns), so the tokens scored
 
     nll(x, y) = -(1 / |y|) * sum_{t in y} log p(y_t | x, y_<t)        ppl(x, y) = exp(nll(x, y))
 
-The log-probabilities come from the forward that SFTTrainer patches onto its model (`fused_lm_head=True`), which
-projects through the LM head in tiles and never holds the (batch, length, vocabulary) logits.
+The log-probabilities come from TRL's fused LM head (`add_fused_lm_head`, the forward SFTTrainer patches onto its
+model and calls with `fused_lm_head=True`), which projects through the LM head in tiles and never holds the
+(batch, length, vocabulary) logits.
 
 Score files: one JSON Lines file per checkpoint, one record per example, `{"id", "num_tokens", "nll", "ppl"}`, in the
 dataset's order, and beside it a JSON sidecar with the same stem that says what was scored (checkpoint, step, dataset,
@@ -24,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, is_peft_model
 from datasets import Dataset
 from tqdm.auto import tqdm
+from trl.trainer.utils import add_fused_lm_head
 
 from ..data_utils import check_unique_ids, derive_example_id
 
@@ -123,6 +125,11 @@ def score_trainer(
     was_training = model.training
     model.eval()
     records = []
+    # SFTTrainer's fused head also computes the entropy and top-1 flags it logs; scoring swaps in one that computes
+    # the log-probabilities only (fewer vocabulary-wide temporaries per tile), and gives the trainer's back after.
+    patched = trainer.model.get_base_model() if is_peft_model(trainer.model) else trainer.model
+    trainer_forward = patched.__dict__.get("forward")
+    add_fused_lm_head(patched, outputs=("log_probs",))
     try:
         progress = tqdm(
             total=num_batches, desc=desc, unit="batch", disable=not (show_progress and accelerator.is_main_process)
@@ -140,6 +147,10 @@ def score_trainer(
             progress.update(1)
         progress.close()
     finally:
+        if trainer_forward is None:
+            del patched.forward
+        else:
+            patched.forward = trainer_forward
         model.train(was_training)
 
     records = gather_object(records)

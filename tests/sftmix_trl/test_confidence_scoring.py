@@ -103,8 +103,9 @@ def test_scores_equal_full_logits_reference(tokenizer, llama, tmp_path, make_dat
         processing_class=tokenizer,
     )
     llama.train()
+    trainer_forward = llama.forward
     records = score_trainer(trainer, show_progress=False)
-    assert llama.training  # mode given back
+    assert llama.training and llama.forward == trainer_forward  # mode and the trainer's fused forward given back
     assert [r["id"] for r in records] == trainer.train_dataset["id"]  # the prepared dataset's order
     kept, dropped = assert_scores_match_reference(records, llama, tokenizer, dataset, max_length)
     if max_length == SHORT:
@@ -214,6 +215,13 @@ def test_offline_scorer_refuses_bad_checkpoints_before_scoring(llama_dir, tmp_pa
     assert not (tmp_path / "scores").exists()  # nothing scored before the bad path was found
     with pytest.raises(ValueError, match="same score file"):
         score_checkpoints([llama_dir, Path(str(llama_dir) + "/")], dataset, tmp_path / "scores")
+    # a config without weights passes the first check and fails at loading: the scores already written stay
+    broken = tmp_path / "checkpoint-broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((Path(llama_dir) / "config.json").read_text())
+    with pytest.raises(ValueError, match="checkpoint-broken.*cannot be loaded for scoring.*kept in"):
+        score_checkpoints([llama_dir, broken], dataset, tmp_path / "scores")
+    assert read_scores(tmp_path / "scores" / f"{Path(llama_dir).name}.jsonl")[1]["num_examples"] == 4
 
 
 @pytest.mark.slow
