@@ -96,7 +96,8 @@ class AggregateArguments:
         scores (`list[str]`):
             Score files, or folders of them (a reference run's `output_dir` stands for its `confidence_scores/`).
         output_dir (`str`):
-            Folder for `dataset/`, `confidence.jsonl`, `confidence.parquet`, `summary.json`, and the data map.
+            Folder for the table (a `save_to_disk` Dataset, `confidence.jsonl`, `confidence.parquet`), `summary.json`
+            and the data map; `SFTMixTrainer(confidence_scores=<output_dir>)` reads it as it is.
         drop_unscorable (`bool`, *optional*, defaults to `False`):
             Leave out examples with no response token after truncation instead of failing on them.
         overwrite (`bool`, *optional*, defaults to `False`):

@@ -7,9 +7,9 @@
 The split is `data_utils.split_by_confidence`: two equal halves, ties broken by id, the median example left out when
 the count is odd.
 
-Output folder of `ConfidenceTable.save`:
+Output folder of `ConfidenceTable.save`, which `SFTMixTrainer(confidence_scores=<folder>)` reads as it is:
 
-    dataset/           the table as a `datasets.Dataset` (`save_to_disk`)
+    the table as a `datasets.Dataset` (`save_to_disk`: data-*.arrow, dataset_info.json, state.json)
     confidence.jsonl   the same, one example a line
     confidence.parquet the same, as Parquet
     summary.json       checkpoints, counts, excluded ids, definitions
@@ -21,7 +21,6 @@ perplexities, in the order of `summary.json`'s `checkpoints`). SFTMixTrainer rea
 import json
 import math
 import re
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from datasets import Dataset, load_from_disk
 from ..data_utils import check_unique_ids, split_by_confidence
 from .scoring import SCORES_SUFFIX, read_scores
 
-OUTPUT_FILES = ("dataset", "confidence.jsonl", "confidence.parquet", "summary.json")
+OUTPUT_FILES = ("state.json", "dataset_info.json", "confidence.jsonl", "confidence.parquet", "summary.json")
 HALVES = ("confident", "unconfident", "remainder")
 
 
@@ -69,9 +68,9 @@ class ConfidenceTable:
                 "(`--overwrite`) to replace them, or choose another output folder."
             )
         output_dir.mkdir(parents=True, exist_ok=True)
-        if (output_dir / "dataset").exists():
-            shutil.rmtree(output_dir / "dataset")
-        self.dataset.save_to_disk(str(output_dir / "dataset"))
+        for old_shard in output_dir.glob("data-*.arrow"):
+            old_shard.unlink()
+        self.dataset.save_to_disk(str(output_dir))
         self.dataset.to_json(str(output_dir / "confidence.jsonl"), lines=True, force_ascii=False)
         self.dataset.to_parquet(str(output_dir / "confidence.parquet"))
         (output_dir / "summary.json").write_text(json.dumps(self.summary(), indent=2, default=str) + "\n")
@@ -192,10 +191,10 @@ def aggregate_scores(score_files: Sequence[str | Path], drop_unscorable: bool = 
 
 
 def load_confidence(path: str | Path) -> Dataset:
-    """An aggregated table from `ConfidenceTable.save`'s folder, its `dataset/`, or its JSONL / Parquet file."""
+    """An aggregated table from `ConfidenceTable.save`'s folder, or its JSONL / Parquet file."""
     path = Path(path)
     if path.is_dir():
-        return load_from_disk(str(path / "dataset" if (path / "dataset").is_dir() else path))
+        return load_from_disk(str(path))
     if path.suffix == ".parquet":
         return Dataset.from_parquet(str(path))
     if path.suffix in (".jsonl", ".json"):

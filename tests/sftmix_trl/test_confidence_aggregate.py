@@ -71,7 +71,7 @@ def test_saved_table_round_trips_and_refuses_to_overwrite(tmp_path):
     write_run(tmp_path / "scores", PPL)
     table = aggregate_scores([tmp_path / "scores"])
     out = table.save(tmp_path / "out")
-    for reader in (out, out / "dataset", out / "confidence.jsonl", out / "confidence.parquet"):
+    for reader in (out, out / "confidence.jsonl", out / "confidence.parquet"):
         loaded = load_confidence(reader)
         assert loaded["id"] == table.dataset["id"]
         assert loaded["confidence"] == pytest.approx(table.dataset["confidence"])

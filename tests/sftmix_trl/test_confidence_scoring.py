@@ -287,7 +287,7 @@ def test_weaker_reference_scores_feed_sftmix_trainer(tokenizer, llama, tmp_path)
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
-        confidence_scores=tmp_path / "confidence" / "confidence.parquet",
+        confidence_scores=tmp_path / "confidence",  # the aggregate folder as it is
     )
     split = trainer.confidence_split
     assert len(split.confident) == len(split.unconfident) == 6
