@@ -7,12 +7,14 @@ This package depends on torch and triton only; it never imports TRL or transform
     out.loss.backward()
 """
 
+from .function import SFTMixLinearCrossEntropyFunction
 from .functional import SFTMixLinearCrossEntropy, sftmix_linear_cross_entropy
 from .options import SFTMixLossOptions
 from .outputs import SFTMixLossOutput
 
 __all__ = [
     "SFTMixLinearCrossEntropy",
+    "SFTMixLinearCrossEntropyFunction",
     "SFTMixLossOptions",
     "SFTMixLossOutput",
     "sftmix_linear_cross_entropy",

@@ -49,7 +49,17 @@ def _softcap(z, softcap, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _pair_tile(pid, rows_ptr, ntp_targets_ptr, num_slots, num_pairs, num_pair_slots, rest_half, ignore_index, BLOCK_M):
+def _pair_tile(
+    pid,
+    rows_ptr,
+    ntp_targets_ptr,
+    num_slots,
+    num_pairs,
+    num_pair_slots,
+    rest_half,
+    ignore_index,
+    BLOCK_M: tl.constexpr,
+):
     """Slots, rows and NTP targets of sides a and b of the pair slots of tile ``pid``."""
     k = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     in_range = k < num_pair_slots
@@ -117,7 +127,7 @@ def _pair_logits(
 
 
 @triton.jit
-def _online_update(z, col_ok, run_max, run_sum):
+def _online_update(z, run_max, run_sum):
     """One block of an online log-sum-exp; z is -inf on masked columns. Returns (max, sum, rescale, exp(z - max))."""
     new_max = tl.maximum(run_max, tl.max(z, 1))
     rescale = tl.exp(run_max - new_max)
@@ -133,7 +143,7 @@ def _ntp_block(z, cols, col_ok, target, run_max, run_sum, run_zsum, run_target, 
     # first column reaching the block max; a later block wins only when strictly larger
     block_arg = tl.min(tl.where(z == block_max[:, None], cols[None, :], vocab_size), 1)
     run_arg = tl.where(block_max > run_max, block_arg, run_arg)
-    new_max, run_sum, rescale, probs = _online_update(z, col_ok, run_max, run_sum)
+    new_max, run_sum, rescale, probs = _online_update(z, run_max, run_sum)
     # entropy needs sum softmax(z) z: carry sum exp(z - max) z
     run_zsum = run_zsum * rescale + tl.sum(probs * tl.where(col_ok[None, :], z, 0.0), 1)
     run_target += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), 1)
@@ -206,7 +216,7 @@ def _sftmix_forward_kernel(
             # z~ = lam z_p + (1 - lam) z_q on raw logits; the soft cap comes after mixing
             z_t = _softcap(lam[:, None] * z_a + (1.0 - lam[:, None]) * z_b, softcap, SOFTCAP)
             z_t = tl.where(col_ok[None, :], z_t, float("-inf"))
-            max_t, sum_t, _, _ = _online_update(z_t, col_ok, max_t, sum_t)
+            max_t, sum_t, _, _ = _online_update(z_t, max_t, sum_t)
             # lam z~[t_p] + (1 - lam) z~[t_q]
             soft_target = tl.where(cols[None, :] == target_p[:, None], lam[:, None], 0.0) + tl.where(
                 cols[None, :] == target_q[:, None], 1.0 - lam[:, None], 0.0
@@ -240,7 +250,9 @@ def _sftmix_forward_kernel(
 
 
 @triton.jit
-def _soft_ce_grad(z_raw, lse, col_weight_1, col_1, col_weight_2, col_2, row_scale, cols, col_ok, softcap, SOFTCAP):
+def _soft_ce_grad(
+    z_raw, lse, col_weight_1, col_1, col_weight_2, col_2, row_scale, cols, col_ok, softcap, SOFTCAP: tl.constexpr
+):
     """row_scale * (softmax(z) - w1 e_{c1} - w2 e_{c2}) * dcap(z) with z = cap(z_raw); 0 on masked columns."""
     z = _softcap(z_raw, softcap, SOFTCAP)
     # the target corrections in fp32, before anything is rounded
