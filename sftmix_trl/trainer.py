@@ -453,12 +453,19 @@ class SFTMixTrainer(SFTTrainer):
         return calls
 
     def _sample_lambdas(self, num_pairs: int, device: torch.device) -> torch.Tensor:
-        """lam ~ Beta(alpha, alpha) per pair, from the device's global generator, which the Trainer seeds and
-        checkpoints, so runs are reproducible and resumed runs continue the same draws."""
+        """lam ~ Beta(alpha, alpha) per pair of this rank's micro-batch.
+
+        Drawn from the device's global generator, which the Trainer seeds and checkpoints, so runs are reproducible
+        and a resumed run continues the same draws. Every rank starts from the same seed, so each draws the lambdas
+        of all ranks' pairs (the generators stay in step) and keeps its own row: pairs on different ranks get
+        different lambdas, and a data-parallel run draws what one process with the ranks' micro-batches side by
+        side would.
+        """
         if self._lambda_distribution is None or self._lambda_distribution.concentration1.device != device:
             alpha = torch.tensor(self.args.mixup_alpha, dtype=torch.float32, device=device)
             self._lambda_distribution = torch.distributions.Beta(alpha, alpha)
-        return self._lambda_distribution.sample((num_pairs,))
+        every_rank = self._lambda_distribution.sample((self.accelerator.num_processes, num_pairs))
+        return every_rank[self.accelerator.process_index]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         halves = inputs.pop(HALF_COLUMN, None)
