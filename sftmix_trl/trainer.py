@@ -442,14 +442,10 @@ class SFTMixTrainer(SFTTrainer):
             mix_index = torch.stack([torch.arange(num_mixed), num_mixed + torch.arange(num_mixed)], 1)
             calls.append(_LossCall(mixed_rows, mix_index, mix_pair, mix_weight, False))
         if self.args.ntp_loss_on != "none":
-            kept = slice(0, num_pairs) if self.args.ntp_loss_on == "confident" else slice(num_pairs, batch_size)
-            kept_rows = valid.clone()
-            kept_rows[: kept.start] = False
-            kept_rows[kept.stop :] = False
+            kept_half = CONFIDENT if self.args.ntp_loss_on == "confident" else UNCONFIDENT
+            kept_rows = (valid & (halves == kept_half)[:, None]).reshape(-1).nonzero().flatten()
             empty = torch.zeros(0, dtype=torch.int64)
-            calls.append(
-                _LossCall(kept_rows.reshape(-1).nonzero().flatten(), empty.view(0, 2), empty, empty.double(), True)
-            )
+            calls.append(_LossCall(kept_rows, empty.view(0, 2), empty, empty.double(), True))
         return calls
 
     def _sample_lambdas(self, num_pairs: int, device: torch.device) -> torch.Tensor:
