@@ -38,7 +38,9 @@ from kernel import device_label, version_label  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TESTS = Path(__file__).resolve().parents[1] / "tests"
-IMPLS = ("torch", "reference", "triton")
+# "<impl>_nomix": the same loss implementation with mixup_coef=0 (balanced batches, next-token loss only): what
+# the Mixup term itself costs
+IMPLS = ("torch", "torch_nomix", "reference", "triton", "triton_nomix")
 FIELDS = ("bench", "trainer", "impl", "metric", "unit", "model", "batch", "seq_len", "dtype", "median", "p20", "p80")
 FIELDS += ("device", "date", "version")
 
@@ -130,7 +132,8 @@ def worker(trainer_name, impl, model_name, batch, seq_len, steps, warmup, bf16, 
     if trainer_name == "sft":
         trainer = SFTTrainer(model, args=SFTConfig(**common), train_dataset=dataset, processing_class=tokenizer)
     else:
-        args = SFTMixConfig(**common, loss_impl=impl)
+        loss_impl, _, nomix = impl.partition("_")
+        args = SFTMixConfig(**common, loss_impl=loss_impl, mixup_coef=0.0 if nomix else 0.2)
         trainer = SFTMixTrainer(model, args=args, train_dataset=dataset, processing_class=tokenizer)
 
     class StepTimer(TrainerCallback):
@@ -190,7 +193,11 @@ def _percentiles(values):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--impls", nargs="+", choices=IMPLS, default=None, help="default: torch reference (+ triton on CUDA)"
+        "--impls",
+        nargs="+",
+        choices=IMPLS,
+        default=None,
+        help="default: torch torch_nomix reference (+ triton triton_nomix on CUDA)",
     )
     parser.add_argument("--model", choices=list(MODELS), default="smollm2-135m")
     parser.add_argument("--batch", type=int, default=8)
@@ -213,7 +220,9 @@ def main(argv=None):
         worker(*cli.worker, cli.model, cli.batch, cli.seq_len, cli.steps, cli.warmup, cli.bf16,
                cli.gradient_checkpointing, cli.device)  # fmt: skip
         return
-    impls = cli.impls or (["triton", "torch", "reference"] if on_gpu else ["torch", "reference"])
+    impls = cli.impls or (
+        ["triton", "triton_nomix", "torch", "reference"] if on_gpu else ["torch", "torch_nomix", "reference"]
+    )
 
     date = datetime.date.today().isoformat()
     label, version = device_label(torch.device(cli.device), cli.machine), version_label()
