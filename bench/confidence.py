@@ -28,7 +28,10 @@ def worker(mode: str, num_examples: int, max_length: int, batch_size: int) -> di
     from sftmix_trl.confidence import score_trainer
     from sftmix_trl.transforms import alpaca_to_prompt_completion
 
-    dataset = alpaca_to_prompt_completion(Dataset.from_json(str(alpaca_demo_path())))
+    rows = Dataset.from_json(str(alpaca_demo_path()))
+    # the demo file repeats some rows verbatim, so content-derived ids would collide: number the rows instead
+    rows = rows.map(lambda _, i: {"id": f"alpaca_en_demo-{i}"}, with_indices=True)
+    dataset = alpaca_to_prompt_completion(rows)
     dataset = dataset.select(range(min(num_examples, len(dataset))))
     with tempfile.TemporaryDirectory() as output_dir:
         args = SFTConfig(
@@ -81,7 +84,9 @@ def main() -> None:
         command = [sys.executable, __file__, "--worker", mode]
         command += ["--num_examples", str(args.num_examples), "--max_length", str(args.max_length)]
         command += ["--batch_size", str(args.batch_size)]
-        out = subprocess.run(command, check=True, capture_output=True, text=True)
+        out = subprocess.run(command, capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"The {mode} worker failed:\n{out.stderr[-3000:]}")
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), flush=True)
 
