@@ -30,6 +30,7 @@ from .assets import resolve_asset
 from .confidence import ConfidenceCallback, add_example_ids, aggregate_scores, read_scores, score_checkpoints
 from .confidence.datamap import write_data_map
 from .config import SFTMixConfig
+from .data_utils import derive_example_id
 from .trainer import SFTMixTrainer
 from .transforms import alpaca_to_prompt_completion, expand_multiturn
 
@@ -61,6 +62,10 @@ class RecipeArguments(ScriptArguments):
             history in the prompt, as the paper does for UltraChat), or `"auto"` (as is).
         max_train_examples (`int`, *optional*):
             Keep only the first this many training examples (after the format transform).
+        drop_duplicates (`bool`, *optional*, defaults to `False`):
+            Drop exact duplicate examples (same content, hence the same derived id), keeping the first, in the
+            training and the held-out data. Scores are joined by id, so data with duplicates and no id column of its
+            own is refused unless this is set.
         eval_dataset_name (`str`, *optional*):
             Held-out data for the `evaluate` stage, e.g. `asset:alpacaeval`. Without it the stage is skipped.
         eval_dataset_config (`str`, *optional*):
@@ -93,6 +98,9 @@ class RecipeArguments(ScriptArguments):
     )
     max_train_examples: int | None = field(
         default=None, metadata={"help": "Keep only the first this many training examples."}
+    )
+    drop_duplicates: bool = field(
+        default=False, metadata={"help": "Drop exact duplicate examples (same content), keeping the first."}
     )
     eval_dataset_name: str | None = field(
         default=None, metadata={"help": "Held-out data for the `evaluate` stage, e.g. `asset:alpacaeval`."}
@@ -167,7 +175,24 @@ def sft_config_from(args: SFTConfig, **overrides) -> SFTConfig:
     return SFTConfig(**{**values, **overrides})
 
 
-def _load(name: str, config: str | None, split: str, data_format: str, limit: int | None, cache: str | None):
+def _drop_duplicates(dataset: Dataset) -> Dataset:
+    """Keep the first of each group of examples with the same content (the same derived id)."""
+    ids = [derive_example_id(example) for example in dataset]
+    first = {}
+    for row, example_id in enumerate(ids):
+        first.setdefault(example_id, row)
+    return dataset.select(sorted(first.values())) if len(first) < len(ids) else dataset
+
+
+def _load(
+    name: str,
+    config: str | None,
+    split: str,
+    data_format: str,
+    limit: int | None,
+    cache: str | None,
+    drop_duplicates: bool = False,
+) -> Dataset:
     path = resolve_asset(name, cache) if name.startswith("asset:") else name
     if Path(path).suffix in (".json", ".jsonl"):
         dataset = load_dataset("json", data_files=str(path), split="train")
@@ -179,6 +204,8 @@ def _load(name: str, config: str | None, split: str, data_format: str, limit: in
         dataset = alpaca_to_prompt_completion(dataset)
     elif data_format == "multiturn":
         dataset = expand_multiturn(dataset)
+    if drop_duplicates:
+        dataset = _drop_duplicates(dataset)
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
     return add_example_ids(dataset)
@@ -194,6 +221,7 @@ def load_train_dataset(recipe: RecipeArguments) -> Dataset:
         recipe.dataset_format,
         recipe.max_train_examples,
         recipe.asset_cache_dir,
+        recipe.drop_duplicates,
     )
 
 
@@ -205,6 +233,7 @@ def load_eval_dataset(recipe: RecipeArguments) -> Dataset:
         recipe.eval_dataset_format,
         recipe.max_eval_examples,
         recipe.asset_cache_dir,
+        recipe.drop_duplicates,
     )
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sftmix_trl.config import SFTMixConfig
-from sftmix_trl.recipe import STAGE_DIRS, RecipeArguments, make_parser
+from sftmix_trl.recipe import STAGE_DIRS, RecipeArguments, load_train_dataset, make_parser
 
 import tiny
 
@@ -96,3 +96,15 @@ def test_pipeline_runs_end_to_end_on_two_processes_and_resumes(tmp_path, llama_d
     out = _launch(args, tmp_path)
     assert out.count("already done") == len(STAGE_DIRS)
     assert (run / "sftmix/model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_duplicate_rows_are_refused_unless_dropped(tmp_path):
+    rows = [{"instruction": f"Say {w}.", "input": "", "output": w} for w in ("a", "b", "a", "c")]
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps(rows))
+    recipe = RecipeArguments(dataset_name=str(path), dataset_format="alpaca")
+    with pytest.raises(ValueError, match="duplicate example id"):
+        load_train_dataset(recipe)
+    recipe.drop_duplicates = True
+    dataset = load_train_dataset(recipe)
+    assert [row["completion"][0]["content"] for row in dataset] == ["a", "b", "c"]
