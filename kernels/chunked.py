@@ -1,46 +1,29 @@
-"""Chunked PyTorch implementation of the SFTMix loss, with a hand-written backward.
+"""Chunked PyTorch implementation of the SFTMix loss, with the gradients computed in the same pass.
 
-Rows are visited in the slots of `layout.RowLayout`: first chunks of mixed pairs (the p rows and the q rows of the
-same pairs together), then chunks of unpaired rows. Only one chunk of logits is alive at a time. Forward keeps
-per slot the log-sum-exp (and per pair that of z~); backward recomputes each chunk's logits from them, forms the
-logit gradient G of the chunk, in which the mixup gradient of pair k rides on its p and q rows by linearity,
+Rows are visited chunk by chunk in the slots of `layout.RowLayout`, reordered so that every chunk is a contiguous
+range (`_chunk_plan`): first chunks of mixed pairs (the p rows of some pairs, then the q rows of the same pairs),
+then chunks of unpaired rows. Only one chunk of logits is alive at a time, in buffers reused from chunk to chunk.
+Each chunk's logits are computed once; from them come the loss terms, the metrics and, when a gradient is needed,
+the logit gradient G for an upstream gradient of 1, in which the mixup gradient of pair k rides on its p and q rows
+by linearity,
 
     G_p = ntp_scale * (softmax(z_p) - e_{t_p}) + lam * g_k,   G_q = ntp_scale * (...) + (1 - lam) * g_k,
-    g_k = mixup_coef * w_k * (softmax(z~_k) - y~_k),
+    g_k = mix_scale_k * (softmax(z~_k) - y~_k),
 
-and accumulates dH = G W, dW = G^T H (fp32) and db = sum G (fp32). Math in fp32 (fp64 for fp64 inputs); the
-matrix products run in the input dtype, except dW's, which runs in fp32 on the chunk's hidden rows.
+which gives dH = G W, dW += G^T H and db += sum G: three passes over the head (logits, dH, dW) and nothing left for
+backward but scaling by the upstream gradient. All math in fp32 (fp64 for fp64 inputs), the matrix products included:
+bf16 / fp16 inputs are upcast once per call (an fp32 copy of W, 4 V D bytes), so that the logits are not rounded to
+the input dtype (as the Triton kernels' fp32 accumulators are not), and the gradients are returned in fp32, to be
+cast once after that scaling.
 """
-
-from dataclasses import dataclass
 
 import torch
 
 from .layout import RowLayout
 from .options import SFTMixLossOptions
+from .outputs import SlotStats
 
 LOGITS_PER_CHUNK = 1 << 24
-
-
-@dataclass
-class SlotStats:
-    """What forward computes per slot and per pair, and backward reuses.
-
-    Args:
-        nll (`torch.Tensor`): (S,) NTP loss of each slot, 0 where the slot has no NTP term.
-        correct (`torch.Tensor`): (S,) bool, argmax == target.
-        entropy (`torch.Tensor`): (S,) entropy of softmax(z).
-        lse (`torch.Tensor`): (S,) log-sum-exp of each slot's logits.
-        mix_lse (`torch.Tensor`): (P,) log-sum-exp of z~.
-        mix_nll (`torch.Tensor`): (P,) l_mix of each pair.
-    """
-
-    nll: torch.Tensor
-    correct: torch.Tensor
-    entropy: torch.Tensor
-    lse: torch.Tensor
-    mix_lse: torch.Tensor
-    mix_nll: torch.Tensor
 
 
 def default_chunk_rows(vocab_size: int) -> int:
@@ -48,145 +31,158 @@ def default_chunk_rows(vocab_size: int) -> int:
     return 1 << max(1, (LOGITS_PER_CHUNK // max(vocab_size, 1)).bit_length() - 1)
 
 
-def _chunks(layout: RowLayout, chunk_rows: int):
-    """(slots, pairs) per chunk: pair chunks hold pairs[i] at slots i (side a) and i + c (side b); then rest chunks."""
-    num_pairs, num_slots = layout.num_pairs, layout.rows.numel()
-    device = layout.rows.device
-    pairs_per_chunk = max(chunk_rows // 2, 1)
-    for start in range(0, num_pairs, pairs_per_chunk):
-        pairs = torch.arange(start, min(start + pairs_per_chunk, num_pairs), device=device)
-        yield torch.cat([pairs, pairs + num_pairs]), pairs
-    for start in range(2 * num_pairs, num_slots, chunk_rows):
-        yield torch.arange(start, min(start + chunk_rows, num_slots), device=device), None
+def _chunk_plan(layout: RowLayout, chunk_rows: int):
+    """(order, chunks): slot ``order[i]`` sits at position i, and each chunk is positions [start, stop).
+
+    A pair chunk holds pairs [k0, k1): their p slots (k0..k1 - 1) then their q slots (P + k0..P + k1 - 1), at
+    positions [2 k0, 2 k1); its third element is ``slice(k0, k1)``. The unpaired slots keep their positions, in
+    chunks of ``chunk_rows`` with None as third element. Built from device aranges: no host-to-device copy.
+    """
+    num_pairs, num_slots, device = layout.num_pairs, layout.rows.numel(), layout.rows.device
+    pairs_per_chunk = chunk_rows // 2
+    order, chunks = [], []
+    for first in range(0, num_pairs, pairs_per_chunk):
+        last = min(first + pairs_per_chunk, num_pairs)
+        pairs = torch.arange(first, last, device=device)
+        order += [pairs, pairs + num_pairs]
+        chunks.append((2 * first, 2 * last, slice(first, last)))
+    order.append(torch.arange(2 * num_pairs, num_slots, device=device))
+    chunks += [
+        (start, min(start + chunk_rows, num_slots), None) for start in range(2 * num_pairs, num_slots, chunk_rows)
+    ]
+    return torch.cat(order), chunks
 
 
-def _raw_logits(hidden, weight, bias, rows, acc_dtype):
-    """z = h W^T + b for the given rows, in the accumulation dtype (the product itself in the input dtype)."""
-    return torch.nn.functional.linear(hidden[rows], weight, bias).to(acc_dtype)
+def _logits_into(out, hidden_rows, weight, bias):
+    """out <- h W^T + b."""
+    if bias is None:
+        return torch.mm(hidden_rows, weight.T, out=out)
+    return torch.addmm(bias, hidden_rows, weight.T, out=out)
 
 
 def _softcap_(logits, softcap):
-    """In place: z -> c tanh(z / c)."""
-    if softcap is not None:
-        logits.div_(softcap).tanh_().mul_(softcap)
-    return logits
+    """In place: z -> c tanh(z / c); returns the derivative 1 - tanh^2 = 1 - (z_capped / c)^2 (None without cap)."""
+    if softcap is None:
+        return None
+    logits.div_(softcap).tanh_()
+    dcap = 1 - logits.square()
+    logits.mul_(softcap)
+    return dcap
 
 
-def _mix(raw, pairs, lam):
-    """z~ = lam z_p + (1 - lam) z_q on raw (uncapped) logits: side a is the first half of the chunk, b the second."""
-    half = pairs.numel()
-    lam = lam[pairs].to(raw.dtype)[:, None]
-    return torch.lerp(raw[half:], raw[:half], lam)
+def _soft_ce(logits, exps, columns, col_weights, softcap):
+    """Cross-entropy of each row of z (C, V) against the sparse soft target y = sum_j w_j e_{c_j}.
+
+    Caps ``logits`` in place when ``softcap`` is set and otherwise keeps them; ``exps`` (a buffer of their shape)
+    receives exp(z - max z). Returns (loss = lse(z) - sum_j w_j z[c_j], lse(z), argmax z, sum_v exp(z_v - max z),
+    soft-cap derivative or None).
+    """
+    dcap = _softcap_(logits, softcap)
+    row_max, argmax = logits.max(dim=-1)
+    sum_exp = torch.sub(logits, row_max[:, None], out=exps).exp_().sum(dim=-1)
+    lse = row_max + sum_exp.log()
+    return lse - (col_weights * logits.gather(1, columns)).sum(1), lse, argmax, sum_exp, dcap
 
 
-def _targets_and_weights(layout: RowLayout, pairs):
-    """Two-sparse soft targets of z~: columns (t_p, t_q) with weights (lam, 1 - lam)."""
-    lam = layout.mix_lambda[pairs]
-    return layout.mix_targets[pairs], torch.stack([lam, 1 - lam], dim=1)
+def _soft_ce_grad_(logits, lse, columns, col_weights, row_scale, dcap):
+    """In place: z -> row_scale * (softmax(z) - y) * dcap, the gradient of row_scale * loss in the raw logits.
 
-
-def _soft_ce(logits, columns, col_weights):
-    """lse(z) and lse(z) - sum_j w_j z[c_j] per row."""
-    lse = torch.logsumexp(logits, dim=-1)
-    return lse, lse - (col_weights.to(logits.dtype) * logits.gather(1, columns)).sum(1)
-
-
-def _soft_ce_grad_(logits, lse, columns, col_weights, row_scale, softcap):
-    """In place: capped logits z -> row_scale * (softmax(z) - y) * dcap(z), y = sum_j w_j e_{c_j}."""
-    # d(c tanh(u / c))/du = 1 - tanh^2 = 1 - (z / c)^2
-    dcap = 1 - (logits / softcap).square_() if softcap is not None else None
+    softmax(z) = exp(z - lse(z)), as PyTorch's cross-entropy gradient forms it, and y subtracted before scaling.
+    Dividing `_soft_ce`'s exp(z - max z) by their sum would save this pass over the chunk, but it rounds differently
+    enough to move the trainer's gradients off SFTTrainer's by more than its parity tests allow (1e-7).
+    """
     grad = logits.sub_(lse[:, None]).exp_()
-    grad.scatter_add_(1, columns, -col_weights.to(grad.dtype))
+    # the target columns' p - w_j, in fp32 before any scaling (p - 1 keeps its small difference)
+    grad.scatter_add_(1, columns, -col_weights)
     if dcap is not None:
         grad.mul_(dcap)
-    return grad.mul_(row_scale.to(grad.dtype)[:, None])
+    return grad.mul_(row_scale[:, None])
 
 
-def _ntp_columns(ntp_targets, ignore_index):
-    valid = ntp_targets != ignore_index
-    return valid, torch.where(valid, ntp_targets, 0)[:, None], valid[:, None].float()
-
-
-def forward(hidden, weight, bias, layout: RowLayout, options: SFTMixLossOptions) -> SlotStats:
-    acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
-    num_slots, num_pairs = layout.rows.numel(), layout.num_pairs
-    softcap, ignore_index = options.logit_softcap, options.ignore_index
-    chunk_rows = options.chunk_rows or default_chunk_rows(weight.shape[0])
-    stats = SlotStats(
-        nll=hidden.new_empty(num_slots, dtype=acc_dtype),
-        correct=hidden.new_empty(num_slots, dtype=torch.bool),
-        entropy=hidden.new_empty(num_slots, dtype=acc_dtype),
-        lse=hidden.new_empty(num_slots, dtype=acc_dtype),
-        mix_lse=hidden.new_empty(num_pairs, dtype=acc_dtype),
-        mix_nll=hidden.new_empty(num_pairs, dtype=acc_dtype),
-    )
-    for slots, pairs in _chunks(layout, chunk_rows):
-        raw = _raw_logits(hidden, weight, bias, layout.rows[slots], acc_dtype)
-        if pairs is not None:
-            mixed = _softcap_(_mix(raw, pairs, layout.mix_lambda), softcap)
-            columns, col_weights = _targets_and_weights(layout, pairs)
-            stats.mix_lse[pairs], stats.mix_nll[pairs] = _soft_ce(mixed, columns, col_weights)
-            del mixed
-        logits = _softcap_(raw, softcap)
-        ntp_targets = layout.ntp_targets[slots]
-        valid, columns, col_weights = _ntp_columns(ntp_targets, ignore_index)
-        lse, nll = _soft_ce(logits, columns, col_weights)
-        stats.lse[slots] = lse
-        stats.nll[slots] = torch.where(valid, nll, 0.0)
-        stats.correct[slots] = logits.argmax(dim=-1) == ntp_targets
-        # entropy = lse - sum_v softmax(z)_v z_v
-        probs = (logits - lse[:, None]).exp_()
-        stats.entropy[slots] = lse - probs.mul_(logits).sum(dim=-1)
-        del raw, logits, probs
-    return stats
-
-
-def backward(
+def loss_and_grads(
     hidden,
     weight,
     bias,
     layout: RowLayout,
     options: SFTMixLossOptions,
-    stats: SlotStats,
     ntp_scale,
     mix_scale,
     needs_grad,
 ):
-    """(dH, dW, db); ``ntp_scale`` (0-dim) = upstream / normalizer, ``mix_scale`` (P,) = upstream * mu * w_k."""
+    """(SlotStats, (dH, dW, db)) for an upstream gradient of 1: ``ntp_scale`` (0-dim) = 1 / normalizer, ``mix_scale``
+    (P,) = mu * w_k. The gradients are in the accumulation dtype; each is None unless its flag in ``needs_grad``
+    (hidden, weight, bias) is set."""
     acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
     need_hidden, need_weight, need_bias = needs_grad
+    need_logit_grad = any(needs_grad)
     softcap, ignore_index = options.logit_softcap, options.ignore_index
-    chunk_rows = options.chunk_rows or default_chunk_rows(weight.shape[0])
-    grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-    grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_weight else None
-    grad_bias = torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device) if need_bias else None
-    for slots, pairs in _chunks(layout, chunk_rows):
-        rows = layout.rows[slots]
-        raw = _raw_logits(hidden, weight, bias, rows, acc_dtype)
-        mixed_grad = None
+    num_slots, num_pairs, vocab_size = layout.rows.numel(), layout.num_pairs, weight.shape[0]
+    chunk_rows = min(options.chunk_rows or default_chunk_rows(vocab_size), max(num_slots, 2))
+
+    order, chunks = _chunk_plan(layout, chunk_rows)
+    rows = layout.rows[order]
+    # fp32 copies of bf16 / fp16 inputs (no copy for fp32 / fp64 ones)
+    hidden_rows = hidden[rows].to(acc_dtype)
+    weight, bias = weight.to(acc_dtype), bias.to(acc_dtype) if bias is not None else None
+    ntp_targets = layout.ntp_targets[order]
+    valid = ntp_targets != ignore_index
+    ntp_columns = torch.where(valid, ntp_targets, 0)[:, None]
+    ntp_weights = valid.to(acc_dtype)[:, None]
+    mix_lambda = layout.mix_lambda.to(acc_dtype)[:, None]
+    mix_weights = torch.cat([mix_lambda, 1 - mix_lambda], dim=1)
+
+    new = dict(dtype=acc_dtype, device=hidden.device)
+    stats = SlotStats(
+        nll=torch.empty(num_slots, **new),
+        correct=torch.empty(num_slots, dtype=torch.bool, device=hidden.device),
+        entropy=torch.empty(num_slots, **new),
+        mix_nll=torch.empty(num_pairs, **new),
+    )
+    logits_buffer = torch.empty(chunk_rows, vocab_size, **new)
+    exps_buffer = torch.empty(chunk_rows, vocab_size, **new)
+    mixed_buffer = torch.empty(min(chunk_rows // 2, num_pairs), vocab_size, **new)
+    if need_logit_grad:
+        ntp_row_scale = ntp_weights[:, 0] * ntp_scale
+        grad_hidden_rows = torch.empty(hidden_rows.shape, **new) if need_hidden else None
+        # dW: the first chunk's product overwrites the uninitialized buffer (addmm with beta = 0 ignores it)
+        grad_weight = (torch.empty if chunks else torch.zeros)(weight.shape, **new) if need_weight else None
+        grad_bias = torch.zeros(vocab_size, **new) if need_bias else None
+
+    for start, stop, pairs in chunks:
+        logits = _logits_into(logits_buffer[: stop - start], hidden_rows[start:stop], weight, bias)
         if pairs is not None:
-            mixed = _softcap_(_mix(raw, pairs, layout.mix_lambda), softcap)
-            columns, col_weights = _targets_and_weights(layout, pairs)
-            mixed_grad = _soft_ce_grad_(mixed, stats.mix_lse[pairs], columns, col_weights, mix_scale[pairs], softcap)
-        valid, columns, col_weights = _ntp_columns(layout.ntp_targets[slots], ignore_index)
-        row_scale = valid.to(acc_dtype) * ntp_scale
-        grad = _soft_ce_grad_(_softcap_(raw, softcap), stats.lse[slots], columns, col_weights, row_scale, softcap)
-        if mixed_grad is not None:
-            # dz~/dz_p = lam, dz~/dz_q = 1 - lam
-            half = pairs.numel()
-            lam = layout.mix_lambda[pairs].to(acc_dtype)[:, None]
-            grad[:half].addcmul_(lam, mixed_grad)
-            grad[half:].addcmul_(1 - lam, mixed_grad)
-            del mixed_grad
+            # z~ = lam z_p + (1 - lam) z_q, on the raw logits: any soft cap comes after mixing
+            half, lam = (stop - start) // 2, mix_lambda[pairs]
+            mixed = torch.lerp(logits[half:], logits[:half], lam, out=mixed_buffer[:half])
+        exps = exps_buffer[: stop - start]
+        columns, col_weights = ntp_columns[start:stop], ntp_weights[start:stop]
+        nll, lse, argmax, sum_exp, dcap = _soft_ce(logits, exps, columns, col_weights, softcap)
+        slots = order[start:stop]
+        stats.nll[slots] = torch.where(valid[start:stop], nll, 0.0)
+        stats.correct[slots] = argmax == ntp_targets[start:stop]
+        # entropy = lse(z) - sum_v softmax(z)_v z_v, softmax(z)_v = exp(z_v - max z) / sum_exp
+        stats.entropy[slots] = lse - torch.bmm(exps[:, None, :], logits[:, :, None]).flatten() / sum_exp
+        if need_logit_grad:
+            grad = _soft_ce_grad_(logits, lse, columns, col_weights, ntp_row_scale[start:stop], dcap)
+        if pairs is not None:
+            mix_columns, mix_col_weights = layout.mix_targets[pairs], mix_weights[pairs]
+            stats.mix_nll[pairs], mix_lse, _, _, mix_dcap = _soft_ce(
+                mixed, exps[:half], mix_columns, mix_col_weights, softcap
+            )
+            if need_logit_grad:
+                mixed_grad = _soft_ce_grad_(mixed, mix_lse, mix_columns, mix_col_weights, mix_scale[pairs], mix_dcap)
+                # dz~/dz_p = lam, dz~/dz_q = 1 - lam
+                grad[:half].addcmul_(mixed_grad, lam)
+                grad[half:].addcmul_(mixed_grad, 1 - lam)
         if need_hidden:
-            grad_hidden.index_add_(0, rows, grad.to(weight.dtype) @ weight)
+            torch.mm(grad, weight, out=grad_hidden_rows[start:stop])
         if need_weight:
-            grad_weight.addmm_(grad.T, hidden[rows].to(acc_dtype))
+            grad_weight.addmm_(grad.T, hidden_rows[start:stop], beta=float(start > 0))
         if need_bias:
             grad_bias += grad.sum(0)
-        del raw, grad
-    return (
-        grad_hidden,
-        grad_weight.to(weight.dtype) if need_weight else None,
-        grad_bias.to(bias.dtype) if need_bias else None,
-    )
+
+    if not need_logit_grad:
+        return stats, (None, None, None)
+    # rows[i] may repeat only for a self-mixed row whose second slot carries no gradient: adding is exact
+    grad_hidden = torch.zeros(hidden.shape, **new).index_add_(0, rows, grad_hidden_rows) if need_hidden else None
+    return stats, (grad_hidden, grad_weight, grad_bias)

@@ -1,7 +1,11 @@
 """One autograd Function over the fused implementations (chunked torch, Triton).
 
-Forward returns the loss and its detached parts and metrics; it keeps the inputs, the row layout and the per-slot
-log-sum-exps (O(N) floats). Backward recomputes logits block by block from them: no N x V tensor is kept.
+The loss is a scalar, so its gradients for any upstream gradient g are g times those for g = 1. Forward therefore
+computes, for the inputs that require grad, the gradients for g = 1 together with the loss (the chunked torch
+implementation in the same pass over the head as the logits; Triton with its gradient kernel right after the
+forward kernel), and saves them in fp32; backward scales them by g and casts them once to the inputs' dtype. No
+N x V tensor is kept, and without a gradient to compute (`torch.no_grad`, or no input requiring grad)
+`fused_sftmix_loss` skips the Function and the gradients.
 """
 
 import importlib
@@ -16,53 +20,78 @@ BACKENDS = {"torch": ".chunked", "triton": ".triton_sftmix"}
 
 
 def backend_module(impl: str):
-    """The module that implements ``forward`` / ``backward`` for ``impl`` (imported on first use: triton is optional)."""
+    """The module that implements ``loss_and_grads`` for ``impl`` (imported on first use: triton is optional)."""
     return importlib.import_module(BACKENDS[impl], __package__)
+
+
+def sftmix_loss_and_grads(
+    hidden, weight, bias, targets, mix_index, mix_lambda, mix_weight, normalizer, options, needs_grad
+):
+    """((loss, ntp_loss, mixup_loss, num_tokens, num_correct, entropy), (dL/dH, dL/dW, dL/db)).
+
+    Arguments as in `SFTMixLinearCrossEntropyFunction`; ``needs_grad`` flags (hidden, weight, bias), and each
+    gradient is None unless flagged. The gradients are in the accumulation dtype (fp32; fp64 for fp64 inputs).
+    """
+    hidden, weight = hidden.contiguous(), weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    layout = build_row_layout(targets, mix_index, mix_lambda, options.ignore_index)
+    acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
+    normalizer = normalizer.to(acc_dtype)
+    # upstream gradient 1: dL/dNLL_n = 1 / normalizer, dL/dl_mix_k = mu w_k
+    ntp_scale = 1 / normalizer
+    mix_scale = options.mixup_coef * mix_weight.to(acc_dtype)
+    stats, grads = backend_module(options.impl).loss_and_grads(
+        hidden, weight, bias, layout, options, ntp_scale, mix_scale, needs_grad
+    )
+    # L = sum NLL / normalizer + mu * sum_k w_k l_mix_k
+    ntp_loss = stats.nll.sum() / normalizer
+    mixup_loss = (mix_weight.to(stats.mix_nll.dtype) * stats.mix_nll).sum()
+    loss = ntp_loss + options.mixup_coef * mixup_loss
+    valid = layout.ntp_targets != options.ignore_index
+    return (loss, ntp_loss, mixup_loss, *reduce_metrics(valid, stats.correct, stats.entropy)), grads
 
 
 class SFTMixLinearCrossEntropyFunction(torch.autograd.Function):
     """``apply(hidden, weight, bias, targets, mix_index, mix_lambda, mix_weight, normalizer, options)``.
 
     ``normalizer`` is a 0-dim tensor and ``options.impl`` is "torch" or "triton" (already resolved). Returns
-    ``(loss, ntp_loss, mixup_loss, num_tokens, num_correct, entropy)``; only ``loss`` is differentiable.
+    ``(loss, ntp_loss, mixup_loss, num_tokens, num_correct, entropy)``; only ``loss`` is differentiable. Forward
+    computes the gradients of the inputs that require grad (even under `torch.no_grad`: use `fused_sftmix_loss` to
+    skip them there); backward returns them times the upstream gradient, as new tensors, so a graph kept with
+    ``retain_graph=True`` gives the same gradients at every backward.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, mix_index, mix_lambda, mix_weight, normalizer, options):
-        backend = backend_module(options.impl)
-        hidden, weight = hidden.contiguous(), weight.contiguous()
-        bias = bias.contiguous() if bias is not None else None
-        layout = build_row_layout(targets, mix_index, mix_lambda, options.ignore_index)
-        stats = backend.forward(hidden, weight, bias, layout, options)
-        # L = sum NLL / normalizer + mu * sum_k w_k l_mix_k
-        ntp_loss = stats.nll.sum() / normalizer
-        mixup_loss = (mix_weight.to(stats.mix_nll.dtype) * stats.mix_nll).sum()
-        loss = ntp_loss + options.mixup_coef * mixup_loss
-        valid = layout.ntp_targets != options.ignore_index
-        num_tokens, num_correct, entropy = reduce_metrics(valid, stats.correct, stats.entropy)
-
-        ctx.save_for_backward(hidden, weight, bias, mix_weight, normalizer)
-        ctx.layout, ctx.stats, ctx.options = layout, stats, options
-        ctx.mark_non_differentiable(ntp_loss, mixup_loss, num_tokens, num_correct, entropy)
-        return loss, ntp_loss.detach(), mixup_loss.detach(), num_tokens, num_correct, entropy
+        needs_grad = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        outputs, grads = sftmix_loss_and_grads(
+            hidden, weight, bias, targets, mix_index, mix_lambda, mix_weight, normalizer, options, needs_grad
+        )
+        ctx.save_for_backward(*grads)
+        ctx.input_dtype = hidden.dtype
+        ctx.mark_non_differentiable(*outputs[1:])
+        return outputs
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, *_unused_grads):
-        hidden, weight, bias, mix_weight, normalizer = ctx.saved_tensors
-        options = ctx.options
-        grad_loss = grad_loss.to(ctx.stats.lse.dtype)
-        ntp_scale = grad_loss / normalizer.to(grad_loss.dtype)
-        mix_scale = grad_loss * options.mixup_coef * mix_weight.to(grad_loss.dtype)
-        needs_grad = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        grad_hidden, grad_weight, grad_bias = backend_module(options.impl).backward(
-            hidden, weight, bias, ctx.layout, options, ctx.stats, ntp_scale, mix_scale, needs_grad
-        )
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+        grads = (_scale(grad, grad_loss, ctx.input_dtype) if grad is not None else None for grad in ctx.saved_tensors)
+        return *grads, None, None, None, None, None, None
+
+
+def _scale(grad, grad_loss, dtype):
+    """dL'/dx = g dL/dx for L' = g L (a scalar loss): a new tensor of ``dtype``, rounded once after the product."""
+    return torch.mul(grad, grad_loss, out=torch.empty(grad.shape, dtype=dtype, device=grad.device))
 
 
 def fused_sftmix_loss(hidden, weight, bias, targets, mix_index, mix_lambda, mix_weight, normalizer, options):
-    """Apply the Function; arguments as in its docstring."""
-    return SFTMixLinearCrossEntropyFunction.apply(
-        hidden, weight, bias, targets, mix_index, mix_lambda, mix_weight, normalizer, options
+    """The Function's outputs; without a gradient to compute, the same outputs from the forward work alone."""
+    differentiable = (hidden, weight) if bias is None else (hidden, weight, bias)
+    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in differentiable):
+        return SFTMixLinearCrossEntropyFunction.apply(
+            hidden, weight, bias, targets, mix_index, mix_lambda, mix_weight, normalizer, options
+        )
+    outputs, _ = sftmix_loss_and_grads(
+        hidden, weight, bias, targets, mix_index, mix_lambda, mix_weight, normalizer, options, (False, False, False)
     )
+    return outputs

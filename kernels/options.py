@@ -27,8 +27,9 @@ class SFTMixLossOptions:
             one host sync per call; shape / dtype / device checks are free and always run. Switch off only where
             the caller guarantees these properties: a violation then gives wrong numbers or a device fault.
         chunk_rows (`int` or `None`, *optional*, defaults to `None`):
-            Rows of logits the torch implementation holds at once (a mixed pair counts two rows). `None` picks
-            about 2**24 logits per chunk.
+            Rows per chunk of the torch implementation (a mixed pair counts two rows); its reused buffers hold
+            2.5 x chunk_rows x V floats (logits, their exps, the mixed logits). `None` picks about 2**24 logits per
+            chunk (256 rows for a 49k vocabulary: on CPU, 128 is markedly slower and 512 barely faster).
         block_pairs (`int` or `None`, *optional*, defaults to `None`):
             Triton: row slots per program on each side of a pair tile (power of two, >= 16). `None` picks one.
         block_v (`int` or `None`, *optional*, defaults to `None`):

@@ -1,4 +1,4 @@
-"""What every implementation of the SFTMix loss returns."""
+"""What every implementation of the SFTMix loss returns, and what the fused backends hand to the autograd Function."""
 
 from dataclasses import dataclass
 
@@ -30,6 +30,23 @@ class SFTMixLossOutput:
     num_tokens: torch.Tensor
     num_correct: torch.Tensor
     entropy: torch.Tensor
+
+
+@dataclass
+class SlotStats:
+    """Per-slot and per-pair results of a fused backend (slots and pairs of `layout.RowLayout`).
+
+    Args:
+        nll (`torch.Tensor`): (S,) NTP loss of each slot, 0 where the slot has no NTP term.
+        correct (`torch.Tensor`): (S,) bool, argmax == target.
+        entropy (`torch.Tensor`): (S,) entropy of softmax(z).
+        mix_nll (`torch.Tensor`): (P,) l_mix of each pair.
+    """
+
+    nll: torch.Tensor
+    correct: torch.Tensor
+    entropy: torch.Tensor
+    mix_nll: torch.Tensor
 
 
 def reduce_metrics(valid, correct, entropy):

@@ -13,8 +13,9 @@ online max / sum-exp, keeping per row: max, sum exp(z - max), sum exp(z - max) z
 the first argmax; per mixed pair: max, sum-exp and lam z~[t_p] + (1 - lam) z~[t_q] of z~. The few partials of the
 splits are combined in PyTorch (O(N) work).
 
-Backward: grid (pair tiles, vocabulary blocks). Each program recomputes its logits block from the saved
-log-sum-exps, forms the logit gradient G in fp32 registers,
+Gradient: grid (pair tiles, vocabulary blocks), launched right after the forward kernel when a gradient is needed
+(for an upstream gradient of 1; the autograd Function's backward only scales the result). Each program recomputes
+its logits block from the forward's log-sum-exps, forms the logit gradient G in fp32 registers,
 
     G_a = ntp_scale (softmax(z_a) - e_{t_a}) + lam g,   G_b = ntp_scale (softmax(z_b) - e_{t_b}) + (1 - lam) g,
     g = mix_scale (softmax(z~) - lam e_{t_p} - (1 - lam) e_{t_q})              (mixed pairs only)
@@ -32,9 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunked import SlotStats
 from .layout import RowLayout
 from .options import SFTMixLossOptions
+from .outputs import SlotStats
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -442,7 +443,8 @@ def _combine_lse(part_max, part_sum):
     return total_max + torch.log(total_sum), rescale, total_sum
 
 
-def forward(hidden, weight, bias, layout: RowLayout, options: SFTMixLossOptions) -> SlotStats:
+def _forward(hidden, weight, bias, layout: RowLayout, options: SFTMixLossOptions):
+    """(SlotStats, per-slot lse, per-pair lse of z~)."""
     tiling = _tiling(hidden, weight, layout, options)
     num_slots, num_pairs, vocab_size = tiling["num_slots"], tiling["num_pairs"], tiling["vocab_size"]
     num_tiles = triton.cdiv(tiling["num_pair_slots"], tiling["BLOCK_M"])
@@ -468,18 +470,17 @@ def forward(hidden, weight, bias, layout: RowLayout, options: SFTMixLossOptions)
     mix_lse, _, _ = _combine_lse(mix_max, mix_sum)
     # the argmax of the split holding the largest max (the first such split on ties)
     arg = part_arg.gather(0, part_max.argmax(dim=0, keepdim=True)).squeeze(0)
-    return SlotStats(
+    stats = SlotStats(
         nll=torch.where(valid, lse - part_target.sum(dim=0), 0.0),
         correct=arg == layout.ntp_targets,
         # entropy = lse - sum_v softmax(z)_v z_v
         entropy=lse - (part_zsum * rescale).sum(dim=0) / total_sum,
-        lse=lse,
-        mix_lse=mix_lse,
         mix_nll=mix_lse - mix_target.sum(dim=0),
     )
+    return stats, lse, mix_lse
 
 
-def backward(hidden, weight, bias, layout, options, stats: SlotStats, ntp_scale, mix_scale, needs_grad):
+def _gradients(hidden, weight, bias, layout, options, lse, mix_lse, ntp_scale, mix_scale, needs_grad):
     tiling = _tiling(hidden, weight, layout, options)
     need_hidden, need_weight, need_bias = needs_grad
     num_tiles = triton.cdiv(tiling["num_pair_slots"], tiling["BLOCK_M"])
@@ -489,15 +490,23 @@ def backward(hidden, weight, bias, layout, options, stats: SlotStats, ntp_scale,
     grad_hidden = torch.zeros(hidden.shape, **new) if need_hidden else torch.empty(1, **new)
     grad_weight = torch.zeros(weight.shape, **new) if need_weight else torch.empty(1, **new)
     grad_bias = torch.zeros(weight.shape[0], **new) if need_bias else torch.empty(1, **new)
-    if num_tiles > 0 and any(needs_grad):
+    if num_tiles > 0:
         _sftmix_backward_kernel[(num_tiles, vocab_blocks)](
             hidden, weight, bias if bias is not None else hidden, layout.rows, layout.ntp_targets,
-            layout.mix_lambda.float(), layout.mix_targets, stats.lse, stats.mix_lse, mix_scale.float().contiguous(),
+            layout.mix_lambda.float(), layout.mix_targets, lse, mix_lse, mix_scale.float().contiguous(),
             ntp_scale.float().reshape(1), grad_hidden, grad_weight, grad_bias, HAS_BIAS=bias is not None,
             NEED_HIDDEN=need_hidden, NEED_WEIGHT=need_weight, NEED_BIAS=need_bias, num_warps=8, **tiling,
         )  # fmt: skip
     return (
-        grad_hidden.to(hidden.dtype) if need_hidden else None,
-        grad_weight.to(weight.dtype) if need_weight else None,
-        grad_bias.to(bias.dtype) if need_bias else None,
+        grad_hidden if need_hidden else None,
+        grad_weight if need_weight else None,
+        grad_bias if need_bias else None,
     )
+
+
+def loss_and_grads(hidden, weight, bias, layout, options, ntp_scale, mix_scale, needs_grad):
+    """(SlotStats, fp32 (dH, dW, db)): the forward kernel, then the gradient kernel when ``needs_grad`` has a flag."""
+    stats, lse, mix_lse = _forward(hidden, weight, bias, layout, options)
+    if not any(needs_grad):
+        return stats, (None, None, None)
+    return stats, _gradients(hidden, weight, bias, layout, options, lse, mix_lse, ntp_scale, mix_scale, needs_grad)
