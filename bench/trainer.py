@@ -11,7 +11,7 @@ mixes every position, the most the Mixup term can cost, and both trainers score 
 the same model, data, batch, sequence length, precision and gradient checkpointing (SFTConfig's default, on).
 
 Each configuration runs in a fresh subprocess: `--warmup` optimizer steps, then `--steps` timed ones (wall time
-of each step, from a callback). Peak memory: on CPU the peak resident set size (VmHWM) of that subprocess, whole
+of each step, from a callback), `--rounds` times, in alternating order. Peak memory: on CPU the peak resident set size (VmHWM) of that subprocess, whole
 (`peak_memory`) and above its size once the trainer is built (`train_peak_memory`: activations, gradients,
 optimizer states and the loss's buffers); on CUDA `torch.cuda.max_memory_allocated` over the training steps.
 
@@ -204,6 +204,7 @@ def main(argv=None):
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat every configuration, alternating the order")
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (default: on CUDA)")
     parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (default: torch's)")
@@ -250,29 +251,35 @@ def main(argv=None):
             handle.flush()
             print(f"{trainer_name:>8} {impl:>10} {metric + ' ' + unit:>22} {median:>10.4g} {p20:>10.4g} {p80:>10.4g}")
 
+        # Rounds alternate the order of the configurations, so that a load that drifts on a shared machine weighs
+        # on all of them alike; each configuration's rows pool its steps over the rounds.
+        configs = [("sft", "trl"), *[("sftmix", impl) for impl in impls]]
+        measured = {config: [] for config in configs}
+        for round_index in range(cli.rounds):
+            for trainer_name, impl in configs if round_index % 2 == 0 else configs[::-1]:
+                result = run_config(trainer_name, "auto" if impl == "trl" else impl, cli)
+                if result is None:
+                    print(f"{trainer_name:>8} {impl:>10} failed (see stderr)")
+                    continue
+                measured[(trainer_name, impl)].append(result)
+
         baseline = None
-        for trainer_name, impl in [("sft", "trl"), *[("sftmix", impl) for impl in impls]]:
-            measured = run_config(trainer_name, "auto" if impl == "trl" else impl, cli)
-            if measured is None:
-                print(f"{trainer_name:>8} {impl:>10} failed (see stderr)")
+        for (trainer_name, impl), results in measured.items():
+            if not results:
                 continue
-            times = measured["step_times"]
+            times = [t for result in results for t in result["step_times"]]
+            peak = statistics.median(result["peak"] for result in results)
+            train_peak = statistics.median(result["train_peak"] for result in results)
             emit(trainer_name, impl, "step_time", "s", times)
             emit(trainer_name, impl, "steps_per_second", "1/s", [1 / t for t in times])
-            emit(trainer_name, impl, "peak_memory", "MiB", [measured["peak"] / 2**20])
-            emit(trainer_name, impl, "train_peak_memory", "MiB", [measured["train_peak"] / 2**20])
+            emit(trainer_name, impl, "peak_memory", "MiB", [peak / 2**20])
+            emit(trainer_name, impl, "train_peak_memory", "MiB", [train_peak / 2**20])
             if baseline is None:
-                baseline = measured
+                baseline = statistics.median(times), peak, train_peak
                 continue
-            emit(
-                trainer_name,
-                impl,
-                "time_ratio",
-                "x",
-                [statistics.median(times) / statistics.median(baseline["step_times"])],
-            )
-            emit(trainer_name, impl, "memory_ratio", "x", [measured["peak"] / baseline["peak"]])
-            emit(trainer_name, impl, "train_memory_ratio", "x", [measured["train_peak"] / baseline["train_peak"]])
+            emit(trainer_name, impl, "time_ratio", "x", [statistics.median(times) / baseline[0]])
+            emit(trainer_name, impl, "memory_ratio", "x", [peak / baseline[1]])
+            emit(trainer_name, impl, "train_memory_ratio", "x", [train_peak / baseline[2]])
 
 
 if __name__ == "__main__":
