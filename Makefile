@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	@if command -v nvidia-smi >/dev/null 2>&1; then \
 		$(BIN)/python -m pip install "torch==$(TORCH_VERSION)"; \
 	else \
-		$(BIN)/python -m pip install "torch==$(TORCH_VERSION)" --index-url https://download.pytorch.org/whl/cpu \
+		$(BIN)/python -m pip install "torch==$(TORCH_VERSION)" --index-url https://download.pytorch.org/whl/cpu --retries 0 --timeout 15 \
 			|| $(BIN)/python -m pip install "torch==$(TORCH_VERSION)"; \
 	fi
 	$(BIN)/python -m pip install -e ".[dev,demo]"
