@@ -254,7 +254,7 @@ class SFTMixTrainer(SFTTrainer):
                 f"Prompt-learning PEFT methods ({type(peft_config).__name__}) add virtual tokens that shift the "
                 "positions SFTMix pairs; use an adapter on the model's layers (e.g. LoRA) instead."
             )
-        if is_peft_model(model):
+        if not isinstance(model, str) and is_peft_model(model):
             if model.active_peft_config.is_prompt_learning:
                 raise ValueError(
                     f"Prompt-learning PEFT methods ({type(model.active_peft_config).__name__}) add virtual tokens "

@@ -76,9 +76,9 @@ def test_pipeline_runs_end_to_end_on_two_processes_and_resumes(tmp_path, llama_d
     out = _launch(args, tmp_path)
     for stage, folder in STAGE_DIRS.items():
         assert (run / folder / "stage_done.json").is_file(), stage
-    # K = 2 evenly spaced reference checkpoints, each scored once
+    # 48 examples / (2 ranks x 4) = 6 steps an epoch, 2 epochs: K = 2 evenly spaced checkpoints, each scored once
     assert sorted(p.name for p in (run / "reference/confidence_scores").glob("*.jsonl")) == [
-        "checkpoint-3.jsonl",
+        "checkpoint-12.jsonl",
         "checkpoint-6.jsonl",
     ]
     table = [json.loads(line) for line in (run / "confidence/confidence.jsonl").read_text().splitlines()]
