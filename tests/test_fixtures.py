@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import sysconfig
 import venv
 from pathlib import Path
 
@@ -67,13 +68,21 @@ def test_wheel_installs_into_fresh_venv_beside_hf_kernels(tmp_path):
     )
     (wheel,) = wheel_dir.glob("sftmix_trl-*.whl")
     env_dir = tmp_path / "venv"
-    # system_site_packages: reuse this environment's torch and friends; the wheel itself goes into the fresh venv
-    venv.create(env_dir, with_pip=True, system_site_packages=True)
+    venv.create(env_dir, with_pip=True)
     python = env_dir / "bin" / "python"
+    # the wheel goes into the fresh venv; its dependencies (torch, triton, ...) come from this environment, listed
+    # after the venv's own site-packages by a .pth file
+    venv_site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    Path(venv_site, "parent_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     subprocess.run([python, "-m", "pip", "install", "--no-deps", "--quiet", wheel], check=True)
     probe = (
         "import importlib.util, sftmix_trl, sftmix_trl.kernels;"
-        "assert 'site-packages' in sftmix_trl.kernels.__file__, sftmix_trl.kernels.__file__;"
+        f"assert sftmix_trl.kernels.__file__.startswith({venv_site!r}), sftmix_trl.kernels.__file__;"
         "spec = importlib.util.find_spec('kernels');"
         "assert spec is None or 'sftmix_trl' not in (spec.origin or ''), spec;"
         "print('ok')"

@@ -75,12 +75,13 @@ def fp64_oracle(case: Case):
     targets = case.targets.cpu()
     raw = hidden @ weight.T + (bias if bias is not None else 0)
     logits = _capped(raw, case.logit_softcap)
-    ntp = hidden.new_zeros(())
+    # zero, but on the graph: a case with every row ignored and no pair still has (zero) gradients
+    ntp = 0.0 * raw.sum()
     for n, target in enumerate(targets.tolist()):
         if target != case.ignore_index:
             ntp = ntp + torch.logsumexp(logits[n], 0) - logits[n, target]
     ntp = ntp / _normalizer(case, targets)
-    mixup = hidden.new_zeros(())
+    mixup = 0.0 * raw.sum()
     for (p, q), lam, w in zip(case.mix_index.tolist(), case.mix_lambda.double().tolist(), case.mix_weight.tolist()):
         mixed = _capped(lam * raw[p] + (1 - lam) * raw[q], case.logit_softcap)
         soft_nll = torch.logsumexp(mixed, 0) - lam * mixed[targets[p]] - (1 - lam) * mixed[targets[q]]
