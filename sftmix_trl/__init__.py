@@ -4,11 +4,10 @@ The public names are imported lazily, so that ``import sftmix_trl.kernels`` need
 """
 
 import importlib
-from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-# public name -> submodule that defines it; filled in as the modules land
+# public name -> submodule that defines it
 _LAZY_EXPORTS: dict[str, str] = {
     "BalancedPairSampler": "sampler",
     "ConfidenceCallback": "confidence",
@@ -30,7 +29,3 @@ def __getattr__(name: str):
         module = importlib.import_module(f".{_LAZY_EXPORTS[name]}", __name__)
         return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-if TYPE_CHECKING:  # pragma: no cover
-    pass
