@@ -207,3 +207,11 @@ def test_the_half_flags_reach_the_batches_and_never_the_model(tokenizer, tmp_pat
     batch = next(iter(trainer.get_train_dataloader()))
     assert set(batch) == {"input_ids", "attention_mask", "labels", HALF_COLUMN}
     assert batch[HALF_COLUMN].dtype == torch.int64
+
+
+def test_a_model_path_is_loaded_as_sfttrainer_does(llama_dir, tmp_path):
+    trainer = SFTMixTrainer(
+        str(llama_dir), args=tiny_config(tmp_path), train_dataset=with_confidence(tiny.prompt_completion_dataset(8))
+    )
+    assert trainer.model.config.vocab_size == len(trainer.processing_class)
+    assert "sftmix" in trainer.model.model_tags
