@@ -10,9 +10,11 @@ mixing costs), `liger` (Liger-Kernel's fused linear cross-entropy for NTP plus t
 where liger_kernel is installed). Half the rows sit in mixed pairs by default (P = N / 4 pairs, `--mix-fraction`).
 
 Modes: `fwd` (forward with grad-requiring inputs), `bwd` (backward alone, after an untimed forward), `full`
-(forward + backward). Peak memory is that of one full step above the inputs: `torch.cuda.max_memory_allocated` on
-CUDA; on CPU the peak resident set size of a fresh subprocess per implementation (torch's CPU allocations are
-invisible to tracemalloc), an upper bound since the allocator may keep freed pages.
+(forward + backward). The fused implementations (`torch`, `triton`) compute their gradients in forward when an input
+requires grad and only scale them in backward, so their `fwd` holds nearly all of `full`: compare `full` rows.
+Peak memory is that of one full step above the inputs: `torch.cuda.max_memory_allocated` on CUDA; on CPU the peak
+resident set size of a fresh subprocess per implementation (torch's CPU allocations are invisible to tracemalloc), an
+upper bound since the allocator may keep freed pages.
 
 A table goes to stdout and CSV rows (kernel, impl, mode, metric, unit, N, D, V, dtype, median, p20, p80, device,
 date, version) to `--csv` (default bench/results/kernel-<device>-<date>.csv). `--check` also records, for the
