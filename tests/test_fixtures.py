@@ -103,3 +103,14 @@ def test_installed_kernels_live_under_sftmix_trl_only(tmp_path):
     kernels_file, top_level_spec = out.stdout.splitlines()
     assert Path(kernels_file).parent == REPO / "kernels"
     assert top_level_spec == "None" or str(REPO) not in top_level_spec
+
+
+def test_public_api_resolves_and_kernels_import_without_trl(tmp_path):
+    """Every name in `sftmix_trl.__all__` resolves, and `sftmix_trl.kernels` pulls in neither TRL nor transformers."""
+    import sftmix_trl
+
+    for name in sftmix_trl.__all__:
+        assert getattr(sftmix_trl, name) is not None, name
+    probe = "import sys, sftmix_trl.kernels; print(sorted(m for m in ('trl', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, check=True, capture_output=True, text=True)
+    assert out.stdout.strip() == "[]"
