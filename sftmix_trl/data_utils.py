@@ -7,6 +7,7 @@ keyed by a stable example id, never by row position or token ids.
 import hashlib
 import json
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -24,17 +25,14 @@ def derive_example_id(example: Mapping, exclude: Iterable[str] = SCORE_COLUMNS) 
 
 
 def check_unique_ids(ids: Sequence) -> None:
-    seen: set = set()
-    duplicates = []
-    for example_id in ids:
-        if example_id in seen:
-            duplicates.append(example_id)
-        seen.add(example_id)
+    counts = Counter(ids)
+    duplicates = [example_id for example_id, count in counts.items() if count > 1]
     if duplicates:
-        shown = ", ".join(repr(d) for d in duplicates[:5])
+        shown = ", ".join(f"{d!r} ({counts[d]}x)" for d in duplicates[:5])
         raise ValueError(
             f"{len(duplicates)} duplicate example id(s), e.g. {shown}. Scores are joined by id, so every example needs "
-            "a unique one: deduplicate the data or give it an id column of its own."
+            "a unique one: deduplicate the data (identical rows get identical derived ids) or give it an id column of "
+            "its own."
         )
 
 
