@@ -11,9 +11,10 @@ mixes every position, the most the Mixup term can cost, and both trainers score 
 the same model, data, batch, sequence length, precision and gradient checkpointing (SFTConfig's default, on).
 
 Each configuration runs in a fresh subprocess: `--warmup` optimizer steps, then `--steps` timed ones (wall time
-of each step, from a callback), `--rounds` times, in alternating order. Peak memory: on CPU the peak resident set size (VmHWM) of that subprocess, whole
-(`peak_memory`) and above its size once the trainer is built (`train_peak_memory`: activations, gradients,
-optimizer states and the loss's buffers); on CUDA `torch.cuda.max_memory_allocated` over the training steps.
+of each step, from a callback), `--rounds` times, in alternating order. Peak memory: on CPU the peak resident set
+size (VmHWM) of that subprocess, whole (`peak_memory`) and above its size once the trainer is built
+(`train_peak_memory`: activations, gradients, optimizer states and the loss's buffers); on CUDA
+`torch.cuda.max_memory_allocated` over the training steps.
 
 A table goes to stdout and CSV rows (bench, trainer, impl, metric, unit, model, batch, seq_len, dtype, median, p20,
 p80, device, date, version) to `--csv` (default bench/results/trainer-<device>-<date>.csv); `time_ratio` and
