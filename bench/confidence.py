@@ -8,19 +8,40 @@ same model and prepare the same data the same way (SFTTrainer, conversational pr
 loss), then time one pass over every example: `score_trainer` (per-example response NLL, what ConfidenceCallback and
 `sftmix score` run) or `trainer.evaluate` (the mean loss only). The model and data come from PyPI packages
 (`sftmix_trl.assets`), cached in ~/.cache/sftmix-trl.
+
+A table goes to stdout and CSV rows (bench, pass, metric, unit, model, examples, max_length, batch, value, device,
+date, version) to `--csv` (default bench/results/confidence-cpu-<date>.csv).
 """
 
 import argparse
+import csv
+import datetime
 import json
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel import device_label, version_label  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FIELDS = ["bench", "pass", "metric", "unit", "model", "examples", "max_length", "batch", "value", "device", "date"]
+FIELDS += ["version"]
+# (result key, metric, unit) written to the CSV for each pass
+METRICS = [
+    ("examples_per_s", "throughput", "examples/s"),
+    ("seconds", "pass_time", "s"),
+    ("peak_rss_mib", "peak_memory", "MiB"),
+    ("rss_before_pass_mib", "memory_before_pass", "MiB"),
+]
 
 
 def worker(mode: str, num_examples: int, max_length: int, batch_size: int) -> dict:
-    import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -73,6 +94,7 @@ def main() -> None:
     parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--modes", nargs="+", default=["score", "evaluate"], choices=["score", "evaluate"])
+    parser.add_argument("--csv", type=Path, default=None)
     parser.add_argument("--worker", choices=["score", "evaluate"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -97,6 +119,22 @@ def main() -> None:
             f"{r['mode']:<10}{r['examples']:>9}{r['seconds']:>9.1f}{r['examples_per_s']:>12.2f}"
             f"{r['peak_rss_mib']:>14.0f}{r['rss_before_pass_mib']:>16.0f}"
         )
+    csv_path = args.csv or RESULTS / f"confidence-cpu-{datetime.date.today().isoformat()}.csv"
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    new_file = not csv_path.exists()
+    common = {"bench": "confidence_pass", "model": "smollm2-135m-instruct", "max_length": args.max_length}
+    common |= {"batch": args.batch_size, "device": device_label(torch.device("cpu"))}
+    common |= {"date": datetime.date.today().isoformat(), "version": version_label()}
+    with open(csv_path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        if new_file:
+            writer.writeheader()
+        for r in results:
+            for key, metric, unit in METRICS:
+                row = {"pass": r["mode"], "metric": metric, "unit": unit, "examples": r["examples"], "value": r[key]}
+                writer.writerow(common | row)
+    print(f"-> {csv_path}")
+
     if len(results) == 2:
         score, evaluate = results
         nll_check = abs(score["mean_nll"] - evaluate["eval_loss"])
