@@ -166,14 +166,14 @@ def time_mode(run, inputs, mode, repeats, warmup):
     return times
 
 
-def _rss_bytes(field="VmRSS"):
+def rss_bytes(field="VmRSS"):
     """Current (VmRSS) or peak (VmHWM) resident set size of this process."""
     with open("/proc/self/status") as status:
         line = next(line for line in status if line.startswith(field + ":"))
     return int(line.split()[1]) * 1024
 
 
-def _reset_peak_rss():
+def reset_peak_rss():
     """Reset VmHWM to the current RSS (Linux >= 4.0), so that earlier peaks (imports, compilation) do not count."""
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")
@@ -214,11 +214,11 @@ def _memory_probe(impl, num_rows, hidden_size, vocab_size, dtype_name, mix_fract
     if impl == "compile":
         loss_and_grads(run, inputs)
     gc.collect()
-    _reset_peak_rss()
-    base = _rss_bytes()
+    reset_peak_rss()
+    base = rss_bytes()
     loss = run()
     loss.backward()
-    peak = _rss_bytes("VmHWM")
+    peak = rss_bytes("VmHWM")
     torch.save((loss.detach(), inputs["hidden"].grad, inputs["weight"].grad), result_path)
     print(json.dumps({"peak_mib": max(peak - base, 0) / 2**20}))
 

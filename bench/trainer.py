@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel import device_label, version_label  # noqa: E402
+from kernel import device_label, reset_peak_rss, rss_bytes, version_label  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TESTS = Path(__file__).resolve().parents[1] / "tests"
@@ -70,17 +70,6 @@ MODELS = {
         max_position_embeddings=1024,
     ),
 }
-
-
-def _rss_bytes(field="VmRSS"):
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith(field + ":"))
-    return int(line.split()[1]) * 1024
-
-
-def _reset_peak_rss():
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
 
 
 def worker(trainer_name, impl, model_name, batch, seq_len, steps, warmup, bf16, gradient_checkpointing, device):
@@ -157,14 +146,14 @@ def worker(trainer_name, impl, model_name, batch, seq_len, steps, warmup, bf16, 
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        _reset_peak_rss()
-        base = _rss_bytes()
+        reset_peak_rss()
+        base = rss_bytes()
     trainer.train()
     if on_gpu:
         peak = torch.cuda.max_memory_allocated()
         train_peak = peak - base
     else:
-        peak = _rss_bytes("VmHWM")
+        peak = rss_bytes("VmHWM")
         train_peak = peak - base
     losses = [log["train_loss"] for log in trainer.state.log_history if "train_loss" in log]
     print(json.dumps(dict(step_times=timer.times[warmup:], peak=peak, train_peak=train_peak, train_loss=losses)))
