@@ -379,18 +379,22 @@ class Recipe:
                     {"model": label, "examples": len(scored), "tokens": tokens, "nll": nll, "ppl": math.exp(nll)}
                 )
             table = format_evaluation(rows, self.recipe.eval_dataset_name)
-            print(table)
             (output_dir / "evaluation.md").write_text(table + "\n")
             (output_dir / "evaluation.json").write_text(json.dumps(rows, indent=2) + "\n")
         self._mark_done("evaluate")
 
     def print_outputs(self) -> None:
+        """The run folder's contents, then the evaluation table: last, so that it is what a run (or a re-run that
+        finds every stage done) leaves on screen."""
         print(f"[sftmix] run folder {self.run_dir}:")
         for stage in STAGES:
             directory = self.stage_dir(stage)
             if directory.is_dir():
                 shown = sorted(p.name for p in directory.iterdir() if not p.name.startswith("checkpoint-"))
                 print(f"  {directory.relative_to(self.run_dir)}/: {', '.join(shown)}")
+        evaluation = self.stage_dir("evaluate") / "evaluation.md"
+        if evaluation.is_file():
+            print(f"\n{evaluation.read_text()}", end="")
 
 
 def format_evaluation(rows: list[dict], dataset_name: str | None) -> str:

@@ -96,6 +96,7 @@ def test_pipeline_runs_end_to_end_on_two_processes_and_resumes(tmp_path, llama_d
     out = _launch(args, tmp_path)
     assert out.count("already done") == len(STAGE_DIRS)
     assert (run / "sftmix/model.safetensors").stat().st_mtime_ns == stamp
+    assert "| sftmix |" in out  # the stored evaluation table is shown again
 
 
 def test_duplicate_rows_are_refused_unless_dropped(tmp_path):
