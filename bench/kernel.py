@@ -98,7 +98,18 @@ def loss_function(impl, inputs):
 
         def reference_outputs(hidden, weight, targets, mix_index, mix_lambda, mix_weight, normalizer):
             out = sftmix_loss_reference(
-                hidden, weight, targets, mix_index, mix_lambda, mix_weight, None, normalizer, MIXUP_COEF, -100, None
+                hidden,
+                weight,
+                targets,
+                None,
+                mix_index,
+                mix_lambda,
+                mix_weight,
+                None,
+                normalizer,
+                MIXUP_COEF,
+                -100,
+                None,
             )
             return out.loss, out.num_correct, out.entropy
 

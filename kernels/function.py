@@ -25,7 +25,7 @@ def backend_module(impl: str):
 
 
 def sftmix_loss_and_grads(
-    hidden, weight, bias, targets, mix_index, mix_lambda, mix_weight, normalizer, options, needs_grad
+    hidden, weight, bias, targets, ntp_mask, mix_index, mix_lambda, mix_weight, normalizer, options, needs_grad
 ):
     """((loss, ntp_loss, mixup_loss, num_tokens, num_correct, entropy), (dL/dH, dL/dW, dL/db)).
 
@@ -34,7 +34,7 @@ def sftmix_loss_and_grads(
     """
     hidden, weight = hidden.contiguous(), weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
-    layout = build_row_layout(targets, mix_index, mix_lambda, options.ignore_index)
+    layout = build_row_layout(targets, mix_index, mix_lambda, options.ignore_index, ntp_mask)
     acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
     normalizer = normalizer.to(acc_dtype)
     # upstream gradient 1: dL/dNLL_n = 1 / normalizer, dL/dl_mix_k = mu w_k
@@ -52,9 +52,9 @@ def sftmix_loss_and_grads(
 
 
 class SFTMixLinearCrossEntropyFunction(torch.autograd.Function):
-    """``apply(hidden, weight, bias, targets, mix_index, mix_lambda, mix_weight, normalizer, options)``.
+    """``apply(hidden, weight, bias, targets, ntp_mask, mix_index, mix_lambda, mix_weight, normalizer, options)``.
 
-    ``normalizer`` is a 0-dim tensor and ``options.impl`` is "torch" or "triton" (already resolved). Returns
+    ``ntp_mask`` is None or an (N,) bool tensor, ``normalizer`` a 0-dim tensor and ``options.impl`` is "torch" or "triton" (already resolved). Returns
     ``(loss, ntp_loss, mixup_loss, num_tokens, num_correct, entropy)``; only ``loss`` is differentiable. Forward
     computes the gradients of the inputs that require grad (even under `torch.no_grad`: use `fused_sftmix_loss` to
     skip them there); backward returns them times the upstream gradient, as new tensors, so a graph kept with
@@ -62,10 +62,10 @@ class SFTMixLinearCrossEntropyFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, mix_index, mix_lambda, mix_weight, normalizer, options):
+    def forward(ctx, hidden, weight, bias, targets, ntp_mask, mix_index, mix_lambda, mix_weight, normalizer, options):
         needs_grad = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         outputs, grads = sftmix_loss_and_grads(
-            hidden, weight, bias, targets, mix_index, mix_lambda, mix_weight, normalizer, options, needs_grad
+            hidden, weight, bias, targets, ntp_mask, mix_index, mix_lambda, mix_weight, normalizer, options, needs_grad
         )
         ctx.save_for_backward(*grads)
         ctx.input_dtype = hidden.dtype
@@ -76,7 +76,7 @@ class SFTMixLinearCrossEntropyFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss, *_unused_grads):
         grads = (_scale(grad, grad_loss, ctx.input_dtype) if grad is not None else None for grad in ctx.saved_tensors)
-        return *grads, None, None, None, None, None, None
+        return *grads, None, None, None, None, None, None, None
 
 
 def _scale(grad, grad_loss, dtype):
@@ -84,14 +84,11 @@ def _scale(grad, grad_loss, dtype):
     return torch.mul(grad, grad_loss, out=torch.empty(grad.shape, dtype=dtype, device=grad.device))
 
 
-def fused_sftmix_loss(hidden, weight, bias, targets, mix_index, mix_lambda, mix_weight, normalizer, options):
+def fused_sftmix_loss(hidden, weight, bias, targets, ntp_mask, mix_index, mix_lambda, mix_weight, normalizer, options):
     """The Function's outputs; without a gradient to compute, the same outputs from the forward work alone."""
+    inputs = (hidden, weight, bias, targets, ntp_mask, mix_index, mix_lambda, mix_weight, normalizer, options)
     differentiable = (hidden, weight) if bias is None else (hidden, weight, bias)
     if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in differentiable):
-        return SFTMixLinearCrossEntropyFunction.apply(
-            hidden, weight, bias, targets, mix_index, mix_lambda, mix_weight, normalizer, options
-        )
-    outputs, _ = sftmix_loss_and_grads(
-        hidden, weight, bias, targets, mix_index, mix_lambda, mix_weight, normalizer, options, (False, False, False)
-    )
+        return SFTMixLinearCrossEntropyFunction.apply(*inputs)
+    outputs, _ = sftmix_loss_and_grads(*inputs, (False, False, False))
     return outputs

@@ -35,14 +35,15 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     return impl
 
 
-def resolve_normalizer(ntp_normalizer, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+def resolve_normalizer(ntp_normalizer, targets: torch.Tensor, ignore_index: int, ntp_mask=None) -> torch.Tensor:
     """The NTP normalizer as a 0-dim fp32 tensor on the targets' device, without a host sync.
 
-    None -> the number of valid rows (at least 1); a number -> that number; a tensor (TRL's ``num_items_in_batch``)
-    -> its value.
+    None -> the number of rows with an NTP term (a target, and inside ``ntp_mask``; at least 1); a number -> that
+    number; a tensor (TRL's ``num_items_in_batch``) -> its value.
     """
     if ntp_normalizer is None:
-        return (targets != ignore_index).sum().clamp(min=1).to(torch.float32)
+        has_ntp = targets != ignore_index if ntp_mask is None else (targets != ignore_index) & ntp_mask
+        return has_ntp.sum().clamp(min=1).to(torch.float32)
     if isinstance(ntp_normalizer, torch.Tensor):
         return ntp_normalizer.detach().reshape(()).to(device=targets.device, dtype=torch.float32)
     return torch.full((), float(ntp_normalizer), dtype=torch.float32, device=targets.device)
@@ -57,6 +58,7 @@ def sftmix_linear_cross_entropy(
     mix_weight: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
+    ntp_mask: torch.Tensor | None = None,
     ntp_normalizer: float | int | torch.Tensor | None = None,
     mixup_coef: float = 0.2,
     ignore_index: int = -100,
@@ -80,7 +82,10 @@ def sftmix_linear_cross_entropy(
         mix_lambda: (P,) lambda of each mixed position, in [0, 1].
         mix_weight: (P,) weight of each mixed position inside the mixup term.
         bias: optional (V,) LM-head bias.
-        ntp_normalizer: None (the number of valid rows), a number, or a 0-dim tensor such as TRL's
+        ntp_mask: optional (N,) bool: the rows whose NTP term counts. A row outside it keeps its target for the
+            mixup term but adds no NTP loss and no metrics (the paper's NTP ablations: NTP on one half only, or
+            none). None: every row with a target.
+        ntp_normalizer: None (the number of rows with an NTP term), a number, or a 0-dim tensor such as TRL's
             ``num_items_in_batch`` (used on the device, no host sync).
         mixup_coef, ignore_index, impl, logit_softcap, validate: see `SFTMixLossOptions`.
         options: an `SFTMixLossOptions` that replaces the five keyword arguments above when given.
@@ -96,17 +101,18 @@ def sftmix_linear_cross_entropy(
             impl=impl,
             validate=validate,
         )
-    check_metadata(hidden, weight, targets, mix_index, mix_lambda, mix_weight, bias, ntp_normalizer)
+    check_metadata(hidden, weight, targets, mix_index, mix_lambda, mix_weight, bias, ntp_normalizer, ntp_mask)
     resolved = resolve_impl(options.impl, hidden.device)
     if options.validate:
         check_data(hidden, weight, targets, mix_index, mix_lambda, mix_weight, ntp_normalizer, options.ignore_index)
-    normalizer = resolve_normalizer(ntp_normalizer, targets, options.ignore_index)
+    normalizer = resolve_normalizer(ntp_normalizer, targets, options.ignore_index, ntp_mask)
     targets, mix_index = targets.long(), mix_index.long()
     if resolved == "reference":
         return sftmix_loss_reference(
             hidden,
             weight,
             targets,
+            ntp_mask,
             mix_index,
             mix_lambda,
             mix_weight,
@@ -121,6 +127,7 @@ def sftmix_linear_cross_entropy(
         weight,
         bias,
         targets,
+        ntp_mask,
         mix_index,
         mix_lambda,
         mix_weight,
@@ -143,7 +150,7 @@ class SFTMixLinearCrossEntropy(torch.nn.Module):
         self.options = options if options is not None else SFTMixLossOptions(**option_kwargs)
 
     def forward(
-        self, hidden, weight, targets, mix_index, mix_lambda, mix_weight, bias=None, ntp_normalizer=None
+        self, hidden, weight, targets, mix_index, mix_lambda, mix_weight, bias=None, ntp_mask=None, ntp_normalizer=None
     ) -> SFTMixLossOutput:
         return sftmix_linear_cross_entropy(
             hidden,
@@ -153,6 +160,7 @@ class SFTMixLinearCrossEntropy(torch.nn.Module):
             mix_lambda,
             mix_weight,
             bias=bias,
+            ntp_mask=ntp_mask,
             ntp_normalizer=ntp_normalizer,
             options=self.options,
         )

@@ -15,6 +15,9 @@ z~ = z_n, y~ = e_{t_n} and the whole gradient lands on n. Its side b is therefor
 rows (which keeps its own NTP term there) and lam becomes 1, so the slots stay a permutation of the rows. Only when
 no unpaired row is left (N < 2P, which needs self pairs) does side b repeat n, with its NTP term switched off.
 
+An ``ntp_mask`` switches the NTP term off in the same way for the rows it excludes: they keep their targets for the
+mixup term (``mix_targets``) and lose only their NTP target (``ntp_targets``).
+
 Everything is built with static shapes on the device: no host sync.
 """
 
@@ -30,7 +33,7 @@ class RowLayout:
     Args:
         rows (`torch.Tensor`): (2P + R,) int64 row of each slot.
         ntp_targets (`torch.Tensor`): (2P + R,) int64 NTP target of each slot; ``ignore_index`` where the slot
-            has no NTP term (an ignored row, or a repeated self-mixed row).
+            has no NTP term (an ignored row, a row outside ``ntp_mask``, or a repeated self-mixed row).
         num_pairs (`int`): P, the number of mixed positions.
         mix_lambda (`torch.Tensor`): (P,) fp32 lam of each pair, 1 for self-mixed rows.
         mix_targets (`torch.Tensor`): (P, 2) int64 targets (t_p, t_q) of each pair.
@@ -43,7 +46,7 @@ class RowLayout:
     mix_targets: torch.Tensor
 
 
-def build_row_layout(targets, mix_index, mix_lambda, ignore_index: int) -> RowLayout:
+def build_row_layout(targets, mix_index, mix_lambda, ignore_index: int, ntp_mask=None) -> RowLayout:
     num_rows, num_pairs = targets.shape[0], mix_index.shape[0]
     device = targets.device
     p_rows, q_rows = mix_index[:, 0], mix_index[:, 1]
@@ -60,7 +63,7 @@ def build_row_layout(targets, mix_index, mix_lambda, ignore_index: int) -> RowLa
     num_rest = max(num_rows - 2 * num_pairs, 0)
     rest = free_rows[num_self + torch.arange(num_rest, device=device)]
     rows = torch.cat([p_rows, side_b, rest])
-    ntp_targets = targets[rows]
+    ntp_targets = targets[rows] if ntp_mask is None else targets[rows].masked_fill(~ntp_mask[rows], ignore_index)
     ntp_targets[num_pairs : 2 * num_pairs].masked_fill_(is_self & ~gets_free_row, ignore_index)
     lam = torch.where(is_self, 1.0, mix_lambda.to(torch.promote_types(mix_lambda.dtype, torch.float32)))
     return RowLayout(

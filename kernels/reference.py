@@ -23,6 +23,7 @@ def sftmix_loss_reference(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
+    ntp_mask: torch.Tensor | None,
     mix_index: torch.Tensor,
     mix_lambda: torch.Tensor,
     mix_weight: torch.Tensor,
@@ -34,7 +35,8 @@ def sftmix_loss_reference(
 ) -> SFTMixLossOutput:
     """Dense SFTMix loss; arguments as in `sftmix_linear_cross_entropy`, with ``ntp_normalizer`` a 0-dim tensor."""
     logits = head_logits(hidden, weight, bias, logit_softcap)  # (N, V)
-    valid = targets != ignore_index
+    # the rows with an NTP term: a target, and inside ntp_mask when given
+    valid = targets != ignore_index if ntp_mask is None else (targets != ignore_index) & ntp_mask
     safe_targets = torch.where(valid, targets, 0)
     lse = torch.logsumexp(logits, dim=-1)
     # L_NTP = sum_{n valid} [lse(z_n) - z_n[t_n]] / normalizer

@@ -18,7 +18,7 @@ def _require(condition: bool, message: str, error=ValueError):
         raise error(message)
 
 
-def check_metadata(hidden, weight, targets, mix_index, mix_lambda, mix_weight, bias, ntp_normalizer):
+def check_metadata(hidden, weight, targets, mix_index, mix_lambda, mix_weight, bias, ntp_normalizer, ntp_mask=None):
     """Shapes, dtypes and devices; raises TypeError / ValueError naming the argument and what to pass instead."""
     for name, tensor in (("hidden", hidden), ("weight", weight), ("targets", targets), ("mix_index", mix_index)):
         _require(isinstance(tensor, torch.Tensor), f"{name} must be a torch.Tensor, got {type(tensor)}.", TypeError)
@@ -62,6 +62,15 @@ def check_metadata(hidden, weight, targets, mix_index, mix_lambda, mix_weight, b
         f"mix_index must be an integer tensor (int64), got {mix_index.dtype}.",
         TypeError,
     )
+    if ntp_mask is not None:
+        _require(
+            isinstance(ntp_mask, torch.Tensor), f"ntp_mask must be a tensor or None, got {type(ntp_mask)}.", TypeError
+        )
+        _require(
+            ntp_mask.shape == (num_rows,),
+            f"ntp_mask must be (N,) = ({num_rows},) like hidden's rows, got {tuple(ntp_mask.shape)}.",
+        )
+        _require(ntp_mask.dtype == torch.bool, f"ntp_mask must be a bool tensor, got {ntp_mask.dtype}.", TypeError)
     num_pairs = mix_index.shape[0]
     _require(num_rows > 0 or num_pairs == 0, "mix_index names rows but hidden has none (N = 0).")
     for name, tensor in (("mix_lambda", mix_lambda), ("mix_weight", mix_weight)):
@@ -69,7 +78,7 @@ def check_metadata(hidden, weight, targets, mix_index, mix_lambda, mix_weight, b
         _require(tensor.shape == (num_pairs,), f"{name} must be (P,) = ({num_pairs},), got {tuple(tensor.shape)}.")
         _require(tensor.is_floating_point(), f"{name} must be floating point, got {tensor.dtype}.", TypeError)
     tensors = {"weight": weight, "targets": targets, "mix_index": mix_index, "mix_lambda": mix_lambda}
-    tensors.update(mix_weight=mix_weight, bias=bias)
+    tensors.update(mix_weight=mix_weight, bias=bias, ntp_mask=ntp_mask)
     if isinstance(ntp_normalizer, torch.Tensor):
         tensors["ntp_normalizer"] = ntp_normalizer
         _require(

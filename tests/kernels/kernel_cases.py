@@ -19,6 +19,7 @@ def make_case(
     self_pairs=0,
     peaked=False,
     pair_fraction=None,
+    ntp_mask_fraction=None,
     **case_kwargs,
 ) -> Case:
     """Random inputs in fp32 on CPU.
@@ -27,6 +28,7 @@ def make_case(
     ``peaked``: some rows of W are scaled copies of some hidden rows, so those rows' softmax is nearly one-hot.
     ``self_pairs``: the first ``self_pairs`` mixed positions mix a row with itself.
     ``pair_fraction``: when given, overrides ``num_pairs`` with this fraction of the valid rows in pairs.
+    ``ntp_mask_fraction``: when given, a random ``ntp_mask`` keeps the NTP term of about this fraction of the rows.
     """
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(num_rows, hidden_size, generator=gen)
@@ -55,6 +57,8 @@ def make_case(
         mix_lambda = (torch.arange(num_pairs) % 2).float()
     else:
         mix_lambda = torch.full((num_pairs,), float(lam))
+    if ntp_mask_fraction is not None:
+        case_kwargs["ntp_mask"] = torch.rand(num_rows, generator=gen) < ntp_mask_fraction
     return Case(
         hidden=hidden,
         weight=weight,
@@ -93,6 +97,7 @@ def run_impl(case: Case, impl: str, dtype=torch.float32, device="cpu", **option_
         case.mix_lambda.to(device),
         case.mix_weight.to(device),
         bias=leaves["bias"],
+        ntp_mask=case.ntp_mask.to(device) if case.ntp_mask is not None else None,
         ntp_normalizer=normalizer,
         options=options,
     )

@@ -21,6 +21,7 @@ class Case:
     mix_lambda: torch.Tensor
     mix_weight: torch.Tensor
     bias: torch.Tensor | None = None
+    ntp_mask: torch.Tensor | None = None
     ntp_normalizer: float | torch.Tensor | None = None
     mixup_coef: float = 0.2
     ignore_index: int = -100
@@ -45,15 +46,21 @@ def _leaves(case: Case, dtype, device):
     return out
 
 
+def _has_ntp(case: Case, targets):
+    """The rows with a next-token term: a target, and inside the case's ntp_mask when it has one."""
+    has_target = targets != case.ignore_index
+    return has_target if case.ntp_mask is None else has_target & case.ntp_mask.cpu()
+
+
 def _normalizer(case: Case, targets):
     if case.ntp_normalizer is None:
-        return max(int((targets != case.ignore_index).sum()), 1)
+        return max(int(_has_ntp(case, targets).sum()), 1)
     return float(case.ntp_normalizer)
 
 
 def _finish(case: Case, loss, ntp, mixup, leaves, logits, targets):
     (loss * case.upstream).backward()
-    valid = targets != case.ignore_index
+    valid = _has_ntp(case, targets)
     with torch.no_grad():
         probs = torch.softmax(logits, dim=-1)
         entropy = -(probs * torch.log_softmax(logits, dim=-1)).sum(-1)
@@ -77,8 +84,8 @@ def fp64_oracle(case: Case):
     logits = _capped(raw, case.logit_softcap)
     # zero, but on the graph: a case with every row ignored and no pair still has (zero) gradients
     ntp = 0.0 * raw.sum()
-    for n, target in enumerate(targets.tolist()):
-        if target != case.ignore_index:
+    for n, (target, has_ntp) in enumerate(zip(targets.tolist(), _has_ntp(case, targets).tolist())):
+        if has_ntp:
             ntp = ntp + torch.logsumexp(logits[n], 0) - logits[n, target]
     ntp = ntp / _normalizer(case, targets)
     mixup = 0.0 * raw.sum()
@@ -96,7 +103,7 @@ def h_mix_oracle(case: Case):
     targets = case.targets.cpu()
     head = torch.nn.functional.linear
     logits = _capped(head(hidden, weight, bias), case.logit_softcap)
-    valid = targets != case.ignore_index
+    valid = _has_ntp(case, targets)
     safe = torch.where(valid, targets, 0)
     nll = torch.logsumexp(logits, -1) - logits.gather(1, safe[:, None]).squeeze(1)
     ntp = (nll * valid).sum() / _normalizer(case, targets)

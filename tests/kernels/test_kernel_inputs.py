@@ -69,6 +69,16 @@ BAD_INPUTS = {
         ValueError,
         "ntp_normalizer must be finite and > 0",
     ),
+    "ntp_mask_length": (
+        lambda c, a: a.update(ntp_mask=torch.ones(c.hidden.shape[0] - 1, dtype=torch.bool)),
+        ValueError,
+        r"ntp_mask must be \(N,\)",
+    ),
+    "integer_ntp_mask": (
+        lambda c, a: a.update(ntp_mask=torch.ones(c.hidden.shape[0], dtype=torch.long)),
+        TypeError,
+        "ntp_mask must be a bool tensor",
+    ),
     "vector_normalizer": (
         lambda c, a: a.update(ntp_normalizer=torch.ones(2)),
         ValueError,

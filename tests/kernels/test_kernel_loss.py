@@ -28,6 +28,12 @@ CASES = {
     "softcap": dict(peaked=True, logit_softcap=5.0),
     "frozen_head_no_bias": dict(bias=False, requires_grad=("hidden",), ntp_normalizer=57.0),
     "tensor_normalizer": dict(ntp_normalizer=torch.tensor(80.0), mixup_coef=0.7, ignore_fraction=0.6, num_pairs=5),
+    # the NTP ablations: mixed rows outside ntp_mask keep their targets for the mixup term only
+    "ntp_mask": dict(ntp_mask_fraction=0.5, num_pairs=12),
+    "ntp_mask_none": dict(ntp_mask_fraction=0.0, num_pairs=12),
+    "ntp_mask_self_mixed_crowded": dict(
+        num_rows=9, ignore_fraction=0.0, num_pairs=6, self_pairs=4, ntp_mask_fraction=0.5
+    ),
 }
 
 
@@ -114,11 +120,12 @@ def test_chunking_and_tiling_do_not_change_the_result(impl, device):
     vocab_size=st.integers(2, 90),
     pair_fraction=st.floats(0.0, 1.0),
     ignore_fraction=st.floats(0.0, 0.9),
+    ntp_mask_fraction=st.one_of(st.none(), st.floats(0.0, 1.0)),
     seed=st.integers(0, 2**16),
     impl=st.sampled_from(["torch", "triton"]),
 )
 def test_random_shapes_masks_and_lambdas(
-    num_rows, hidden_size, vocab_size, pair_fraction, ignore_fraction, seed, impl
+    num_rows, hidden_size, vocab_size, pair_fraction, ignore_fraction, ntp_mask_fraction, seed, impl
 ):
     case = make_case(
         seed=seed,
@@ -127,6 +134,7 @@ def test_random_shapes_masks_and_lambdas(
         vocab_size=vocab_size,
         pair_fraction=pair_fraction,
         ignore_fraction=ignore_fraction,
+        ntp_mask_fraction=ntp_mask_fraction,
     )
     oracle = fp64_oracle(case)
     result = run_impl(case, impl)
