@@ -98,19 +98,10 @@ def loss_function(impl, inputs):
 
         def reference_outputs(hidden, weight, targets, mix_index, mix_lambda, mix_weight, normalizer):
             out = sftmix_loss_reference(
-                hidden,
-                weight,
-                targets,
-                None,
-                mix_index,
-                mix_lambda,
-                mix_weight,
-                None,
-                normalizer,
-                MIXUP_COEF,
-                -100,
-                None,
-            )
+                hidden, weight, targets, mix_index, mix_lambda, mix_weight,
+                bias=None, ntp_mask=None, ntp_normalizer=normalizer, mixup_coef=MIXUP_COEF, ignore_index=-100,
+                logit_softcap=None,
+            )  # fmt: skip
             return out.loss, out.num_correct, out.entropy
 
         compiled = torch.compile(reference_outputs)

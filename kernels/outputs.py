@@ -7,7 +7,8 @@ import torch
 
 @dataclass
 class SFTMixLossOutput:
-    """Result of `sftmix_linear_cross_entropy`; every field is a tensor on the inputs' device.
+    """Result of `sftmix_linear_cross_entropy`; every field is a tensor on the inputs' device. The valid rows are
+    the rows with a next-token term: target != ignore_index, and inside ``ntp_mask`` when one is given.
 
     Args:
         loss (`torch.Tensor`):
@@ -17,7 +18,7 @@ class SFTMixLossOutput:
         mixup_loss (`torch.Tensor`):
             Detached ``sum_k mix_weight_k * l_mix_k``, before ``mixup_coef``.
         num_tokens (`torch.Tensor`):
-            int64 count of valid rows (target != ignore_index).
+            int64 count of valid rows.
         num_correct (`torch.Tensor`):
             int64 count of valid rows whose argmax logit is the target.
         entropy (`torch.Tensor`):

@@ -31,7 +31,8 @@ class SFTMixConfig(SFTConfig):
         ntp_loss_on (`str`, *optional*, defaults to `"all"`):
             Which examples the next-token loss applies to: `"all"` (the paper's recipe), `"confident"` or
             `"unconfident"` (one half only), or `"none"` (Mixup loss alone), the ablations of the paper's §5.3-5.4.
-            The Mixup loss always interpolates both halves.
+            The Mixup loss always interpolates both halves. The logged `ntp_loss`, `entropy` and
+            `mean_token_accuracy` cover the examples the next-token loss applies to (not logged with `"none"`).
         loss_impl (`str`, *optional*, defaults to `"auto"`):
             Implementation of the fused loss: `"triton"` (CUDA), `"torch"` (chunked PyTorch, any device),
             `"reference"` (dense eager PyTorch, for checks) or `"auto"` (Triton on CUDA, torch elsewhere).

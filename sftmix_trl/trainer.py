@@ -30,10 +30,6 @@ from .sampler import BalancedPairSampler
 HALF_COLUMN = "sftmix_half"
 CONFIDENT, UNCONFIDENT, REMAINDER = 0, 1, -1
 
-# `ntp_normalizer` of a loss call whose next-token term must not count (the kernel always scores its rows): 2**100
-# scales that term by an exact power of two far below anything the other terms carry.
-_NO_NTP_NORMALIZER = 2.0**100
-
 # Config attributes of LM heads that scale the logits; the fused loss only knows a soft cap.
 _LOGIT_SCALE_ATTRIBUTES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 
@@ -54,14 +50,15 @@ class PairedBatchCollator:
 
 
 @dataclass
-class _LossCall:
-    """One call of the fused loss: which flattened (batch x sequence) positions it scores and how they mix."""
+class _LossPlan:
+    """The fused-loss call of a micro-batch, on the host: which flattened (batch x sequence) positions it scores,
+    how they mix, and which of them carry the next-token term."""
 
     rows: torch.Tensor  # (N,) positions b * T + t whose next token is a response token
     mix_index: torch.Tensor  # (P, 2) indices into `rows`: (confident side, unconfident side)
     mix_pair: torch.Tensor  # (P,) micro-batch pair of each mixed position
     mix_weight: torch.Tensor  # (P,) 1 / (L_ij * number of mixed pairs)
-    counts_ntp: bool  # whether its next-token term is part of the loss
+    ntp_mask: torch.Tensor | None  # (N,) rows whose next-token term counts (the ablations); None: all of them
 
 
 def load_confidence_scores(source, id_column: str, confidence_column: str) -> dict[str, float]:
@@ -394,8 +391,8 @@ class SFTMixTrainer(SFTTrainer):
 
     # ---- the loss ----
 
-    def _plan_loss_calls(self, labels: torch.Tensor, halves: torch.Tensor) -> list[_LossCall]:
-        """Check the micro-batch layout and plan the fused-loss calls, on the host (one device-to-host copy of the
+    def _plan_loss(self, labels: torch.Tensor, halves: torch.Tensor) -> _LossPlan:
+        """Check the micro-batch layout and plan the fused-loss call, on the host (one device-to-host copy of the
         label mask, the sync TRL's own compaction of the valid positions also costs)."""
         batch_size, seq_len = labels.shape
         host = torch.cat([halves.view(-1, 1), (labels[:, 1:] != -100).long()], dim=1).cpu()
@@ -431,22 +428,16 @@ class SFTMixTrainer(SFTTrainer):
         num_mixed_pairs = (mixed_lengths > 0).sum().clamp(min=1)
         mix_weight = 1.0 / (mixed_lengths[mix_pair] * num_mixed_pairs).double()
 
-        if self.args.ntp_loss_on == "all":
-            return [_LossCall(rows, torch.stack([confident_side, unconfident_side], 1), mix_pair, mix_weight, True)]
-        # Ablations: the kernel scores the next token of every row it gets, and mixed rows need their targets, so the
-        # Mixup term runs on its own rows (next-token term switched off) and the next-token term on the kept half.
-        calls = []
-        if mixing:
-            num_mixed = len(mix_pair)
-            mixed_rows = rows[torch.cat([confident_side, unconfident_side])]
-            mix_index = torch.stack([torch.arange(num_mixed), num_mixed + torch.arange(num_mixed)], 1)
-            calls.append(_LossCall(mixed_rows, mix_index, mix_pair, mix_weight, False))
-        if self.args.ntp_loss_on != "none":
+        # Ablations (paper §5.3-5.4): every response row stays in the call, so mixed rows keep their targets for
+        # the Mixup term, but the next-token term counts on the kept half only, or nowhere
+        ntp_mask = None
+        if self.args.ntp_loss_on == "none":
+            ntp_mask = torch.zeros(len(rows), dtype=torch.bool)
+        elif self.args.ntp_loss_on != "all":
             kept_half = CONFIDENT if self.args.ntp_loss_on == "confident" else UNCONFIDENT
-            kept_rows = (valid & (halves == kept_half)[:, None]).reshape(-1).nonzero().flatten()
-            empty = torch.zeros(0, dtype=torch.int64)
-            calls.append(_LossCall(kept_rows, empty.view(0, 2), empty, empty.double(), True))
-        return calls
+            ntp_mask = halves[rows // seq_len] == kept_half
+        mix_index = torch.stack([confident_side, unconfident_side], 1)
+        return _LossPlan(rows, mix_index, mix_pair, mix_weight, ntp_mask)
 
     def _sample_lambdas(self, num_pairs: int, device: torch.device) -> torch.Tensor:
         """lam ~ Beta(alpha, alpha) per pair of this rank's micro-batch.
@@ -479,7 +470,7 @@ class SFTMixTrainer(SFTTrainer):
         labels = inputs["labels"]
         device = labels.device
         num_pairs = labels.shape[0] // 2
-        calls = self._plan_loss_calls(labels, halves)
+        plan = self._plan_loss(labels, halves)
         lambdas = self._sample_lambdas(num_pairs, device)
         # Trainer leaves gradient accumulation to the loss when it passes `num_items_in_batch` (TRL divides the
         # next-token sum by it); L_Mixup is a per-micro-batch mean, so it is divided by the accumulation steps here.
@@ -494,28 +485,25 @@ class SFTMixTrainer(SFTTrainer):
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         model_inputs["use_cache"] = False
         shifted_targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
-        loss_calls = []
-        for call in calls:
-            rows = call.rows.to(device, non_blocking=True)
-            loss_calls.append(
-                dict(
-                    rows=rows,
-                    targets=shifted_targets.index_select(0, rows),
-                    mix_index=call.mix_index.to(device, non_blocking=True),
-                    mix_lambda=lambdas.index_select(0, call.mix_pair.to(device, non_blocking=True)),
-                    mix_weight=(call.mix_weight / accumulation).to(device, torch.float32, non_blocking=True),
-                    ntp_normalizer=ntp_normalizer if call.counts_ntp else _NO_NTP_NORMALIZER,
-                )
-            )
+        rows = plan.rows.to(device, non_blocking=True)
+        loss_inputs = dict(
+            rows=rows,
+            targets=shifted_targets.index_select(0, rows),
+            mix_index=plan.mix_index.to(device, non_blocking=True),
+            mix_lambda=lambdas.index_select(0, plan.mix_pair.to(device, non_blocking=True)),
+            mix_weight=(plan.mix_weight / accumulation).to(device, torch.float32, non_blocking=True),
+            ntp_mask=plan.ntp_mask.to(device, non_blocking=True) if plan.ntp_mask is not None else None,
+            ntp_normalizer=ntp_normalizer,
+        )
         # The whole loss runs inside the (DDP / FSDP / DeepSpeed) wrapper's forward, so gradient sync is armed and
         # sharded weights are gathered, as in TRL's DistillationTrainer.
         unwrapped_model = self.accelerator.unwrap_model(model)
         if not self._zero3_head_checked:
             self._register_head_with_zero3(unwrapped_model)
         outputs = self._forward_redirection(
-            model, unwrapped_model, self._fused_loss, unwrapped_model, model_inputs, loss_calls
+            model, unwrapped_model, self._fused_loss, unwrapped_model, model_inputs, loss_inputs
         )
-        self._log_train_metrics(inputs, calls, loss_calls, outputs, lambdas, accumulation)
+        self._log_train_metrics(inputs, plan, ntp_normalizer, outputs, lambdas, accumulation)
         return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
 
     def _register_head_with_zero3(self, unwrapped_model) -> None:
@@ -533,78 +521,60 @@ class SFTMixTrainer(SFTTrainer):
                     deepspeed.zero.register_external_parameter(unwrapped_model, parameter)
         self._zero3_head_checked = True
 
-    def _fused_loss(self, unwrapped_model, model_inputs: dict, loss_calls: list[dict]) -> dict[str, torch.Tensor]:
+    def _fused_loss(self, unwrapped_model, model_inputs: dict, loss_inputs: dict) -> dict[str, torch.Tensor]:
         """Backbone forward and the fused SFTMix loss; runs inside the wrapped model's forward."""
         causal_lm = unwrapped_model.get_base_model() if is_peft_model(unwrapped_model) else unwrapped_model
         hidden_states = causal_lm.base_model(**model_inputs).last_hidden_state
         hidden_states = hidden_states.reshape(-1, hidden_states.size(-1))
         lm_head = causal_lm.get_output_embeddings()
         softcap = getattr(causal_lm.config.get_text_config(), "final_logit_softcapping", None)
-        results = []
         # ZeRO-3: gather the partitioned head for the call; FSDP2: one all-gather of the DTensor head per step
         with maybe_gather_lm_head_ctx(lm_head.weight, lm_head.bias):
             weight, bias = lm_head.weight, lm_head.bias
             if isinstance(weight, DTensor):
                 weight = weight.full_tensor()
                 bias = bias.full_tensor() if bias is not None else None
-            for call in loss_calls:
-                hidden = hidden_states.index_select(0, call["rows"]).to(weight.device, weight.dtype)
-                results.append(
-                    sftmix_linear_cross_entropy(
-                        hidden,
-                        weight,
-                        call["targets"].to(weight.device),
-                        call["mix_index"],
-                        call["mix_lambda"],
-                        call["mix_weight"],
-                        bias=bias,
-                        ntp_normalizer=call["ntp_normalizer"],
-                        mixup_coef=self.args.mixup_coef,
-                        impl=self.args.loss_impl,
-                        logit_softcap=softcap,
-                        validate=False,  # the plan is built and checked by `_plan_loss_calls`
-                    )
-                )
+            hidden = hidden_states.index_select(0, loss_inputs["rows"]).to(weight.device, weight.dtype)
+            result = sftmix_linear_cross_entropy(
+                hidden,
+                weight,
+                loss_inputs["targets"].to(weight.device),
+                loss_inputs["mix_index"],
+                loss_inputs["mix_lambda"],
+                loss_inputs["mix_weight"],
+                bias=bias,
+                ntp_mask=loss_inputs["ntp_mask"],
+                ntp_normalizer=loss_inputs["ntp_normalizer"],
+                mixup_coef=self.args.mixup_coef,
+                impl=self.args.loss_impl,
+                logit_softcap=softcap,
+                validate=False,  # the plan is built and checked by `_plan_loss`
+            )
         # a plain dict of tensors, so that DDP finds the outputs it needs to track
-        return {
-            "loss": sum(r.loss for r in results),
-            "ntp_loss": [r.ntp_loss for r in results],
-            "mixup_loss": [r.mixup_loss for r in results],
-            "num_tokens": [r.num_tokens for r in results],
-            "num_correct": [r.num_correct for r in results],
-            "entropy": [r.entropy for r in results],
-        }
+        return dict(vars(result))
 
-    def _log_train_metrics(self, inputs, calls, loss_calls, outputs, lambdas, accumulation) -> None:
-        """SFTTrainer's metrics plus SFTMix's, kept as tensors until `log` (no host sync per step)."""
-        # metrics of the next-token term come from the call that counts it (with ntp_loss_on="none", from the
-        # Mixup call's rows); the Mixup terms from the call that mixes
-        ntp_call = next((i for i, c in enumerate(calls) if c.counts_ntp), 0)
-        mix_call = next((i for i, c in enumerate(calls) if len(c.mix_pair)), None)
-        num_tokens = outputs["num_tokens"][ntp_call].float()
-        # the kernel divides the next-token sum by the normalizer (the valid-row count when None): undo it
-        normalizer = loss_calls[ntp_call]["ntp_normalizer"]
-        normalizer = (
-            num_tokens.clamp(min=1) if normalizer is None else torch.as_tensor(normalizer, device=num_tokens.device)
-        )
-        ntp_sum = outputs["ntp_loss"][ntp_call].double() * normalizer.double()
+    def _log_train_metrics(self, inputs, plan: _LossPlan, ntp_normalizer, outputs, lambdas, accumulation) -> None:
+        """SFTTrainer's metrics plus SFTMix's, kept as tensors until `log` (no host sync per step). The next-token
+        metrics cover the rows whose next-token term counts (none with ntp_loss_on="none": not logged then)."""
+        num_tokens = outputs["num_tokens"].float()
         device = num_tokens.device
-        zero = torch.zeros((), device=device)
-        if mix_call is None:
-            mixup_loss, lambda_sum, mixed_pairs, mixed_tokens = zero, zero, zero, zero
-        else:
-            mixup_loss = outputs["mixup_loss"][mix_call] * accumulation  # back to the micro-batch's L_Mixup
-            mixed = torch.zeros(len(lambdas), dtype=torch.bool)
-            mixed[calls[mix_call].mix_pair] = True
-            mixed = mixed.to(device, non_blocking=True)
-            lambda_sum, mixed_pairs = (lambdas * mixed).sum(), mixed.sum().float()
-            mixed_tokens = torch.tensor(float(len(calls[mix_call].mix_pair)), device=device)
+        # the kernel divides the next-token sum by the normalizer (the valid-row count when None): undo it
+        normalizer = (
+            num_tokens.clamp(min=1) if ntp_normalizer is None else torch.as_tensor(ntp_normalizer, device=device)
+        )
+        ntp_sum = outputs["ntp_loss"].double() * normalizer.double()
+        mixup_loss = outputs["mixup_loss"] * accumulation  # back to the micro-batch's L_Mixup
+        mixed = torch.zeros(len(lambdas), dtype=torch.bool)
+        mixed[plan.mix_pair] = True
+        mixed = mixed.to(device, non_blocking=True)
+        lambda_sum, mixed_pairs = (lambdas * mixed).sum(), mixed.sum().float()
+        mixed_tokens = torch.tensor(float(len(plan.mix_pair)), device=device)
         local = torch.stack(
             [
                 ntp_sum.float(),
                 num_tokens,
-                outputs["entropy"][ntp_call].float() * num_tokens,
-                outputs["num_correct"][ntp_call].float(),
+                outputs["entropy"].float() * num_tokens,
+                outputs["num_correct"].float(),
                 mixup_loss.float(),
                 lambda_sum.float(),
                 mixed_pairs,
@@ -616,10 +586,11 @@ class SFTMixTrainer(SFTTrainer):
         totals = self.accelerator.gather(local[None]).view(-1, local.numel()).sum(0)
         ntp_sum, num_tokens, entropy_sum, num_correct, mixup_sum, lambda_sum, mixed_pairs, mixed_tokens, seen = totals
         metrics = self._metrics["train"]
-        valid = num_tokens.clamp(min=1)
-        metrics["entropy"].append(entropy_sum / valid)
-        metrics["mean_token_accuracy"].append(num_correct / valid)
-        metrics["ntp_loss"].append(ntp_sum / valid)
+        if self.args.ntp_loss_on != "none":
+            valid = num_tokens.clamp(min=1)
+            metrics["entropy"].append(entropy_sum / valid)
+            metrics["mean_token_accuracy"].append(num_correct / valid)
+            metrics["ntp_loss"].append(ntp_sum / valid)
         metrics["mixup_loss"].append(mixup_sum / self.accelerator.num_processes)
         metrics["mixup_lambda"].append(lambda_sum / mixed_pairs.clamp(min=1))
         metrics["mixed_tokens"].append(mixed_tokens)

@@ -100,6 +100,8 @@ def test_mixed_loss_and_gradients_match_the_formula(tokenizer, tmp_path, ntp_los
 
     metrics = {key: values[-1].item() for key, values in trainer._metrics["train"].items()}
     assert metrics["mixup_lambda"] == pytest.approx(lambdas.mean().item(), rel=1e-5)
+    # the next-token metrics are logged where a next-token term is trained
+    assert ("mean_token_accuracy" in metrics and "ntp_loss" in metrics) == (ntp_loss_on != "none")
     labels = batch["labels"][:, 1:] != -100
     assert metrics["mixed_tokens"] == torch.minimum(labels[:3].sum(1), labels[3:].sum(1)).sum().item()
 
