@@ -222,9 +222,10 @@ def main(argv=None):
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     new_file = not csv_path.exists()
     memory_kind = "max_memory_allocated" if on_gpu else "peak RSS"
+    threads = torch.get_num_threads() if cli.threads is None else cli.threads
     print(f"# {label}; {version}; {cli.model}, batch {cli.batch}, seq {cli.seq_len}, {dtype}, "
-          f"gradient checkpointing {cli.gradient_checkpointing}; {torch.get_num_threads() if cli.threads is None else cli.threads} "
-          f"threads; memory = {memory_kind}; -> {csv_path}")  # fmt: skip
+          f"gradient checkpointing {cli.gradient_checkpointing}; {threads} threads; memory = {memory_kind}; "
+          f"-> {csv_path}")  # fmt: skip
     print(f"{'trainer':>8} {'impl':>10} {'metric':>22} {'median':>10} {'p20':>10} {'p80':>10}")
 
     with open(csv_path, "a", newline="") as handle:

@@ -54,11 +54,11 @@ def sftmix_loss_and_grads(
 class SFTMixLinearCrossEntropyFunction(torch.autograd.Function):
     """``apply(hidden, weight, bias, targets, ntp_mask, mix_index, mix_lambda, mix_weight, normalizer, options)``.
 
-    ``ntp_mask`` is None or an (N,) bool tensor, ``normalizer`` a 0-dim tensor and ``options.impl`` is "torch" or "triton" (already resolved). Returns
-    ``(loss, ntp_loss, mixup_loss, num_tokens, num_correct, entropy)``; only ``loss`` is differentiable. Forward
-    computes the gradients of the inputs that require grad (even under `torch.no_grad`: use `fused_sftmix_loss` to
-    skip them there); backward returns them times the upstream gradient, as new tensors, so a graph kept with
-    ``retain_graph=True`` gives the same gradients at every backward.
+    ``ntp_mask`` is None or an (N,) bool tensor, ``normalizer`` a 0-dim tensor, and ``options.impl`` "torch" or
+    "triton" (already resolved). Returns ``(loss, ntp_loss, mixup_loss, num_tokens, num_correct, entropy)``; only
+    ``loss`` is differentiable. Forward computes the gradients of the inputs that require grad (even under
+    `torch.no_grad`: use `fused_sftmix_loss` to skip them there); backward returns them times the upstream gradient,
+    as new tensors, so a graph kept with ``retain_graph=True`` gives the same gradients at every backward.
     """
 
     @staticmethod

@@ -12,7 +12,8 @@ NTP_LOSS_SUBSETS = ("all", "confident", "unconfident", "none")
 @dataclass
 class SFTMixConfig(SFTConfig):
     r"""
-    Configuration class for the [`SFTMixTrainer`], SFTMix instruction tuning ([arXiv 2410.05248](https://huggingface.co/papers/2410.05248)).
+    Configuration class for the [`SFTMixTrainer`], SFTMix instruction tuning
+    ([arXiv 2410.05248](https://huggingface.co/papers/2410.05248)).
 
     Every micro-batch pairs confident with unconfident examples, interpolates their last hidden states over the
     responses with `lam ~ Beta(mixup_alpha, mixup_alpha)`, and adds `mixup_coef` times the soft-target cross-entropy
@@ -142,7 +143,8 @@ class SFTMixConfig(SFTConfig):
             )
         if self.loss_type != "nll":
             raise ValueError(
-                f"SFTMix adds its Mixup loss to the plain next-token loss: `loss_type` must be 'nll', got {self.loss_type!r}."
+                "SFTMix adds its Mixup loss to the plain next-token loss: `loss_type` must be 'nll', got "
+                f"{self.loss_type!r}."
             )
         if self.label_smoothing_factor != 0:
             raise ValueError("SFTMix does not support `label_smoothing_factor`: leave it at 0.")

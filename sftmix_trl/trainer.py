@@ -121,7 +121,8 @@ class SFTMixTrainer(SFTTrainer):
     last hidden states (the LM head's input) of the first `min(|r_c|, |r_u|)` response positions of each side are
     interpolated with `lam ~ Beta(mixup_alpha, mixup_alpha)`, and the loss is
 
-        L = L_NTP + mixup_coef * L_Mixup,    L_Mixup = mean over pairs of (1 / L_ij) sum_l CE(z~_l, lam e_t_c + (1 - lam) e_t_u)
+        L = L_NTP + mixup_coef * L_Mixup,
+        L_Mixup = mean over pairs of (1 / L_ij) sum_l CE(z~_l, lam e_t_c + (1 - lam) e_t_u)
 
     computed by the fused loss of `sftmix_trl.kernels` without materializing the logits. Evaluation is SFTTrainer's
     plain next-token loss.
