@@ -23,6 +23,7 @@ from trl.trainer.utils import get_config_model_id, maybe_gather_lm_head_ctx
 from .config import SFTMixConfig
 from .data_utils import SCORE_COLUMNS, check_unique_ids, derive_example_id, split_by_confidence
 from .kernels import sftmix_linear_cross_entropy
+from .kernels.reference import head_logits
 from .sampler import BalancedPairSampler
 
 # Column added to the prepared training dataset and carried through the collator: 0 for the confident half, 1 for
@@ -218,6 +219,7 @@ class SFTMixTrainer(SFTTrainer):
             formatting_func=formatting_func,
         )
         self._check_lm_head(self.model)
+        self._check_head_reproduces_logits(self.model)
         if self.aux_loss_enabled:
             raise ValueError(
                 "SFTMix does not add the Mixture-of-Experts load-balancing loss: set `router_aux_loss_coef=0.0`."
@@ -287,6 +289,43 @@ class SFTMixTrainer(SFTTrainer):
             raise ValueError(
                 f"The model's LM head scales its logits ({', '.join(scaled)}), which the fused SFTMix loss does not "
                 "support (only a soft cap)."
+            )
+
+    @staticmethod
+    def _check_head_reproduces_logits(model) -> None:
+        """The fused loss takes the logits to be `lm_head(last hidden state)`, soft-capped when the config says so.
+        Check on a few tokens that the model's own forward returns exactly that, so that a model that transforms its
+        logits in some other way (a scale under another name, a bias added outside the head, a hook) is refused
+        rather than trained on other logits than its own. Skipped where the head is not materialized on this process
+        (meta device, ZeRO-3 partitions)."""
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        causal_lm = model.get_base_model() if is_peft_model(model) else model
+        head = causal_lm.get_output_embeddings()
+        if is_deepspeed_zero3_enabled() or head.weight.device.type == "meta" or isinstance(head.weight, DTensor):
+            return
+        embeddings = causal_lm.get_input_embeddings().weight
+        input_ids = (torch.arange(1, 9, device=embeddings.device) % embeddings.shape[0])[None]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                logits = model(input_ids=input_ids, use_cache=False).logits.float()
+                hidden = causal_lm.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+                ours = head_logits(
+                    hidden.to(head.weight.device, head.weight.dtype), head.weight, head.bias, _softcap(causal_lm)
+                )
+        finally:
+            model.train(was_training)
+        # same matrix product in the same dtype: equal up to rounding (bf16 / fp16 heads round the logits coarsely)
+        tolerance = (1e-4 if head.weight.dtype == torch.float32 else 2e-2) * logits.abs().max().clamp(min=1)
+        difference = (ours.to(logits.device) - logits).abs().max()
+        if not difference <= tolerance:
+            raise ValueError(
+                f"{type(causal_lm).__name__}'s logits are not its LM head applied to its last hidden state (largest "
+                f"difference {difference.item():.3g} on a test input): its forward transforms them in a way the fused "
+                "SFTMix loss, which computes the logits from the head's weight, cannot reproduce. Models that scale or "
+                "offset their logits outside the head are not supported; a soft cap (`final_logit_softcapping`) is."
             )
 
     @staticmethod
@@ -528,7 +567,7 @@ class SFTMixTrainer(SFTTrainer):
         hidden_states = causal_lm.base_model(**model_inputs).last_hidden_state
         hidden_states = hidden_states.reshape(-1, hidden_states.size(-1))
         lm_head = causal_lm.get_output_embeddings()
-        softcap = getattr(causal_lm.config.get_text_config(), "final_logit_softcapping", None)
+        softcap = _softcap(causal_lm)
         # ZeRO-3: gather the partitioned head for the call; FSDP2: one all-gather of the DTensor head per step
         with maybe_gather_lm_head_ctx(lm_head.weight, lm_head.bias):
             weight, bias = lm_head.weight, lm_head.bias
@@ -604,3 +643,8 @@ class SFTMixTrainer(SFTTrainer):
         for key, values in self._metrics[mode].items():
             self._metrics[mode][key] = [v.item() if isinstance(v, torch.Tensor) else v for v in values]
         super().log(logs, start_time)
+
+
+def _softcap(causal_lm) -> float | None:
+    """The soft cap `c * tanh(z / c)` the model applies to its logits (Gemma 2 and later), or None."""
+    return getattr(causal_lm.config.get_text_config(), "final_logit_softcapping", None)

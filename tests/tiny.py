@@ -11,7 +11,15 @@ import random
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -106,6 +114,15 @@ def build_qwen2(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, num_l
     config = Qwen2Config(**_common_config(tokenizer, hidden_size, num_layers), tie_word_embeddings=True)
     with _seeded(seed):
         return Qwen2ForCausalLM(config)
+
+
+def build_gemma2(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, num_layers: int = 2, seed: int = 0):
+    """A tiny Gemma-2-style causal LM: tied embeddings and soft-capped logits (`final_logit_softcapping`)."""
+    config = Gemma2Config(
+        **_common_config(tokenizer, hidden_size, num_layers), head_dim=hidden_size // 4, final_logit_softcapping=5.0
+    )
+    with _seeded(seed):
+        return Gemma2ForCausalLM(config)
 
 
 @contextlib.contextmanager

@@ -67,6 +67,21 @@ def test_without_mixup_loss_gradients_and_metrics_are_sfttrainers(tokenizer, tmp
     assert mix._metrics["train"]["num_tokens"][-1].item() == sft._metrics["train"]["num_tokens"][-1]
 
 
+def test_soft_capped_logits_are_sfttrainers(tokenizer, tmp_path):
+    """Gemma 2 soft-caps its logits (c tanh(z / c)); the fused loss applies the same cap."""
+    dataset = with_confidence(tiny.prompt_completion_dataset(8))
+    sft = SFTTrainer(tiny.build_gemma2(tokenizer), args=tiny_sft_config(tmp_path), train_dataset=dataset,
+                     processing_class=tokenizer)  # fmt: skip
+    mix = SFTMixTrainer(tiny.build_gemma2(tokenizer), args=tiny_config(tmp_path, mixup_coef=0.0),
+                        train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+    batch = first_batch(mix)
+    mix_loss, mix_grads = loss_and_grads(mix, batch)
+    sft_loss, sft_grads = loss_and_grads(sft, {k: v for k, v in batch.items() if k != HALF_COLUMN})
+    torch.testing.assert_close(mix_loss, sft_loss, rtol=1e-5, atol=1e-6)
+    for name in sft_grads:
+        torch.testing.assert_close(mix_grads[name], sft_grads[name], rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize(
     "ntp_loss_on, impl",
     [("all", "torch"), ("all", "reference"), ("confident", "torch"), ("unconfident", "torch"), ("none", "torch")],

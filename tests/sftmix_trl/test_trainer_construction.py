@@ -198,6 +198,11 @@ def test_other_unsupported_setups_are_refused(tokenizer, tmp_path):
     scaled.config.logit_scale = 0.5
     with pytest.raises(ValueError, match="scales its logits \\(logit_scale\\)"):
         build(tokenizer, tmp_path, dataset, model=scaled)
+    # a transform of the logits that no config attribute announces: the forward's logits are compared with the head's
+    hooked = tiny.build_llama(tokenizer)
+    hooked.lm_head.register_forward_hook(lambda module, inputs, logits: 0.5 * logits)
+    with pytest.raises(ValueError, match="logits are not its LM head applied to its last hidden state"):
+        build(tokenizer, tmp_path, dataset, model=hooked)
     with pytest.raises(ValueError, match="vision-language datasets are not supported"):
         build(tokenizer, tmp_path, dataset.add_column("images", [[]] * len(dataset)))
 
