@@ -30,8 +30,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernel import device_label, version_label  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FIELDS = ["bench", "pass", "metric", "unit", "model", "examples", "max_length", "batch", "value", "device", "date"]
-FIELDS += ["version"]
+FIELDS = [
+    "bench",
+    "pass",
+    "metric",
+    "unit",
+    "model",
+    "examples",
+    "max_length",
+    "batch",
+    "value",
+    "device",
+    "date",
+    "version",
+]
 # (result key, metric, unit) written to the CSV for each pass
 METRICS = [
     ("examples_per_s", "throughput", "examples/s"),
