@@ -109,9 +109,9 @@ def loss_and_grads(
     mix_scale,
     needs_grad,
 ):
-    """(SlotStats, (dH, dW, db)) for an upstream gradient of 1: ``ntp_scale`` (0-dim) = 1 / normalizer, ``mix_scale``
-    (P,) = mu * w_k. The gradients are in the accumulation dtype; each is None unless its flag in ``needs_grad``
-    (hidden, weight, bias) is set."""
+    """(SlotStats, (dH, dW, db), None) for an upstream gradient of 1: ``ntp_scale`` (0-dim) = 1 / normalizer,
+    ``mix_scale`` (P,) = mu * w_k. The gradients are in the accumulation dtype; each is None unless its flag in
+    ``needs_grad`` (hidden, weight, bias) is set. The last element is the backends' ``grad_scale`` (none here)."""
     acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
     need_hidden, need_weight, need_bias = needs_grad
     need_logit_grad = any(needs_grad)
@@ -182,7 +182,7 @@ def loss_and_grads(
             grad_bias += grad.sum(0)
 
     if not need_logit_grad:
-        return stats, (None, None, None)
+        return stats, (None, None, None), None
     # rows[i] may repeat only for a self-mixed row whose second slot carries no gradient: adding is exact
     grad_hidden = torch.zeros(hidden.shape, **new).index_add_(0, rows, grad_hidden_rows) if need_hidden else None
-    return stats, (grad_hidden, grad_weight, grad_bias)
+    return stats, (grad_hidden, grad_weight, grad_bias), None

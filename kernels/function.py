@@ -2,10 +2,12 @@
 
 The loss is a scalar, so its gradients for any upstream gradient g are g times those for g = 1. Forward therefore
 computes, for the inputs that require grad, the gradients for g = 1 together with the loss (the chunked torch
-implementation in the same pass over the head as the logits; Triton with its gradient kernel right after the
-forward kernel), and saves them in fp32; backward scales them by g and casts them once to the inputs' dtype. No
-N x V tensor is kept, and without a gradient to compute (`torch.no_grad`, or no input requiring grad)
-`fused_sftmix_loss` skips the Function and the gradients.
+implementation in the same pass over the head as the logits; Triton with its chunked backward right after the
+forward kernel) and saves them: fp32 accumulators, or, for Triton's dW, the input dtype (an fp32 V x D copy would
+cost 2 GB at a 128k vocabulary), each divided by a backend's ``grad_scale``. Backward multiplies them by
+g * grad_scale, in one rounding: into new tensors of the inputs' dtype for the fp32 ones, in place for the others
+(no second V x D tensor). No N x V tensor is kept, and without a gradient to compute (`torch.no_grad`, or no input
+requiring grad) `fused_sftmix_loss` skips the Function and the gradients.
 """
 
 import importlib
@@ -27,10 +29,12 @@ def backend_module(impl: str):
 def sftmix_loss_and_grads(
     hidden, weight, bias, targets, ntp_mask, mix_index, mix_lambda, mix_weight, normalizer, options, needs_grad
 ):
-    """((loss, ntp_loss, mixup_loss, num_tokens, num_correct, entropy), (dL/dH, dL/dW, dL/db)).
+    """((loss, ntp_loss, mixup_loss, num_tokens, num_correct, entropy), (dL/dH, dL/dW, dL/db) / grad_scale,
+    grad_scale).
 
     Arguments as in `SFTMixLinearCrossEntropyFunction`; ``needs_grad`` flags (hidden, weight, bias), and each
-    gradient is None unless flagged. The gradients are in the accumulation dtype (fp32; fp64 for fp64 inputs).
+    gradient is None unless flagged. The gradients are in the accumulation dtype (fp32; fp64 for fp64 inputs), but
+    for the Triton backend's dW (the input dtype); ``grad_scale`` is a 0-dim tensor or None (1).
     """
     hidden, weight = hidden.contiguous(), weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
@@ -40,7 +44,7 @@ def sftmix_loss_and_grads(
     # upstream gradient 1: dL/dNLL_n = 1 / normalizer, dL/dl_mix_k = mu w_k
     ntp_scale = 1 / normalizer
     mix_scale = options.mixup_coef * mix_weight.to(acc_dtype)
-    stats, grads = backend_module(options.impl).loss_and_grads(
+    stats, grads, grad_scale = backend_module(options.impl).loss_and_grads(
         hidden, weight, bias, layout, options, ntp_scale, mix_scale, needs_grad
     )
     # L = sum NLL / normalizer + mu * sum_k w_k l_mix_k
@@ -48,7 +52,7 @@ def sftmix_loss_and_grads(
     mixup_loss = (mix_weight.to(stats.mix_nll.dtype) * stats.mix_nll).sum()
     loss = ntp_loss + options.mixup_coef * mixup_loss
     valid = layout.ntp_targets != options.ignore_index
-    return (loss, ntp_loss, mixup_loss, *reduce_metrics(valid, stats.correct, stats.entropy)), grads
+    return (loss, ntp_loss, mixup_loss, *reduce_metrics(valid, stats.correct, stats.entropy)), grads, grad_scale
 
 
 class SFTMixLinearCrossEntropyFunction(torch.autograd.Function):
@@ -57,17 +61,19 @@ class SFTMixLinearCrossEntropyFunction(torch.autograd.Function):
     ``ntp_mask`` is None or an (N,) bool tensor, ``normalizer`` a 0-dim tensor, and ``options.impl`` "torch" or
     "triton" (already resolved). Returns ``(loss, ntp_loss, mixup_loss, num_tokens, num_correct, entropy)``; only
     ``loss`` is differentiable. Forward computes the gradients of the inputs that require grad (even under
-    `torch.no_grad`: use `fused_sftmix_loss` to skip them there); backward returns them times the upstream gradient,
-    as new tensors, so a graph kept with ``retain_graph=True`` gives the same gradients at every backward.
+    `torch.no_grad`: use `fused_sftmix_loss` to skip them there); backward returns them times the upstream gradient.
+    A gradient already in the inputs' dtype is scaled in place and handed out, so the graph supports one backward:
+    a second one (``retain_graph=True``) raises, and needs a new forward.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, ntp_mask, mix_index, mix_lambda, mix_weight, normalizer, options):
         needs_grad = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        outputs, grads = sftmix_loss_and_grads(
+        outputs, grads, grad_scale = sftmix_loss_and_grads(
             hidden, weight, bias, targets, ntp_mask, mix_index, mix_lambda, mix_weight, normalizer, options, needs_grad
         )
-        ctx.save_for_backward(*grads)
+        ctx.grads = grads
+        ctx.grad_scale = grad_scale
         ctx.input_dtype = hidden.dtype
         ctx.mark_non_differentiable(*outputs[1:])
         return outputs
@@ -75,13 +81,23 @@ class SFTMixLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, *_unused_grads):
-        grads = (_scale(grad, grad_loss, ctx.input_dtype) if grad is not None else None for grad in ctx.saved_tensors)
+        if ctx.grads is None:
+            raise RuntimeError(
+                "The fused SFTMix loss computes its gradients in forward and hands them to the first backward; a "
+                "second backward through the same graph (retain_graph=True) needs the loss computed again."
+            )
+        multiplier = grad_loss if ctx.grad_scale is None else grad_loss * ctx.grad_scale
+        grads = tuple(_scale(grad, multiplier, ctx.input_dtype) if grad is not None else None for grad in ctx.grads)
+        ctx.grads = None
         return *grads, None, None, None, None, None, None, None
 
 
-def _scale(grad, grad_loss, dtype):
-    """dL'/dx = g dL/dx for L' = g L (a scalar loss): a new tensor of ``dtype``, rounded once after the product."""
-    return torch.mul(grad, grad_loss, out=torch.empty(grad.shape, dtype=dtype, device=grad.device))
+def _scale(grad, multiplier, dtype):
+    """dL'/dx = g dL/dx for L' = g L (a scalar loss), rounded once after the product: in place when ``grad`` is
+    already of ``dtype``, else into a new tensor of ``dtype``."""
+    if grad.dtype == dtype:
+        return grad.mul_(multiplier)
+    return torch.mul(grad, multiplier, out=torch.empty(grad.shape, dtype=dtype, device=grad.device))
 
 
 def fused_sftmix_loss(hidden, weight, bias, targets, ntp_mask, mix_index, mix_lambda, mix_weight, normalizer, options):
@@ -90,5 +106,5 @@ def fused_sftmix_loss(hidden, weight, bias, targets, ntp_mask, mix_index, mix_la
     differentiable = (hidden, weight) if bias is None else (hidden, weight, bias)
     if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in differentiable):
         return SFTMixLinearCrossEntropyFunction.apply(*inputs)
-    outputs, _ = sftmix_loss_and_grads(*inputs, (False, False, False))
+    outputs, _, _ = sftmix_loss_and_grads(*inputs, (False, False, False))
     return outputs

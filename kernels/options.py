@@ -39,6 +39,10 @@ class SFTMixLossOptions:
         v_splits (`int` or `None`, *optional*, defaults to `None`):
             Triton: vocabulary ranges the forward grid splits each row tile into (their log-sum-exps are combined
             afterwards). `None` picks enough for about two waves of programs on the GPU, and 1 in the interpreter.
+        vocab_chunk (`int` or `None`, *optional*, defaults to `None`):
+            Triton: vocabulary columns per chunk of the backward (rounded down to a multiple of the vocabulary block);
+            its logit-gradient buffer holds N x vocab_chunk values in the input dtype. `None` picks the most that fit
+            in 2**26 values (8,192 columns at N = 8,192: 128 MiB in bf16).
     """
 
     mixup_coef: float = field(default=0.2, metadata={"help": "Weight mu of the mixup term in the loss."})
@@ -64,6 +68,10 @@ class SFTMixLossOptions:
         default=None, metadata={"help": "Triton vocabulary splits of the forward grid; None: automatic."}
     )
 
+    vocab_chunk: int | None = field(
+        default=None, metadata={"help": "Triton vocabulary columns per backward chunk; None: automatic."}
+    )
+
     def __post_init__(self):
         if not math.isfinite(self.mixup_coef) or self.mixup_coef < 0:
             raise ValueError(f"mixup_coef must be a finite number >= 0, got {self.mixup_coef}.")
@@ -75,6 +83,8 @@ class SFTMixLossOptions:
             raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}.")
         if self.chunk_rows is not None and self.chunk_rows < 2:
             raise ValueError(f"chunk_rows must be None or >= 2, got {self.chunk_rows}.")
+        if self.vocab_chunk is not None and self.vocab_chunk < 1:
+            raise ValueError(f"vocab_chunk must be None or >= 1, got {self.vocab_chunk}.")
         if self.v_splits is not None and self.v_splits < 1:
             raise ValueError(f"v_splits must be None or >= 1, got {self.v_splits}.")
         for name in ("block_pairs", "block_v", "block_d"):

@@ -1,33 +1,47 @@
 """Triton implementation of the SFTMix loss: the LM-head projection, the mixing and the (soft-target) cross-entropy
-in one kernel family; no N x V tensor exists in forward or backward.
+fused in Triton kernels; no N x V tensor exists in forward or backward.
 
 Pair tiles (the crux). A program owns BLOCK_M *pair slots*. Pair slot k < P holds the two rows of mixed position k:
 side a = its p row, side b = its q row (`layout.RowLayout` slots k and P + k). The remaining rows fill the later
 pair slots two at a time (side a from the first half of the unpaired rows, side b from the second), without mixing.
-Each program loads the side-a and side-b hidden tiles and forms both logits tiles with `tl.dot` on the same W tile,
-so z~ = lam z_a + (1 - lam) z_b is elementwise in registers: mixing costs no matrix product, and a program whose
-tile holds no mixed pair skips the z~ work altogether (a runtime branch on the tile index).
+The hidden states are gathered into slot order once per call, so a tile's rows are contiguous. Each program loads
+the side-a and side-b hidden tiles and forms both logits tiles with `tl.dot` on the same W tile, so
+z~ = lam z_a + (1 - lam) z_b is elementwise in registers: mixing costs no matrix product, and a program whose tile
+holds no mixed pair skips the z~ work altogether (a runtime branch on the tile index).
 
-Forward: grid (pair tiles, vocabulary splits). Each program runs over its vocabulary range block by block with an
-online max / sum-exp, keeping per row: max, sum exp(z - max), sum exp(z - max) z (entropy), the target logit and
-the first argmax; per mixed pair: max, sum-exp and lam z~[t_p] + (1 - lam) z~[t_q] of z~. The few partials of the
-splits are combined in PyTorch (O(N) work).
+Forward (`_sftmix_forward_kernel`): grid (pair tiles, vocabulary splits). Each program runs over its vocabulary range
+block by block with an online max / sum-exp, keeping per row: max, sum exp(z - max), sum exp(z - max) z (entropy),
+the target logit and the first argmax; per mixed pair: max, sum-exp and lam z~[t_p] + (1 - lam) z~[t_q] of z~. The
+few partials of the splits are combined in PyTorch (O(N) work). FLOPs: 2 N D V.
 
-Gradient: grid (pair tiles, vocabulary blocks), launched right after the forward kernel when a gradient is needed
-(for an upstream gradient of 1; the autograd Function's backward only scales the result). Each program recomputes
-its logits block from the forward's log-sum-exps, forms the logit gradient G in fp32 registers,
+Gradient (launched right after the forward when an input needs one: the loss is a scalar, so the autograd
+Function's backward only scales the result). The vocabulary is walked in chunks of C columns. For each chunk,
+`_logit_grad_kernel` (grid: pair tiles, vocabulary blocks of the chunk) recomputes the chunk's logits from the
+forward's log-sum-exps, forms the logit gradient in fp32 registers,
 
     G_a = ntp_scale (softmax(z_a) - e_{t_a}) + lam g,   G_b = ntp_scale (softmax(z_b) - e_{t_b}) + (1 - lam) g,
     g = mix_scale (softmax(z~) - lam e_{t_p} - (1 - lam) e_{t_q})              (mixed pairs only)
 
-(times the soft-cap derivative where one is set), and adds G W to dH, G^T H to dW and sum G to db with fp32
-atomics, one BLOCK_D slice at a time.
+(times the soft-cap derivative where one is set), and writes it once in the input dtype. Both scales are divided by
+``grad_scale`` = max(ntp_scale, mix_scale) first, so |G| <= 2 and 1/num_items never pushes an fp16 G into
+underflow; the target corrections are made in fp32 before the cast. Then two GEMMs (cuBLAS on CUDA, deterministic)
 
-All exp / log / sum in fp32; `tl.dot` on bf16 / fp16 tiles with fp32 accumulation (IEEE fp32 for fp32 inputs).
-Under TRITON_INTERPRET=1 every tile is upcast to fp32 right after its load (the interpreter keeps bf16 as raw bits).
+    dW[chunk] = G^T H   (written straight into the dW output, in the input dtype)
+    dH       += G W[chunk]   (an fp32 N x D accumulator)
+
+finish the chunk: 8 N D V FLOPs in all against the 6 N D V floor, no atomics, no V x D fp32 buffer. The returned
+gradients are those of the loss divided by ``grad_scale``; the Function multiplies ``grad_scale`` back in with the
+upstream gradient, in one rounding.
+
+All exp / log / sum in fp32; `tl.dot` on bf16 / fp16 tiles with fp32 accumulation; fp32 inputs use "tf32x3" (three
+TF32 tensor-core products, close to fp32 accuracy). Integer arguments that change from call to call (row and pair
+counts, chunk bounds) are not specialized, so new shapes reuse the compiled kernels. Under TRITON_INTERPRET=1 every
+tile is upcast to fp32 right after its load (the interpreter keeps bf16 as raw bits).
 """
 
+import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -39,6 +53,62 @@ from .outputs import SlotStats
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# the backward's logit-gradient chunk holds at most this many elements (N x C): 128 MiB in bf16
+GRAD_CHUNK_ELEMENTS = 1 << 26
+# integer arguments that vary from call to call: never specialized (== 1, % 16), so no recompilation as N changes
+_VARYING = ["num_slots", "num_pairs", "num_pair_slots", "rest_half"]
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Launch configuration of one kernel: pair slots per side, vocabulary and hidden blocks, warps, stages."""
+
+    block_m: int
+    block_v: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+    def __str__(self) -> str:
+        return f"m{self.block_m}-v{self.block_v}-d{self.block_d}-w{self.num_warps}-s{self.num_stages}"
+
+
+# Chosen from `python bench/kernel_compile.py`: no spills, shared memory within the architecture's per-block limit.
+# Keys: (architecture, input kind); sm_90 also serves newer GPUs, sm_80 every Ampere / Ada GPU.
+TILE_CONFIGS = {
+    ("sm_90", "half"): {
+        "forward": TileConfig(64, 128, 64, 8, 3),
+        "logit_grad": TileConfig(64, 128, 64, 8, 3),
+    },
+    ("sm_80", "half"): {
+        "forward": TileConfig(64, 64, 64, 8, 3),
+        "logit_grad": TileConfig(64, 64, 64, 8, 3),
+    },
+    ("sm_90", "fp32"): {
+        "forward": TileConfig(32, 64, 32, 8, 3),
+        "logit_grad": TileConfig(32, 64, 32, 8, 3),
+    },
+    ("sm_80", "fp32"): {
+        "forward": TileConfig(32, 64, 32, 8, 3),
+        "logit_grad": TileConfig(32, 64, 32, 8, 3),
+    },
+}
+KERNEL_NAMES = ("forward", "logit_grad")
+
+
+def tile_config(kernel: str, arch: str, dtype: torch.dtype) -> TileConfig:
+    """The launch configuration of ``kernel`` ("forward" | "logit_grad") for ``arch`` ("sm_80" | "sm_90")."""
+    return TILE_CONFIGS[(arch, "fp32" if dtype == torch.float32 else "half")][kernel]
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot` input precision: tensor cores at fp32-level accuracy for fp32 inputs, plain MMA for bf16 / fp16."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def device_arch(device: torch.device) -> str:
+    major, _ = torch.cuda.get_device_capability(device)
+    return "sm_90" if major >= 9 else "sm_80"
 
 
 @triton.jit
@@ -50,18 +120,8 @@ def _softcap(z, softcap, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _pair_tile(
-    pid,
-    rows_ptr,
-    ntp_targets_ptr,
-    num_slots,
-    num_pairs,
-    num_pair_slots,
-    rest_half,
-    ignore_index,
-    BLOCK_M: tl.constexpr,
-):
-    """Slots, rows and NTP targets of sides a and b of the pair slots of tile ``pid``."""
+def _pair_tile(pid, ntp_targets_ptr, num_slots, num_pairs, num_pair_slots, rest_half, ignore_index, BLOCK_M):
+    """Slots and NTP targets of sides a and b of the pair slots of tile ``pid``."""
     k = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     in_range = k < num_pair_slots
     is_pair = k < num_pairs
@@ -70,11 +130,9 @@ def _pair_tile(
     slot_b = tl.where(is_pair, k + num_pairs, k + num_pairs + rest_half)
     ok_a = in_range
     ok_b = in_range & (slot_b < num_slots)
-    row_a = tl.load(rows_ptr + slot_a, mask=ok_a, other=0)
-    row_b = tl.load(rows_ptr + slot_b, mask=ok_b, other=0)
     target_a = tl.load(ntp_targets_ptr + slot_a, mask=ok_a, other=ignore_index)
     target_b = tl.load(ntp_targets_ptr + slot_b, mask=ok_b, other=ignore_index)
-    return k, is_pair & in_range, slot_a, slot_b, ok_a, ok_b, row_a, row_b, target_a, target_b
+    return k, is_pair & in_range, slot_a, slot_b, ok_a, ok_b, target_a, target_b
 
 
 @triton.jit
@@ -82,8 +140,8 @@ def _pair_logits(
     hidden_ptr,
     weight_ptr,
     bias_ptr,
-    row_a,
-    row_b,
+    slot_a,
+    slot_b,
     ok_a,
     ok_b,
     cols,
@@ -101,21 +159,16 @@ def _pair_logits(
     """Raw logits z = h W^T + b of sides a and b on one vocabulary block, fp32 (BLOCK_M, BLOCK_V) each."""
     z_a = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
     z_b = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    h_a_ptrs = hidden_ptr + slot_a[:, None].to(tl.int64) * stride_h
+    h_b_ptrs = hidden_ptr + slot_b[:, None].to(tl.int64) * stride_h
+    w_ptrs = weight_ptr + cols[None, :].to(tl.int64) * stride_w
     for d_start in range(0, hidden_size, BLOCK_D):
         dims = d_start + tl.arange(0, BLOCK_D)
         dim_ok = dims < hidden_size
-        h_a = tl.load(
-            hidden_ptr + row_a[:, None] * stride_h + dims[None, :], mask=ok_a[:, None] & dim_ok[None, :], other=0.0
-        )
-        h_b = tl.load(
-            hidden_ptr + row_b[:, None] * stride_h + dims[None, :], mask=ok_b[:, None] & dim_ok[None, :], other=0.0
-        )
+        h_a = tl.load(h_a_ptrs + dims[None, :], mask=ok_a[:, None] & dim_ok[None, :], other=0.0)
+        h_b = tl.load(h_b_ptrs + dims[None, :], mask=ok_b[:, None] & dim_ok[None, :], other=0.0)
         # W^T tile (BLOCK_D, BLOCK_V), shared by both sides
-        w_t = tl.load(
-            weight_ptr + cols[None, :].to(tl.int64) * stride_w + dims[:, None],
-            mask=col_ok[None, :] & dim_ok[:, None],
-            other=0.0,
-        )
+        w_t = tl.load(w_ptrs + dims[:, None], mask=col_ok[None, :] & dim_ok[:, None], other=0.0)
         if UPCAST:
             h_a, h_b, w_t = h_a.to(tl.float32), h_b.to(tl.float32), w_t.to(tl.float32)
         z_a = tl.dot(h_a, w_t, z_a, input_precision=DOT_PRECISION)
@@ -151,12 +204,11 @@ def _ntp_block(z, cols, col_ok, target, run_max, run_sum, run_zsum, run_target, 
     return new_max, run_sum, run_zsum, run_target, run_arg
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[*_VARYING, "cols_per_split"])
 def _sftmix_forward_kernel(
     hidden_ptr,
     weight_ptr,
     bias_ptr,
-    rows_ptr,
     ntp_targets_ptr,
     lam_ptr,
     mix_targets_ptr,
@@ -189,8 +241,8 @@ def _sftmix_forward_kernel(
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    k, is_pair, slot_a, slot_b, ok_a, ok_b, row_a, row_b, target_a, target_b = _pair_tile(
-        pid, rows_ptr, ntp_targets_ptr, num_slots, num_pairs, num_pair_slots, rest_half, ignore_index, BLOCK_M
+    k, is_pair, slot_a, slot_b, ok_a, ok_b, target_a, target_b = _pair_tile(
+        pid, ntp_targets_ptr, num_slots, num_pairs, num_pair_slots, rest_half, ignore_index, BLOCK_M
     )
     tile_has_pair = pid * BLOCK_M < num_pairs
     lam = tl.load(lam_ptr + k, mask=is_pair, other=1.0)
@@ -210,7 +262,7 @@ def _sftmix_forward_kernel(
         cols = block_start + tl.arange(0, BLOCK_V)
         col_ok = cols < v_end
         z_a, z_b = _pair_logits(
-            hidden_ptr, weight_ptr, bias_ptr, row_a, row_b, ok_a, ok_b, cols, col_ok, hidden_size, stride_h,
+            hidden_ptr, weight_ptr, bias_ptr, slot_a, slot_b, ok_a, ok_b, cols, col_ok, hidden_size, stride_h,
             stride_w, HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
         )  # fmt: skip
         if tile_has_pair:
@@ -268,12 +320,11 @@ def _soft_ce_grad(
     return tl.where(col_ok[None, :], grad * row_scale[:, None], 0.0)
 
 
-@triton.jit
-def _sftmix_backward_kernel(
+@triton.jit(do_not_specialize=[*_VARYING, "chunk_start", "chunk_end"])
+def _logit_grad_kernel(
     hidden_ptr,
     weight_ptr,
     bias_ptr,
-    rows_ptr,
     ntp_targets_ptr,
     lam_ptr,
     mix_targets_ptr,
@@ -281,38 +332,37 @@ def _sftmix_backward_kernel(
     mix_lse_ptr,
     mix_scale_ptr,
     ntp_scale_ptr,
-    grad_hidden_ptr,
-    grad_weight_ptr,
-    grad_bias_ptr,
+    grad_logits_ptr,
     num_slots,
     num_pairs,
     num_pair_slots,
     rest_half,
     hidden_size,
-    vocab_size,
+    chunk_start,
+    chunk_end,
     stride_h,
     stride_w,
+    stride_g,
     ignore_index,
     softcap,
     HAS_BIAS: tl.constexpr,
     SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    NEED_HIDDEN: tl.constexpr,
-    NEED_WEIGHT: tl.constexpr,
-    NEED_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    """G[slot, v - chunk_start] for the columns v in [chunk_start, chunk_end), in grad_logits' dtype."""
     pid = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_ok = cols < vocab_size
-    k, is_pair, slot_a, slot_b, ok_a, ok_b, row_a, row_b, target_a, target_b = _pair_tile(
-        pid, rows_ptr, ntp_targets_ptr, num_slots, num_pairs, num_pair_slots, rest_half, ignore_index, BLOCK_M
+    chunk_cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = chunk_start + chunk_cols
+    col_ok = cols < chunk_end
+    k, is_pair, slot_a, slot_b, ok_a, ok_b, target_a, target_b = _pair_tile(
+        pid, ntp_targets_ptr, num_slots, num_pairs, num_pair_slots, rest_half, ignore_index, BLOCK_M
     )
     z_a, z_b = _pair_logits(
-        hidden_ptr, weight_ptr, bias_ptr, row_a, row_b, ok_a, ok_b, cols, col_ok, hidden_size, stride_h, stride_w,
+        hidden_ptr, weight_ptr, bias_ptr, slot_a, slot_b, ok_a, ok_b, cols, col_ok, hidden_size, stride_h, stride_w,
         HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
     )  # fmt: skip
 
@@ -341,88 +391,84 @@ def _sftmix_backward_kernel(
         grad_a += lam[:, None] * grad_t
         grad_b += (1.0 - lam[:, None]) * grad_t
 
-    if NEED_BIAS:
-        tl.atomic_add(grad_bias_ptr + cols, tl.sum(grad_a, 0) + tl.sum(grad_b, 0), mask=col_ok)
-    if NEED_HIDDEN or NEED_WEIGHT:
-        for d_start in range(0, hidden_size, BLOCK_D):
-            dims = d_start + tl.arange(0, BLOCK_D)
-            dim_ok = dims < hidden_size
-            w = tl.load(
-                weight_ptr + cols[:, None].to(tl.int64) * stride_w + dims[None, :],
-                mask=col_ok[:, None] & dim_ok[None, :],
-                other=0.0,
-            )
-            if UPCAST:
-                w = w.to(tl.float32)
-            # G rounded to the dot's input dtype only now, after the fp32 corrections
-            g_a = grad_a.to(w.dtype)
-            g_b = grad_b.to(w.dtype)
-            if NEED_HIDDEN:
-                # dH = G W
-                mask_a = ok_a[:, None] & dim_ok[None, :]
-                mask_b = ok_b[:, None] & dim_ok[None, :]
-                out_a = grad_hidden_ptr + row_a[:, None] * hidden_size + dims[None, :]
-                out_b = grad_hidden_ptr + row_b[:, None] * hidden_size + dims[None, :]
-                tl.atomic_add(out_a, tl.dot(g_a, w, input_precision=DOT_PRECISION), mask=mask_a)
-                tl.atomic_add(out_b, tl.dot(g_b, w, input_precision=DOT_PRECISION), mask=mask_b)
-            if NEED_WEIGHT:
-                # dW = G^T H
-                h_a = tl.load(
-                    hidden_ptr + row_a[:, None] * stride_h + dims[None, :],
-                    mask=ok_a[:, None] & dim_ok[None, :],
-                    other=0.0,
-                )
-                h_b = tl.load(
-                    hidden_ptr + row_b[:, None] * stride_h + dims[None, :],
-                    mask=ok_b[:, None] & dim_ok[None, :],
-                    other=0.0,
-                )
-                if UPCAST:
-                    h_a, h_b = h_a.to(tl.float32), h_b.to(tl.float32)
-                grad_w = tl.dot(tl.trans(g_a), h_a, input_precision=DOT_PRECISION)
-                grad_w = tl.dot(tl.trans(g_b), h_b, grad_w, input_precision=DOT_PRECISION)
-                out_w = grad_weight_ptr + cols[:, None].to(tl.int64) * hidden_size + dims[None, :]
-                tl.atomic_add(out_w, grad_w, mask=col_ok[:, None] & dim_ok[None, :])
+    # G rounded to the output dtype only now, after the fp32 corrections
+    out_dtype = grad_logits_ptr.dtype.element_ty
+    out_a = grad_logits_ptr + slot_a[:, None].to(tl.int64) * stride_g + chunk_cols[None, :]
+    out_b = grad_logits_ptr + slot_b[:, None].to(tl.int64) * stride_g + chunk_cols[None, :]
+    tl.store(out_a, grad_a.to(out_dtype), mask=ok_a[:, None] & col_ok[None, :])
+    tl.store(out_b, grad_b.to(out_dtype), mask=ok_b[:, None] & col_ok[None, :])
 
 
-def _blocks(options: SFTMixLossOptions, num_pair_slots: int, vocab_size: int, hidden_size: int):
-    """(BLOCK_M, BLOCK_V, BLOCK_D): the options' values, else large blocks under the interpreter (each program-loop
-    step costs milliseconds there) and a fixed GPU tiling (two 64 x 128 fp32 logits tiles per program)."""
-    if INTERPRET:
-        block_m = min(max(triton.next_power_of_2(max(num_pair_slots, 1)), 16), 64)
-        block_v = min(max(triton.next_power_of_2(vocab_size), 16), 256)
-        block_d = min(max(triton.next_power_of_2(hidden_size), 16), 128)
+def _config(kernel: str, hidden: torch.Tensor, options: SFTMixLossOptions, num_pair_slots: int, weight) -> TileConfig:
+    """The launch configuration: the options' blocks over the architecture's `TILE_CONFIGS` entry; under the
+    interpreter, large blocks (each program-loop step costs milliseconds there)."""
+    if INTERPRET or hidden.device.type != "cuda":
+        vocab_size, hidden_size = weight.shape
+        config = TileConfig(
+            block_m=min(max(triton.next_power_of_2(max(num_pair_slots, 1)), 16), 64),
+            block_v=min(max(triton.next_power_of_2(vocab_size), 16), 256),
+            block_d=min(max(triton.next_power_of_2(hidden_size), 16), 128),
+            num_warps=8,
+            num_stages=1,
+        )
     else:
-        block_m, block_v, block_d = 64, 128, 64
-    return options.block_pairs or block_m, options.block_v or block_v, options.block_d or block_d
+        config = tile_config(kernel, device_arch(hidden.device), hidden.dtype)
+    return TileConfig(
+        block_m=options.block_pairs or config.block_m,
+        block_v=options.block_v or config.block_v,
+        block_d=options.block_d or config.block_d,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
 
 
-def _tiling(hidden, weight, layout: RowLayout, options: SFTMixLossOptions):
-    """Launch arguments common to forward and backward."""
-    if hidden.dtype not in TRITON_DTYPES:
-        raise TypeError(f"impl='triton' takes {TRITON_DTYPES} inputs, got {hidden.dtype}; use impl='torch'.")
+def _common_args(hidden_slots, weight, layout: RowLayout, options: SFTMixLossOptions):
+    """Launch arguments of both kernels, and the number of pair slots."""
+    if hidden_slots.dtype not in TRITON_DTYPES:
+        raise TypeError(f"impl='triton' takes {TRITON_DTYPES} inputs, got {hidden_slots.dtype}; use impl='torch'.")
     num_slots, num_pairs = layout.rows.numel(), layout.num_pairs
     rest_half = (num_slots - 2 * num_pairs + 1) // 2
-    num_pair_slots = num_pairs + rest_half
-    block_m, block_v, block_d = _blocks(options, num_pair_slots, weight.shape[0], weight.shape[1])
-    return dict(
+    args = dict(
         num_slots=num_slots,
         num_pairs=num_pairs,
-        num_pair_slots=num_pair_slots,
+        num_pair_slots=num_pairs + rest_half,
         rest_half=rest_half,
-        hidden_size=hidden.shape[1],
-        vocab_size=weight.shape[0],
-        stride_h=hidden.stride(0),
+        hidden_size=hidden_slots.shape[1],
+        stride_h=hidden_slots.stride(0),
         stride_w=weight.stride(0),
         ignore_index=options.ignore_index,
         softcap=float(options.logit_softcap or 1.0),
         SOFTCAP=options.logit_softcap is not None,
         UPCAST=INTERPRET,
-        DOT_PRECISION="ieee" if hidden.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m,
-        BLOCK_V=block_v,
-        BLOCK_D=block_d,
+        DOT_PRECISION=dot_precision(hidden_slots.dtype),
     )
+    return args
+
+
+@dataclass
+class KernelLaunch:
+    """One kernel launch: the kernel, its grid and its arguments (tile sizes and warps included)."""
+
+    kernel: triton.runtime.JITFunction
+    grid: tuple[int, ...]
+    config: TileConfig
+    args: dict
+
+    def kwargs(self) -> dict:
+        """The launch's keyword arguments, as Triton's launcher binds them."""
+        return dict(
+            **self.args,
+            BLOCK_M=self.config.block_m,
+            BLOCK_V=self.config.block_v,
+            BLOCK_D=self.config.block_d,
+            num_warps=self.config.num_warps,
+            num_stages=self.config.num_stages,
+        )
+
+    def __call__(self) -> None:
+        """Launch; nothing on the meta device (allocation accounting) or with an empty grid."""
+        if all(self.grid) and self.args["hidden_ptr"].device.type != "meta":
+            self.kernel[self.grid](**self.kwargs())
 
 
 def _num_v_splits(options: SFTMixLossOptions, hidden, num_tiles: int, vocab_blocks: int) -> int:
@@ -443,31 +489,53 @@ def _combine_lse(part_max, part_sum):
     return total_max + torch.log(total_sum), rescale, total_sum
 
 
-def _forward(hidden, weight, bias, layout: RowLayout, options: SFTMixLossOptions):
-    """(SlotStats, per-slot lse, per-pair lse of z~)."""
-    tiling = _tiling(hidden, weight, layout, options)
-    num_slots, num_pairs, vocab_size = tiling["num_slots"], tiling["num_pairs"], tiling["vocab_size"]
-    num_tiles = triton.cdiv(tiling["num_pair_slots"], tiling["BLOCK_M"])
-    vocab_blocks = triton.cdiv(vocab_size, tiling["BLOCK_V"])
-    splits = _num_v_splits(options, hidden, num_tiles, vocab_blocks)
-    cols_per_split = triton.cdiv(vocab_blocks, splits) * tiling["BLOCK_V"]
+def forward_launch(hidden_slots, weight, bias, layout: RowLayout, options: SFTMixLossOptions):
+    """(KernelLaunch of the forward kernel, its output buffers): per-split partials of every slot and pair."""
+    args = _common_args(hidden_slots, weight, layout, options)
+    config = _config("forward", hidden_slots, options, args["num_pair_slots"], weight)
+    num_slots, num_pairs, vocab_size = args["num_slots"], args["num_pairs"], weight.shape[0]
+    num_tiles = triton.cdiv(args["num_pair_slots"], config.block_m)
+    vocab_blocks = triton.cdiv(vocab_size, config.block_v)
+    splits = _num_v_splits(options, hidden_slots, num_tiles, vocab_blocks)
+    cols_per_split = triton.cdiv(vocab_blocks, splits) * config.block_v
     splits = triton.cdiv(vocab_size, cols_per_split)  # no empty split
 
-    new = dict(dtype=torch.float32, device=hidden.device)
-    part_max, part_sum, part_zsum, part_target = (torch.empty(splits, num_slots, **new) for _ in range(4))
-    part_arg = torch.empty(splits, num_slots, dtype=torch.int32, device=hidden.device)
-    mix_max, mix_sum, mix_target = (torch.empty(splits, num_pairs, **new) for _ in range(3))
-    if num_tiles > 0:
-        _sftmix_forward_kernel[(num_tiles, splits)](
-            hidden, weight, bias if bias is not None else hidden, layout.rows, layout.ntp_targets,
-            layout.mix_lambda.float(), layout.mix_targets, part_max, part_sum, part_zsum, part_target, part_arg,
-            mix_max, mix_sum, mix_target, cols_per_split=cols_per_split, HAS_BIAS=bias is not None,
-            num_warps=8, **tiling,
-        )  # fmt: skip
+    new = dict(dtype=torch.float32, device=hidden_slots.device)
+    buffers = dict(
+        part_max_ptr=torch.empty(splits, num_slots, **new),
+        part_sum_ptr=torch.empty(splits, num_slots, **new),
+        part_zsum_ptr=torch.empty(splits, num_slots, **new),
+        part_target_ptr=torch.empty(splits, num_slots, **new),
+        part_arg_ptr=torch.empty(splits, num_slots, dtype=torch.int32, device=hidden_slots.device),
+        mix_max_ptr=torch.empty(splits, num_pairs, **new),
+        mix_sum_ptr=torch.empty(splits, num_pairs, **new),
+        mix_target_ptr=torch.empty(splits, num_pairs, **new),
+    )
+    args.update(
+        hidden_ptr=hidden_slots,
+        weight_ptr=weight,
+        bias_ptr=bias if bias is not None else weight,
+        ntp_targets_ptr=layout.ntp_targets,
+        lam_ptr=layout.mix_lambda.float(),
+        mix_targets_ptr=layout.mix_targets,
+        vocab_size=vocab_size,
+        cols_per_split=cols_per_split,
+        HAS_BIAS=bias is not None,
+        **buffers,
+    )
+    return KernelLaunch(_sftmix_forward_kernel, (num_tiles, splits), config, args), buffers
 
+
+def _forward(hidden_slots, weight, bias, layout: RowLayout, options: SFTMixLossOptions):
+    """(SlotStats, per-slot lse, per-pair lse of z~)."""
+    launch, out = forward_launch(hidden_slots, weight, bias, layout, options)
+    launch()
+    part_max, part_sum, part_zsum, part_target, part_arg = (
+        out[f"part_{name}_ptr"] for name in ("max", "sum", "zsum", "target", "arg")
+    )
     lse, rescale, total_sum = _combine_lse(part_max, part_sum)
     valid = layout.ntp_targets != options.ignore_index
-    mix_lse, _, _ = _combine_lse(mix_max, mix_sum)
+    mix_lse, _, _ = _combine_lse(out["mix_max_ptr"], out["mix_sum_ptr"])
     # the argmax of the split holding the largest max (the first such split on ties)
     arg = part_arg.gather(0, part_max.argmax(dim=0, keepdim=True)).squeeze(0)
     stats = SlotStats(
@@ -475,38 +543,131 @@ def _forward(hidden, weight, bias, layout: RowLayout, options: SFTMixLossOptions
         correct=arg == layout.ntp_targets,
         # entropy = lse - sum_v softmax(z)_v z_v
         entropy=lse - (part_zsum * rescale).sum(dim=0) / total_sum,
-        mix_nll=mix_lse - mix_target.sum(dim=0),
+        mix_nll=mix_lse - out["mix_target_ptr"].sum(dim=0),
     )
     return stats, lse, mix_lse
 
 
-def _gradients(hidden, weight, bias, layout, options, lse, mix_lse, ntp_scale, mix_scale, needs_grad):
-    tiling = _tiling(hidden, weight, layout, options)
-    need_hidden, need_weight, need_bias = needs_grad
-    num_tiles = triton.cdiv(tiling["num_pair_slots"], tiling["BLOCK_M"])
-    vocab_blocks = triton.cdiv(tiling["vocab_size"], tiling["BLOCK_V"])
-    new = dict(dtype=torch.float32, device=hidden.device)
-    # fp32 accumulators for the atomics; the dummy one-element buffers are never written
-    grad_hidden = torch.zeros(hidden.shape, **new) if need_hidden else torch.empty(1, **new)
-    grad_weight = torch.zeros(weight.shape, **new) if need_weight else torch.empty(1, **new)
-    grad_bias = torch.zeros(weight.shape[0], **new) if need_bias else torch.empty(1, **new)
-    if num_tiles > 0:
-        _sftmix_backward_kernel[(num_tiles, vocab_blocks)](
-            hidden, weight, bias if bias is not None else hidden, layout.rows, layout.ntp_targets,
-            layout.mix_lambda.float(), layout.mix_targets, lse, mix_lse, mix_scale.float().contiguous(),
-            ntp_scale.float().reshape(1), grad_hidden, grad_weight, grad_bias, HAS_BIAS=bias is not None,
-            NEED_HIDDEN=need_hidden, NEED_WEIGHT=need_weight, NEED_BIAS=need_bias, num_warps=8, **tiling,
-        )  # fmt: skip
-    return (
-        grad_hidden if need_hidden else None,
-        grad_weight if need_weight else None,
-        grad_bias if need_bias else None,
+def grad_chunk_columns(num_slots: int, vocab_size: int, block_v: int, chunk: int | None = None) -> int:
+    """Vocabulary columns per backward chunk: ``chunk`` or the most whose G (num_slots x C) fits in
+    GRAD_CHUNK_ELEMENTS; a multiple of ``block_v``, at least one block, at most the vocabulary (rounded up)."""
+    if chunk is None:
+        chunk = GRAD_CHUNK_ELEMENTS // max(num_slots, 1)
+    whole_vocab = triton.cdiv(vocab_size, block_v) * block_v
+    return min(max(chunk // block_v, 1) * block_v, whole_vocab)
+
+
+@functools.cache
+def _has_fp32_out_gemm(device_type: str) -> bool:
+    """Whether torch has a bf16 x bf16 -> fp32 GEMM (``addmm(..., out_dtype=)``) on this device type."""
+    try:
+        ones = torch.ones(16, 16, dtype=torch.bfloat16, device=device_type)
+        torch.addmm(ones.float(), ones, ones, out_dtype=torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return True
+
+
+def _product_into(out, a, b):
+    """out <- a @ b: one GEMM into ``out``, or, when the dtypes differ (an fp32 G under the interpreter), an fp32
+    product rounded once into ``out``."""
+    if a.dtype == b.dtype == out.dtype:
+        return torch.mm(a, b, out=out)
+    return out.copy_(a.float() @ b.float())
+
+
+def _accumulate_product(out, a, b):
+    """Returns out + a @ b for an fp32 ``out``: one GEMM with fp32 output where torch has one (CUDA), so the partial
+    product is never rounded; else the product in the inputs' dtype (fp32 math for CPU tensors: tests)."""
+    if a.dtype == b.dtype == out.dtype:
+        return out.addmm_(a, b)
+    if _has_fp32_out_gemm(out.device.type):
+        return torch.addmm(out, a, b, out_dtype=out.dtype)
+    if out.device.type == "cpu" or a.dtype != b.dtype:
+        return out.addmm_(a.to(out.dtype), b.to(out.dtype))
+    return out.add_(a @ b)
+
+
+def logit_grad_launch(
+    hidden_slots, weight, bias, layout, options, lse, mix_lse, ntp_scale, mix_scale, grad_logits, chunk_start
+):
+    """KernelLaunch of the logit-gradient kernel for the columns [chunk_start, chunk_start + grad_logits.shape[1])."""
+    args = _common_args(hidden_slots, weight, layout, options)
+    config = _config("logit_grad", hidden_slots, options, args["num_pair_slots"], weight)
+    chunk_end = chunk_start + grad_logits.shape[1]
+    grid = (triton.cdiv(args["num_pair_slots"], config.block_m), triton.cdiv(grad_logits.shape[1], config.block_v))
+    args.update(
+        hidden_ptr=hidden_slots,
+        weight_ptr=weight,
+        bias_ptr=bias if bias is not None else weight,
+        ntp_targets_ptr=layout.ntp_targets,
+        lam_ptr=layout.mix_lambda.float(),
+        mix_targets_ptr=layout.mix_targets,
+        lse_ptr=lse,
+        mix_lse_ptr=mix_lse,
+        mix_scale_ptr=mix_scale,
+        ntp_scale_ptr=ntp_scale,
+        grad_logits_ptr=grad_logits,
+        chunk_start=chunk_start,
+        chunk_end=chunk_end,
+        stride_g=grad_logits.stride(0),
+        HAS_BIAS=bias is not None,
     )
+    return KernelLaunch(_logit_grad_kernel, grid, config, args)
+
+
+def _gradients(hidden_slots, weight, bias, layout, options, lse, mix_lse, ntp_scale, mix_scale, needs_grad, num_rows):
+    """((dH, dW, db) / grad_scale, grad_scale): dH (rows in input order) and db in fp32, dW in the input dtype."""
+    need_hidden, need_weight, need_bias = needs_grad
+    (vocab_size, hidden_size), num_slots = weight.shape, hidden_slots.shape[0]
+    device, new = hidden_slots.device, dict(dtype=torch.float32, device=hidden_slots.device)
+    # divide both scales by the larger, so that |G| <= 2: no fp16 underflow of (softmax - y) / num_items
+    grad_scale = ntp_scale.float().reshape(())
+    if mix_scale.numel():
+        grad_scale = torch.maximum(grad_scale, mix_scale.float().max())
+    ntp_scale = (ntp_scale.float() / grad_scale).reshape(1)
+    mix_scale = (mix_scale.float() / grad_scale).contiguous()
+
+    block_v = _config("logit_grad", hidden_slots, options, num_slots, weight).block_v
+    chunk = grad_chunk_columns(num_slots, vocab_size, block_v, options.vocab_chunk)
+    # G in the input dtype; fp32 under the interpreter, whose casts to bf16 truncate instead of rounding
+    grad_dtype = torch.float32 if INTERPRET else hidden_slots.dtype
+    grad_logits_buffer = torch.empty(num_slots, chunk, dtype=grad_dtype, device=device)
+    grad_hidden_slots = torch.zeros(num_slots, hidden_size, **new) if need_hidden else None
+    grad_weight = torch.empty_like(weight) if need_weight else None
+    grad_bias = torch.empty(vocab_size, **new) if need_bias else None
+    for chunk_start in range(0, vocab_size, chunk):
+        chunk_end = min(chunk_start + chunk, vocab_size)
+        grad_logits = grad_logits_buffer[:, : chunk_end - chunk_start]
+        logit_grad_launch(
+            hidden_slots, weight, bias, layout, options, lse, mix_lse, ntp_scale, mix_scale, grad_logits, chunk_start
+        )()
+        if need_weight:
+            # dW[chunk] = G^T H
+            _product_into(grad_weight[chunk_start:chunk_end], grad_logits.T, hidden_slots)
+        if need_hidden:
+            # dH += G W[chunk]
+            grad_hidden_slots = _accumulate_product(grad_hidden_slots, grad_logits, weight[chunk_start:chunk_end])
+        if need_bias:
+            # db[chunk] = sum_n G
+            torch.sum(grad_logits, dim=0, dtype=torch.float32, out=grad_bias[chunk_start:chunk_end])
+    del grad_logits_buffer
+    grad_hidden = None
+    if need_hidden:
+        # back from slot order to row order; a row in two slots (a repeated self-mixed row) gets both (one is 0)
+        grad_hidden = torch.zeros(num_rows, hidden_size, **new).index_add_(0, layout.rows, grad_hidden_slots)
+    return (grad_hidden, grad_weight, grad_bias), grad_scale
 
 
 def loss_and_grads(hidden, weight, bias, layout, options, ntp_scale, mix_scale, needs_grad):
-    """(SlotStats, fp32 (dH, dW, db)): the forward kernel, then the gradient kernel when ``needs_grad`` has a flag."""
-    stats, lse, mix_lse = _forward(hidden, weight, bias, layout, options)
+    """(SlotStats, (dH, dW, db) / grad_scale, grad_scale): the forward kernel, then, when ``needs_grad`` has a flag,
+    the chunked backward (gradients None unless flagged; grad_scale None without gradients)."""
+    # the hidden states in slot order, so that every tile reads contiguous rows
+    hidden_slots = hidden.index_select(0, layout.rows)
+    stats, lse, mix_lse = _forward(hidden_slots, weight, bias, layout, options)
     if not any(needs_grad):
-        return stats, (None, None, None)
-    return stats, _gradients(hidden, weight, bias, layout, options, lse, mix_lse, ntp_scale, mix_scale, needs_grad)
+        return stats, (None, None, None), None
+    grads, grad_scale = _gradients(
+        hidden_slots, weight, bias, layout, options, lse, mix_lse, ntp_scale, mix_scale, needs_grad, hidden.shape[0]
+    )
+    return stats, grads, grad_scale

@@ -1,0 +1,216 @@
+"""Compile report of the Triton kernels for real GPU targets, on any machine (no GPU needed).
+
+    python bench/kernel_compile.py                 # table: every kernel x arch x dtype at the dispatcher's configs
+    python bench/kernel_compile.py --json          # the rows as one JSON list
+    python bench/kernel_compile.py --dump DIR      # also DIR/<kernel>-<arch>-<dtype>-<config>.ptx
+    python bench/kernel_compile.py --configs m64-v128-d64-w8-s3 m64-v64-d64-w8-s3   # try other tilings
+
+Each kernel is compiled ahead of time by Triton for sm_80 (A100) and sm_90a (H100 / H200), for bf16, fp16 and fp32
+inputs, with the launch configuration the dispatcher picks there (`triton_sftmix.TILE_CONFIGS`) and the hints the
+real launch gets: 16-byte-aligned pointers and the integers divisible by 16 at the Llama-3-8B head, marked
+`tt.divisibility 16`; the arguments in each kernel's `do_not_specialize` get none. The soft-cap and bias variants
+are compiled too (``variant`` column: the heaviest code). The figures are the compiler's own: registers and spill
+bytes from ptxas (`ptxas -v`, the ptxas bundled with Triton that reads the PTX it writes), shared memory from the
+compile metadata, and from the SASS (`cuobjdump -sass`): the tensor-core instruction kind (HGMMA = wgmma,
+HMMA = mma.sync), global atomics (ATOM / RED) and GPU- or system-scope fences (MEMBAR .GPU / .SYS, what an
+acq_rel atomic compiles to; the CTA-scope MEMBAR that precedes wgmma's shared-memory proxy fence is not one).
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+from sftmix_trl.kernels import triton_sftmix
+from sftmix_trl.kernels.triton_sftmix import KERNEL_NAMES, TileConfig
+
+ARCHS = {"sm_80": 80, "sm_90a": 90}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# per-block shared memory limits (opt-in maximum): A100 163 KB, H100 / H200 227 KB
+SHARED_LIMITS = {"sm_80": 163 * 1024, "sm_90a": 227 * 1024}
+KERNELS = {"forward": triton_sftmix._sftmix_forward_kernel, "logit_grad": triton_sftmix._logit_grad_kernel}
+# pointer element types; "{dtype}" is the input dtype
+POINTER_TYPES = {
+    "hidden_ptr": "{dtype}",
+    "weight_ptr": "{dtype}",
+    "bias_ptr": "{dtype}",
+    "grad_logits_ptr": "{dtype}",
+    "ntp_targets_ptr": "i64",
+    "mix_targets_ptr": "i64",
+    "part_arg_ptr": "i32",
+}
+FLOAT_SCALARS = {"softcap"}
+# the integers of a Llama-3-8B head launch (D = 4096, V = 128256; G chunk 8192 columns): all divisible by 16
+HINTED_INTEGERS = {"hidden_size", "vocab_size", "stride_h", "stride_w", "stride_g"}
+VARIANTS = {"plain": dict(HAS_BIAS=False, SOFTCAP=False), "bias+softcap": dict(HAS_BIAS=True, SOFTCAP=True)}
+FIELDS = ("kernel", "arch", "dtype", "config", "variant", "registers", "spill_bytes", "shared_bytes", "mma")
+FIELDS += ("atomics", "fences")
+
+
+def _triton_bin(name: str) -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def _ptxas() -> str:
+    """The newest ptxas bundled with Triton (the plain one may be older than the PTX version Triton writes)."""
+    blackwell = _triton_bin("ptxas-blackwell")
+    return blackwell if os.path.exists(blackwell) else _triton_bin("ptxas")
+
+
+def signature(kernel, dtype_name: str, config: TileConfig, variant: dict):
+    """(signature, constexprs, attrs) of an ASTSource for ``kernel``."""
+    dtype = dtype_name
+    specialized = set(kernel.do_not_specialize)
+    sig, constexprs, attrs = {}, {}, {}
+    values = dict(
+        UPCAST=False,
+        DOT_PRECISION=triton_sftmix.dot_precision(DTYPES[dtype_name]),
+        BLOCK_M=config.block_m,
+        BLOCK_V=config.block_v,
+        BLOCK_D=config.block_d,
+        **variant,
+    )
+    for index, param in enumerate(kernel.params):
+        name = param.name
+        if param.is_constexpr:
+            sig[name] = "constexpr"
+            constexprs[name] = values[name]
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + POINTER_TYPES.get(name, "fp32").format(dtype=dtype)
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif name in FLOAT_SCALARS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if name in HINTED_INTEGERS and index not in specialized:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    return sig, constexprs, attrs
+
+
+def _sass_counts(sass: str) -> dict:
+    instructions = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+([A-Z][A-Z0-9_.]*)", sass, flags=re.MULTILINE)
+    ops = [op.split(".")[0] for op in instructions]
+    mma = "wgmma" if "HGMMA" in ops else "mma" if "HMMA" in ops else "none"
+    atomics = sum(op in ("ATOM", "ATOMG", "RED", "REDG") for op in ops)
+    # GPU- and system-scope fences (what an acq_rel atomic brings); the CTA-scope MEMBAR before wgmma's async-proxy
+    # fence orders shared memory inside the block and is not counted
+    fences = sum(op.startswith("MEMBAR") and not op.endswith(".CTA") for op in instructions)
+    return dict(mma=mma, atomics=atomics, fences=fences)
+
+
+def compile_row(kernel_name: str, arch: str, dtype_name: str, config: TileConfig, variant_name: str, dump=None):
+    """One report row: compile, then read ptxas -v and the SASS."""
+    kernel = KERNELS[kernel_name]
+    sig, constexprs, attrs = signature(kernel, dtype_name, config, VARIANTS[variant_name])
+    source = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
+    target = GPUTarget("cuda", ARCHS[arch], 32)
+    compiled = triton.compile(source, target=target, options=dict(num_warps=config.num_warps,
+                                                                    num_stages=config.num_stages))  # fmt: skip
+    row = dict(kernel=kernel_name, arch=arch, dtype=dtype_name, config=str(config), variant=variant_name)
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx_path, cubin_path = Path(tmp, "k.ptx"), Path(tmp, "k.cubin")
+        ptx_path.write_text(compiled.asm["ptx"])
+        cubin_path.write_bytes(compiled.asm["cubin"])
+        ptxas = subprocess.run(
+            [_ptxas(), "-v", f"--gpu-name={arch}", str(ptx_path), "-o", str(Path(tmp, "v.cubin"))],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        sass = subprocess.run(
+            [_triton_bin("cuobjdump"), "-sass", str(cubin_path)], capture_output=True, text=True, check=True
+        ).stdout
+    info = ptxas.stderr
+    row["registers"] = int(re.search(r"Used (\d+) registers", info).group(1))
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
+    row["spill_bytes"] = int(spills.group(1)) + int(spills.group(2))
+    row["shared_bytes"] = int(compiled.metadata.shared)
+    row.update(_sass_counts(sass))
+    if dump is not None:
+        Path(dump, f"{kernel_name}-{arch}-{dtype_name}-{config}.ptx").write_text(compiled.asm["ptx"])
+    return {field: row[field] for field in FIELDS}
+
+
+def dispatcher_configs():
+    """(kernel, arch, dtype, config) of every launch the dispatcher can choose on a GPU."""
+    for kernel_name in KERNEL_NAMES:
+        for arch in ARCHS:
+            for dtype_name, dtype in DTYPES.items():
+                config = triton_sftmix.tile_config(kernel_name, "sm_90" if arch == "sm_90a" else "sm_80", dtype)
+                yield kernel_name, arch, dtype_name, config
+
+
+def parse_config(text: str) -> TileConfig:
+    """'m64-v128-d64-w8-s3' -> TileConfig."""
+    values = dict(re.findall(r"([mvdws])(\d+)", text))
+    keys = dict(m="block_m", v="block_v", d="block_d", w="num_warps", s="num_stages")
+    return TileConfig(**{keys[k]: int(v) for k, v in values.items()})
+
+
+def problems(row: dict) -> list[str]:
+    """What a row fails of the GPU-grade bar: no spills, shared memory that fits, tensor cores, no fences."""
+    found = []
+    if row["spill_bytes"]:
+        found.append(f"{row['spill_bytes']} spill bytes")
+    if row["shared_bytes"] > SHARED_LIMITS[row["arch"]]:
+        found.append(f"shared {row['shared_bytes']} > {SHARED_LIMITS[row['arch']]}")
+    if row["mma"] == "none":
+        found.append("no tensor-core MMA")
+    if row["fences"]:
+        found.append(f"{row['fences']} fences")
+    return found
+
+
+def report(jobs, dump=None, workers=None):
+    """Compile ``jobs`` ((kernel, arch, dtype, config, variant) tuples) in parallel processes; rows in job order."""
+    with ProcessPoolExecutor(max_workers=workers or min(len(jobs), os.cpu_count() or 1)) as pool:
+        futures = [pool.submit(compile_row, *job, dump) for job in jobs]
+        return [future.result() for future in futures]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print the rows as one JSON list")
+    parser.add_argument("--dump", type=Path, default=None, help="write each compiled PTX under this folder")
+    parser.add_argument("--configs", nargs="+", default=None, help="tilings to try instead of the dispatcher's")
+    parser.add_argument("--kernels", nargs="+", choices=KERNEL_NAMES, default=list(KERNEL_NAMES))
+    parser.add_argument("--archs", nargs="+", choices=list(ARCHS), default=list(ARCHS))
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    args = parser.parse_args(argv)
+    if args.dump is not None:
+        args.dump.mkdir(parents=True, exist_ok=True)
+    if args.configs:
+        launches = [
+            (k, a, d, parse_config(c))
+            for k in args.kernels
+            for a in args.archs
+            for d in args.dtypes
+            for c in args.configs
+        ]
+    else:
+        launches = [job for job in dispatcher_configs() if job[0] in args.kernels and job[1] in args.archs]
+        launches = [job for job in launches if job[2] in args.dtypes]
+    jobs = [(*launch, variant) for launch in launches for variant in args.variants]
+    rows = report(jobs, args.dump)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        widths = {f: max(len(f), *(len(str(r[f])) for r in rows)) for f in FIELDS}
+        print("  ".join(f.ljust(widths[f]) for f in FIELDS) + "  verdict")
+        for row in rows:
+            verdict = "; ".join(problems(row)) or "ok"
+            print("  ".join(str(row[f]).ljust(widths[f]) for f in FIELDS) + "  " + verdict)
+        print(f"triton {triton.__version__}, ptxas {Path(_ptxas()).name}")
+    return 1 if any(problems(row) for row in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
