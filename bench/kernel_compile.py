@@ -2,7 +2,7 @@
 
     python bench/kernel_compile.py                 # table: every kernel x arch x dtype at the dispatcher's configs
     python bench/kernel_compile.py --json          # the rows as one JSON list
-    python bench/kernel_compile.py --dump DIR      # also DIR/<kernel>-<arch>-<dtype>-<config>.ptx
+    python bench/kernel_compile.py --dump DIR      # also DIR/<kernel>-<arch>-<dtype>-<config>[-<variant>].ptx
     python bench/kernel_compile.py --configs m64-v128-d64-w8-s3 m64-v64-d64-w8-s3   # try other tilings
 
 Each kernel is compiled ahead of time by Triton for sm_80 (A100) and sm_90a (H100 / H200), for bf16, fp16 and fp32
@@ -134,8 +134,14 @@ def compile_row(kernel_name: str, arch: str, dtype_name: str, config: TileConfig
     row["shared_bytes"] = int(compiled.metadata.shared)
     row.update(_sass_counts(sass))
     if dump is not None:
-        Path(dump, f"{kernel_name}-{arch}-{dtype_name}-{config}.ptx").write_text(compiled.asm["ptx"])
+        Path(dump, ptx_name(row)).write_text(compiled.asm["ptx"])
     return {field: row[field] for field in FIELDS}
+
+
+def ptx_name(row: dict) -> str:
+    """<kernel>-<arch>-<dtype>-<config>.ptx, with -<variant> before .ptx for the variants other than plain."""
+    suffix = "" if row["variant"] == "plain" else f"-{row['variant']}"
+    return f"{row['kernel']}-{row['arch']}-{row['dtype']}-{row['config']}{suffix}.ptx"
 
 
 def dispatcher_configs():

@@ -81,7 +81,7 @@ TILE_CONFIGS = {
         "logit_grad": TileConfig(64, 128, 64, 8, 3),
     },
     ("sm_80", "half"): {
-        "forward": TileConfig(64, 64, 64, 8, 3),
+        "forward": TileConfig(64, 64, 32, 8, 3),
         "logit_grad": TileConfig(64, 64, 64, 8, 3),
     },
     ("sm_90", "fp32"): {
@@ -631,7 +631,7 @@ def _gradients(hidden_slots, weight, bias, layout, options, lse, mix_lse, ntp_sc
     block_v = _config("logit_grad", hidden_slots, options, num_slots, weight).block_v
     chunk = grad_chunk_columns(num_slots, vocab_size, block_v, options.vocab_chunk)
     # G in the input dtype; fp32 under the interpreter, whose casts to bf16 truncate instead of rounding
-    grad_dtype = torch.float32 if INTERPRET else hidden_slots.dtype
+    grad_dtype = torch.float32 if INTERPRET and device.type == "cpu" else hidden_slots.dtype
     grad_logits_buffer = torch.empty(num_slots, chunk, dtype=grad_dtype, device=device)
     grad_hidden_slots = torch.zeros(num_slots, hidden_size, **new) if need_hidden else None
     grad_weight = torch.empty_like(weight) if need_weight else None

@@ -107,7 +107,11 @@ def test_chunking_and_tiling_do_not_change_the_result(impl, device):
     _skip_unavailable(impl, device)
     case = make_case(seed=11, num_rows=70, num_pairs=20, vocab_size=75)
     oracle = fp64_oracle(case)
-    options = dict(chunk_rows=6) if impl == "torch" else dict(block_pairs=16, block_v=16, block_d=16, v_splits=3, vocab_chunk=32)
+    options = (
+        dict(chunk_rows=6)
+        if impl == "torch"
+        else dict(block_pairs=16, block_v=16, block_d=16, v_splits=3, vocab_chunk=32)
+    )
     result = run_impl(case, impl, torch.float32, device, **options)
     _assert_metrics(result, oracle)
     errors = _errors(result, oracle)
