@@ -77,6 +77,7 @@ def signature(kernel, dtype_name: str, config: TileConfig, variant: dict):
         BLOCK_M=config.block_m,
         BLOCK_V=config.block_v,
         BLOCK_D=config.block_d,
+        GRAD_GROUP=triton_sftmix.GRAD_TILE_GROUP,
         **variant,
     )
     for index, param in enumerate(kernel.params):

@@ -9,14 +9,14 @@ the side-a and side-b hidden tiles and forms both logits tiles with `tl.dot` on 
 z~ = lam z_a + (1 - lam) z_b is elementwise in registers: mixing costs no matrix product, and a program whose tile
 holds no mixed pair skips the z~ work altogether (a runtime branch on the tile index).
 
-Forward (`_sftmix_forward_kernel`): grid (pair tiles, vocabulary splits). Each program runs over its vocabulary range
+Forward (`_sftmix_forward_kernel`): one program per (pair tile, vocabulary split), the splits of a tile adjacent. Each program runs over its vocabulary range
 block by block with an online max / sum-exp, keeping per row: max, sum exp(z - max), sum exp(z - max) z (entropy),
 the target logit and the first argmax; per mixed pair: max, sum-exp and lam z~[t_p] + (1 - lam) z~[t_q] of z~. The
 few partials of the splits are combined in PyTorch (O(N) work). FLOPs: 2 N D V.
 
 Gradient (launched right after the forward when an input needs one: the loss is a scalar, so the autograd
 Function's backward only scales the result). The vocabulary is walked in chunks of C columns. For each chunk,
-`_logit_grad_kernel` (grid: pair tiles, vocabulary blocks of the chunk) recomputes the chunk's logits from the
+`_logit_grad_kernel` (one program per pair tile and vocabulary block of the chunk, in groups of tiles) recomputes the chunk's logits from the
 forward's log-sum-exps, forms the logit gradient in fp32 registers,
 
     G_a = ntp_scale (softmax(z_a) - e_{t_a}) + lam g,   G_b = ntp_scale (softmax(z_b) - e_{t_b}) + (1 - lam) g,
@@ -55,6 +55,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # the backward's logit-gradient chunk holds at most this many elements (N x C): 128 MiB in bf16
 GRAD_CHUNK_ELEMENTS = 1 << 26
+# pair tiles per group of the gradient kernel's program order (see `_program_cell`): at the Llama-3-8B head the 132
+# programs resident on an H100 then touch 8 H panels (8 MiB) and ~17 W blocks (17 MiB), which fit in its 50 MB L2
+GRAD_TILE_GROUP = 8
 # integer arguments that vary from call to call: never specialized (== 1, % 16), so no recompilation as N changes
 _VARYING = ["num_slots", "num_pairs", "num_pair_slots", "rest_half"]
 
@@ -86,11 +89,11 @@ TILE_CONFIGS = {
         "logit_grad": TileConfig(64, 64, 64, 8, 3),
     },
     ("sm_90", "fp32"): {
-        "forward": TileConfig(32, 64, 32, 8, 3),
+        "forward": TileConfig(32, 32, 16, 8, 3),
         "logit_grad": TileConfig(32, 64, 32, 8, 3),
     },
     ("sm_80", "fp32"): {
-        "forward": TileConfig(32, 64, 32, 8, 3),
+        "forward": TileConfig(32, 32, 16, 8, 3),
         "logit_grad": TileConfig(32, 64, 32, 8, 3),
     },
 }
@@ -118,6 +121,20 @@ def _softcap(z, softcap, SOFTCAP: tl.constexpr):
     if SOFTCAP:
         z = softcap * (1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0))
     return z
+
+
+@triton.jit
+def _program_cell(num_tiles, num_columns, GROUP: tl.constexpr):
+    """(pair tile, vocabulary column) of this program in a 1-D grid of num_tiles x num_columns programs: groups of
+    GROUP tiles, the tile index fastest inside a group. The programs resident at once then share a few H panels and
+    a few W blocks, which stay in L2 (tile-fastest over all tiles would re-read every H panel from HBM for each
+    vocabulary block once they exceed L2)."""
+    pid = tl.program_id(0)
+    per_group = GROUP * num_columns
+    first_tile = (pid // per_group) * GROUP
+    group_size = tl.minimum(num_tiles - first_tile, GROUP)
+    local = pid % per_group
+    return first_tile + local % group_size, local // group_size
 
 
 @triton.jit
@@ -205,7 +222,7 @@ def _ntp_block(z, cols, col_ok, target, run_max, run_sum, run_zsum, run_target, 
     return new_max, run_sum, run_zsum, run_target, run_arg
 
 
-@triton.jit(do_not_specialize=[*_VARYING, "cols_per_split"])
+@triton.jit(do_not_specialize=[*_VARYING, "cols_per_split", "num_tiles", "num_splits"])
 def _sftmix_forward_kernel(
     hidden_ptr,
     weight_ptr,
@@ -232,6 +249,8 @@ def _sftmix_forward_kernel(
     ignore_index,
     softcap,
     cols_per_split,
+    num_tiles,
+    num_splits,
     HAS_BIAS: tl.constexpr,
     SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -240,8 +259,8 @@ def _sftmix_forward_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
+    # GROUP = 1: the splits of a tile run side by side and share its H panel
+    pid, split = _program_cell(num_tiles, num_splits, 1)
     k, is_pair, slot_a, slot_b, ok_a, ok_b, target_a, target_b = _pair_tile(
         pid, ntp_targets_ptr, num_slots, num_pairs, num_pair_slots, rest_half, ignore_index, BLOCK_M
     )
@@ -321,7 +340,7 @@ def _soft_ce_grad(
     return tl.where(col_ok[None, :], grad * row_scale[:, None], 0.0)
 
 
-@triton.jit(do_not_specialize=[*_VARYING, "chunk_start", "chunk_end"])
+@triton.jit(do_not_specialize=[*_VARYING, "chunk_start", "chunk_end", "num_tiles", "num_column_blocks"])
 def _logit_grad_kernel(
     hidden_ptr,
     weight_ptr,
@@ -346,6 +365,8 @@ def _logit_grad_kernel(
     stride_g,
     ignore_index,
     softcap,
+    num_tiles,
+    num_column_blocks,
     HAS_BIAS: tl.constexpr,
     SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -353,10 +374,11 @@ def _logit_grad_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    GRAD_GROUP: tl.constexpr,
 ):
     """G[slot, v - chunk_start] for the columns v in [chunk_start, chunk_end), in grad_logits' dtype."""
-    pid = tl.program_id(0)
-    chunk_cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    pid, column_block = _program_cell(num_tiles, num_column_blocks, GRAD_GROUP)
+    chunk_cols = column_block * BLOCK_V + tl.arange(0, BLOCK_V)
     cols = chunk_start + chunk_cols
     col_ok = cols < chunk_end
     k, is_pair, slot_a, slot_b, ok_a, ok_b, target_a, target_b = _pair_tile(
@@ -521,10 +543,12 @@ def forward_launch(hidden_slots, weight, bias, layout: RowLayout, options: SFTMi
         mix_targets_ptr=layout.mix_targets,
         vocab_size=vocab_size,
         cols_per_split=cols_per_split,
+        num_tiles=num_tiles,
+        num_splits=splits,
         HAS_BIAS=bias is not None,
         **buffers,
     )
-    return KernelLaunch(_sftmix_forward_kernel, (num_tiles, splits), config, args), buffers
+    return KernelLaunch(_sftmix_forward_kernel, (num_tiles * splits,), config, args), buffers
 
 
 def _forward(hidden_slots, weight, bias, layout: RowLayout, options: SFTMixLossOptions):
@@ -596,7 +620,8 @@ def logit_grad_launch(
     args = _common_args(hidden_slots, weight, layout, options)
     config = _config("logit_grad", hidden_slots, options, args["num_pair_slots"], weight)
     chunk_end = chunk_start + grad_logits.shape[1]
-    grid = (triton.cdiv(args["num_pair_slots"], config.block_m), triton.cdiv(grad_logits.shape[1], config.block_v))
+    num_tiles = triton.cdiv(args["num_pair_slots"], config.block_m)
+    num_column_blocks = triton.cdiv(grad_logits.shape[1], config.block_v)
     args.update(
         hidden_ptr=hidden_slots,
         weight_ptr=weight,
@@ -612,9 +637,12 @@ def logit_grad_launch(
         chunk_start=chunk_start,
         chunk_end=chunk_end,
         stride_g=grad_logits.stride(0),
+        num_tiles=num_tiles,
+        num_column_blocks=num_column_blocks,
         HAS_BIAS=bias is not None,
+        GRAD_GROUP=GRAD_TILE_GROUP,
     )
-    return KernelLaunch(_logit_grad_kernel, grid, config, args)
+    return KernelLaunch(_logit_grad_kernel, (num_tiles * num_column_blocks,), config, args)
 
 
 def _gradients(hidden_slots, weight, bias, layout, options, lse, mix_lse, ntp_scale, mix_scale, needs_grad, num_rows):
