@@ -55,11 +55,13 @@ def make_inputs(num_rows, hidden_size, vocab_size, dtype, device, mix_fraction, 
     """Random head inputs; a tenth of the rows ignored (prompt); ``mix_fraction`` of the rows in mixed pairs;
     ``logit_softcap`` the head's soft cap (None: none), which every implementation applies.
 
-    Built in place so that no transient copy of the weight raises the peak before a measurement starts.
+    The two large tensors are drawn on the device (no multi-GB host tensor, no host-to-device copy of the weight),
+    before any measurement starts; the small ones on the host.
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    hidden = torch.randn(num_rows, hidden_size, generator=gen).to(device=device, dtype=dtype)
-    weight = torch.randn(vocab_size, hidden_size, generator=gen).div_(hidden_size**0.5).to(device=device, dtype=dtype)
+    device_gen = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(num_rows, hidden_size, generator=device_gen, device=device).to(dtype)
+    weight = torch.randn(vocab_size, hidden_size, generator=device_gen, device=device).div_(hidden_size**0.5).to(dtype)
     targets = torch.randint(0, vocab_size, (num_rows,), generator=gen)
     targets[torch.rand(num_rows, generator=gen) < 0.1] = -100
     valid_rows = torch.nonzero(targets != -100).flatten()
