@@ -4,6 +4,9 @@
     python bench/kernel.py --quick               # CPU: SmolLM2's head, N = 1024 timings + N = 4096 peak memory, fp32
     python bench/kernel.py --shapes llama-3-8b --tokens 8192 --impls reference triton triton_nomix
 
+Heads (bench/kernel_model.py's HEADS, which the cost model prices too): SmolLM2-135M, Llama-3-8B, Qwen2.5-7B and
+Gemma-2-2B, the last with its logit soft cap 30.0, which every implementation applies.
+
 Rows: `reference` (dense eager PyTorch, the tests' oracle twin, materializes h_mix and a third logits tensor),
 `compile` (torch.compile of that reference), `torch` (chunked), `triton`, `triton_nomix` (same kernel, P = 0: what
 mixing costs), `liger` (Liger-Kernel's fused linear cross-entropy for NTP plus the naive dense mixup term; only
@@ -37,8 +40,8 @@ import time
 from pathlib import Path
 
 import torch
+from kernel_model import HEADS  # (hidden size, vocabulary, logit soft cap)
 
-HEADS = {"smollm2-135m": (576, 49152), "llama-3-8b": (4096, 128256), "qwen2.5-7b": (3584, 152064)}
 IMPLS = ("reference", "compile", "torch", "triton", "triton_nomix", "liger")
 MODES = ("fwd", "bwd", "full")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -48,14 +51,17 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MIXUP_COEF = 0.2
 
 
-def make_inputs(num_rows, hidden_size, vocab_size, dtype, device, mix_fraction, seed=0):
-    """Random head inputs; a tenth of the rows ignored (prompt); ``mix_fraction`` of the rows in mixed pairs.
+def make_inputs(num_rows, hidden_size, vocab_size, dtype, device, mix_fraction, seed=0, logit_softcap=None):
+    """Random head inputs; a tenth of the rows ignored (prompt); ``mix_fraction`` of the rows in mixed pairs;
+    ``logit_softcap`` the head's soft cap (None: none), which every implementation applies.
 
-    Built in place so that no transient copy of the weight raises the peak before a measurement starts.
+    The two large tensors are drawn on the device (no multi-GB host tensor, no host-to-device copy of the weight),
+    before any measurement starts; the small ones on the host.
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    hidden = torch.randn(num_rows, hidden_size, generator=gen).to(device=device, dtype=dtype)
-    weight = torch.randn(vocab_size, hidden_size, generator=gen).div_(hidden_size**0.5).to(device=device, dtype=dtype)
+    device_gen = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(num_rows, hidden_size, generator=device_gen, device=device).to(dtype)
+    weight = torch.randn(vocab_size, hidden_size, generator=device_gen, device=device).div_(hidden_size**0.5).to(dtype)
     targets = torch.randint(0, vocab_size, (num_rows,), generator=gen)
     targets[torch.rand(num_rows, generator=gen) < 0.1] = -100
     valid_rows = torch.nonzero(targets != -100).flatten()
@@ -71,6 +77,7 @@ def make_inputs(num_rows, hidden_size, vocab_size, dtype, device, mix_fraction, 
         "mix_lambda": torch.sin(torch.rand(num_pairs, generator=gen) * torch.pi / 2).square().to(device),
         "mix_weight": torch.full((num_pairs,), 1.0 / max(num_pairs, 1), device=device),
         "ntp_normalizer": (targets != -100).sum().to(device),
+        "logit_softcap": logit_softcap,
     }
 
 
@@ -80,7 +87,7 @@ def loss_function(impl, inputs):
     from sftmix_trl.kernels.reference import sftmix_loss_reference
 
     args = [inputs[k] for k in ("hidden", "weight", "targets", "mix_index", "mix_lambda", "mix_weight")]
-    normalizer = inputs["ntp_normalizer"]
+    normalizer, softcap = inputs["ntp_normalizer"], inputs["logit_softcap"]
     if impl in ("reference", "torch", "triton", "triton_nomix"):
         if impl == "triton_nomix":
             args[3:] = [args[3][:0], args[4][:0], args[5][:0]]
@@ -90,8 +97,9 @@ def loss_function(impl, inputs):
 
         def run():
             return sftmix_linear_cross_entropy(
-                *args, ntp_normalizer=normalizer, mixup_coef=MIXUP_COEF, impl=name, validate=False
-            ).loss
+                *args, ntp_normalizer=normalizer, mixup_coef=MIXUP_COEF, impl=name, validate=False,
+                logit_softcap=softcap,
+            ).loss  # fmt: skip
 
         return run
     if impl == "compile":
@@ -100,7 +108,7 @@ def loss_function(impl, inputs):
             out = sftmix_loss_reference(
                 hidden, weight, targets, mix_index, mix_lambda, mix_weight,
                 bias=None, ntp_mask=None, ntp_normalizer=normalizer, mixup_coef=MIXUP_COEF, ignore_index=-100,
-                logit_softcap=None,
+                logit_softcap=softcap,
             )  # fmt: skip
             return out.loss, out.num_correct, out.entropy
 
@@ -113,7 +121,7 @@ def loss_function(impl, inputs):
             return None
         if args[0].device.type != "cuda":
             return None
-        ntp_loss = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="sum")
+        ntp_loss = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="sum", softcap=softcap)
         hidden, weight, targets, mix_index, mix_lambda, mix_weight = args
 
         def run():
@@ -122,7 +130,8 @@ def loss_function(impl, inputs):
             # the naive mixup term: h_mix, a third head product, a dense P x V logits tensor
             lam = mix_lambda[:, None].to(hidden.dtype)
             mixed = (lam * hidden[mix_index[:, 0]] + (1 - lam) * hidden[mix_index[:, 1]]) @ weight.T
-            log_probs = torch.log_softmax(mixed.float(), dim=-1)
+            mixed = mixed.float() if softcap is None else softcap * torch.tanh(mixed.float() / softcap)
+            log_probs = torch.log_softmax(mixed, dim=-1)
             soft_nll = -(
                 mix_lambda * log_probs.gather(1, targets[mix_index[:, 0], None]).squeeze(1)
                 + (1 - mix_lambda) * log_probs.gather(1, targets[mix_index[:, 1], None]).squeeze(1)
@@ -181,13 +190,13 @@ def reset_peak_rss():
         clear_refs.write("5")
 
 
-def peak_memory(impl, num_rows, hidden_size, vocab_size, dtype, device, mix_fraction):
+def peak_memory(impl, num_rows, hidden_size, vocab_size, dtype, device, mix_fraction, softcap=None):
     """(peak MiB of one full step above the inputs, (loss, grad hidden, grad weight) of that step), or None.
 
     On CPU both come from a fresh subprocess.
     """
     if device.type == "cuda":
-        inputs = make_inputs(num_rows, hidden_size, vocab_size, dtype, device, mix_fraction)
+        inputs = make_inputs(num_rows, hidden_size, vocab_size, dtype, device, mix_fraction, logit_softcap=softcap)
         run = loss_function(impl, inputs)
         if run is None:
             return None
@@ -204,14 +213,15 @@ def peak_memory(impl, num_rows, hidden_size, vocab_size, dtype, device, mix_frac
     with tempfile.TemporaryDirectory() as tmp:
         result_path = Path(tmp) / "result.pt"
         command = [sys.executable, __file__, "--memory-probe", impl, str(num_rows), str(hidden_size)]
-        command += [str(vocab_size), _dtype_name(dtype), str(mix_fraction), str(result_path)]
+        command += [str(vocab_size), _dtype_name(dtype), str(mix_fraction), str(softcap), str(result_path)]
         probe = subprocess.run(command, capture_output=True, text=True, check=True)
         return json.loads(probe.stdout.strip().splitlines()[-1])["peak_mib"], torch.load(result_path)
 
 
-def _memory_probe(impl, num_rows, hidden_size, vocab_size, dtype_name, mix_fraction, result_path):
+def _memory_probe(impl, num_rows, hidden_size, vocab_size, dtype_name, mix_fraction, softcap, result_path):
     """Subprocess body: peak RSS of one full step above the inputs (a compiled impl runs once before)."""
-    inputs = make_inputs(num_rows, hidden_size, vocab_size, DTYPES[dtype_name], torch.device("cpu"), mix_fraction)
+    dtype, cpu = DTYPES[dtype_name], torch.device("cpu")
+    inputs = make_inputs(num_rows, hidden_size, vocab_size, dtype, cpu, mix_fraction, logit_softcap=softcap)
     run = loss_function(impl, inputs)
     if impl == "compile":
         loss_and_grads(run, inputs)
@@ -307,13 +317,15 @@ def main(argv=None):
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--machine", default=None, help="device name written to the CSV (default: detected)")
     parser.add_argument("--csv", type=Path, default=None)
-    parser.add_argument("--memory-probe", nargs=7, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-probe", nargs=8, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_probe:
-        impl, num_rows, hidden_size, vocab_size, dtype_name, mix_fraction, result_path = args.memory_probe
+        impl, num_rows, hidden_size, vocab_size, dtype_name, mix_fraction, softcap, result_path = args.memory_probe
+        softcap = None if softcap == "None" else float(softcap)
         _memory_probe(
-            impl, int(num_rows), int(hidden_size), int(vocab_size), dtype_name, float(mix_fraction), result_path
-        )
+            impl, int(num_rows), int(hidden_size), int(vocab_size), dtype_name, float(mix_fraction), softcap,
+            result_path,
+        )  # fmt: skip
         return
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -340,7 +352,7 @@ def main(argv=None):
 
         def emit(shape, num_rows, impl, mode, metric, unit, values):
             median, p20, p80 = _percentiles(values)
-            hidden_size, vocab_size = HEADS[shape]
+            hidden_size, vocab_size, _ = HEADS[shape]
             row = dict(kernel="sftmix_linear_cross_entropy", impl=impl, mode=mode, metric=metric, unit=unit)
             row.update(N=num_rows, D=hidden_size, V=vocab_size, dtype=_dtype_name(dtype), device=label, date=date)
             row.update(median=f"{median:.6g}", p20=f"{p20:.6g}", p80=f"{p80:.6g}", version=version)
@@ -350,9 +362,11 @@ def main(argv=None):
                   f"{median:>10.4g} {p20:>10.4g} {p80:>10.4g}")  # fmt: skip
 
         for shape in args.shapes:
-            hidden_size, vocab_size = HEADS[shape]
+            hidden_size, vocab_size, softcap = HEADS[shape]
             for num_rows in args.tokens:
-                inputs = make_inputs(num_rows, hidden_size, vocab_size, dtype, device, args.mix_fraction)
+                inputs = make_inputs(
+                    num_rows, hidden_size, vocab_size, dtype, device, args.mix_fraction, logit_softcap=softcap
+                )
                 for impl in args.impls:
                     run = loss_function(impl, inputs)
                     if run is None:
@@ -374,7 +388,7 @@ def main(argv=None):
                 for impl in sorted(args.impls, key=lambda impl: impl != "reference"):
                     try:
                         measured = peak_memory(
-                            impl, num_rows, hidden_size, vocab_size, dtype, device, args.mix_fraction
+                            impl, num_rows, hidden_size, vocab_size, dtype, device, args.mix_fraction, softcap
                         )
                     except (torch.OutOfMemoryError, subprocess.CalledProcessError) as error:
                         print(f"{shape:>13} {num_rows:>6} {impl:>13} memory probe failed: {type(error).__name__}")

@@ -1,0 +1,177 @@
+#!/usr/bin/env bash
+# One-shot GPU check of the fused SFTMix loss (issue #11): the `gpu`-marked kernel tests and the kernel benchmark at
+# the Llama-3-8B and Gemma-2-2B heads (bf16, N = 8192: triton, triton_nomix, torch, reference, compile, liger when
+# installed), on a CUDA machine that has only torch, triton and pytest (no TRL, datasets or transformers needed), in
+# under 6 minutes.
+#
+#     bash bench/gpu_check.sh              # on the GPU machine, from anywhere; results under $OUT when it is set
+#     bash bench/gpu_check.sh --dry-run    # here, on CPU: the same steps at tiny shapes (plumbing, not figures)
+#     bash bench/gpu_check.sh --steps bench,tests   # only these steps (environment, bench, tests, compile)
+#
+# Nothing is installed: the package is laid out as it installs (sftmix_trl/ with kernels/ as sftmix_trl.kernels)
+# in a temporary folder on PYTHONPATH. The kernel tests run with tests/conftest.py left out (it builds the tiny
+# transformers models) and with `trl`, `datasets` and `transformers` made unimportable, so a test that needs them
+# fails loudly instead of passing here and failing there.
+#
+# Steps, most valuable first, each under its own timeout cut to what is left of the budget (GPU_CHECK_BUDGET_S,
+# default 340 s); a step with under 20 s left is skipped and says so:
+#   1. environment (GPU, driver, python, torch, triton) and the package import check
+#   2. kernel benchmark, each head: triton, triton_nomix, torch, reference (+ liger), --check (relative errors)
+#   3. the `gpu`-marked tests in tests/kernels (--dry-run: collection only, there is no GPU)
+#   4. kernel benchmark, each head: torch.compile of the reference (compile warm-up inside the step's timeout)
+#   5. summary (bench/gpu_check_summary.py): issue #11's bars on the measured rows, beside the cost model
+# Files (at most 8, for the device tool): gpu-check.log, summary.txt, kernel.csv, gpu-tests.xml.
+# Environment: OUT (results folder; default bench/results/gpu-check), PYTHON (default python3, or .venv/bin/python
+# here), GPU_CHECK_BUDGET_S, GPU_CHECK_MACHINE (device name for the CSV; default: torch's), GPU_CHECK_COMMIT (the
+# commit, where the copy has no .git).
+set -u -o pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DRY_RUN=0
+STEPS=environment,bench,tests,compile
+while (($#)); do
+    case "$1" in
+        --dry-run) DRY_RUN=1 ;;
+        --steps) STEPS="${2:?--steps needs a comma-separated list}"; shift ;;
+        --steps=*) STEPS="${1#--steps=}" ;;
+        -h | --help) sed -n '2,/^set -u/p' "${BASH_SOURCE[0]}" | sed '$d'; exit 0 ;;
+        *) echo "gpu_check.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+for step in ${STEPS//,/ }; do
+    case "$step" in
+        environment | bench | tests | compile) ;;
+        *) echo "gpu_check.sh: unknown step '$step' in --steps (environment, bench, tests, compile)" >&2; exit 2 ;;
+    esac
+done
+wants() { [[ ",$STEPS," == *",$1,"* ]]; }
+
+if [[ -n "${PYTHON:-}" ]]; then :
+elif [[ -x "$REPO/.venv/bin/python" && $DRY_RUN == 1 ]]; then PYTHON="$REPO/.venv/bin/python"
+else PYTHON=python3
+fi
+RESULTS="${OUT:-$REPO/bench/results/gpu-check}"
+mkdir -p "$RESULTS" || { echo "gpu_check.sh: cannot create $RESULTS" >&2; exit 2; }
+LOG="$RESULTS/gpu-check.log"
+SUMMARY="$RESULTS/summary.txt"
+CSV="$RESULTS/kernel.csv"
+: >"$LOG"
+: >"$SUMMARY"
+rm -f "$CSV" "$RESULTS/gpu-tests.xml"
+BUDGET_S="${GPU_CHECK_BUDGET_S:-340}"
+START_S=$SECONDS
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
+
+log() { echo "$*" | tee -a "$LOG"; }
+note() { echo "$*" | tee -a "$LOG" >>"$SUMMARY"; }
+
+# run_step NAME CAP_S COMMAND...: COMMAND under `timeout` (CAP_S, or what is left of the budget), output to the log
+FAILED=0
+run_step() {
+    local name="$1" cap="$2"
+    shift 2
+    local left=$((BUDGET_S - (SECONDS - START_S)))
+    local limit=$((cap < left ? cap : left))
+    if ((limit < 20)); then
+        note "step $name: SKIPPED (${left}s of the ${BUDGET_S}s budget left)"
+        FAILED=1
+        return 0
+    fi
+    local shown=() word
+    for word in "$@"; do [[ "$word" == *$'\n'* ]] && shown+=("<script>") || shown+=("$word"); done
+    log "=== step $name (timeout ${limit}s): ${shown[*]}"
+    local began=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    local rc=$?
+    local took=$((SECONDS - began))
+    if ((rc == 0)); then
+        note "step $name: ok (${took}s)"
+    elif ((rc == 124 || rc == 137)); then
+        note "step $name: TIMED OUT after ${took}s (rc $rc)"
+        FAILED=1
+    else
+        note "step $name: FAILED (rc $rc, ${took}s)"
+        FAILED=1
+    fi
+}
+
+# the package as it installs, on PYTHONPATH: no pip, no network, no TRL
+SITE="$(mktemp -d)/site"
+trap 'rm -rf "$(dirname "$SITE")"' EXIT
+mkdir -p "$SITE/sftmix_trl"
+cp -r "$REPO/sftmix_trl/." "$SITE/sftmix_trl/"
+cp -r "$REPO/kernels" "$SITE/sftmix_trl/kernels"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+# python -P: the working directory is not put on sys.path (the checkout's sftmix_trl/ lacks kernels/)
+BLOCK_TRL="import sys; sys.modules.update(trl=None, datasets=None, transformers=None)"
+IMPORT_CHECK="$BLOCK_TRL
+import os, sftmix_trl.kernels as kernels
+assert os.path.realpath(kernels.__file__).startswith(os.path.realpath('$SITE')), kernels.__file__"
+
+if ((DRY_RUN)); then
+    export TRITON_INTERPRET=1
+    DEVICE_ARGS=(--device cpu --dtype fp32)
+    HEAD_ARGS=(smollm2-135m)
+    SIZE_ARGS=(--tokens 64 --repeats 1 --warmup 0)
+else
+    unset TRITON_INTERPRET
+    DEVICE_ARGS=(--device cuda --dtype bf16)
+    HEAD_ARGS=(llama-3-8b gemma-2-2b)
+    SIZE_ARGS=(--tokens 8192 --repeats 10 --warmup 2)
+fi
+MACHINE_ARGS=()
+[[ -n "${GPU_CHECK_MACHINE:-}" ]] && MACHINE_ARGS=(--machine "$GPU_CHECK_MACHINE")
+COMMIT="${GPU_CHECK_COMMIT:-$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+
+ENVIRONMENT_PY="$IMPORT_CHECK
+import platform, torch
+try:
+    import triton; triton_version = triton.__version__
+except ImportError:
+    triton_version = 'none'
+try:
+    import liger_kernel; liger = 'present'
+except ImportError:
+    liger = 'absent'
+cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'
+print(f'python {platform.python_version()}; torch {torch.__version__}; triton {triton_version}; liger {liger}; {cuda}')
+print('sftmix_trl.kernels imports from', kernels.__file__, 'without trl, datasets or transformers')"
+
+# pytest with sftmix_trl.kernels already imported from $SITE, tests/conftest.py left out (--confcutdir)
+PYTEST_PY="$IMPORT_CHECK
+import pytest
+sys.exit(pytest.main(sys.argv[1:]))"
+TEST_ARGS=(tests/kernels -m gpu -q --confcutdir=tests/kernels -o pythonpath= -p no:cacheprovider)
+TEST_ARGS+=(--junitxml="$RESULTS/gpu-tests.xml")
+((DRY_RUN)) && TEST_ARGS+=(--collect-only)
+
+BENCH_ARGS=("${DEVICE_ARGS[@]}" "${SIZE_ARGS[@]}" --modes full --csv "$CSV" "${MACHINE_ARGS[@]}")
+
+log "gpu_check.sh: results in $RESULTS; budget ${BUDGET_S}s"
+cd "$REPO" || exit 2
+if command -v nvidia-smi >/dev/null 2>&1; then
+    run_step nvidia-smi 20 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm \
+        --format=csv
+else
+    note "nvidia-smi: not found"
+fi
+note "commit $COMMIT; dry run $DRY_RUN; python $PYTHON; steps $STEPS"
+wants environment && run_step environment 60 "$PYTHON" -P -c "$ENVIRONMENT_PY"
+if wants bench; then
+    for head in "${HEAD_ARGS[@]}"; do
+        run_step "bench-$head" 110 "$PYTHON" bench/kernel.py --shapes "$head" "${BENCH_ARGS[@]}" \
+            --impls triton triton_nomix torch liger reference --check
+    done
+fi
+wants tests && run_step gpu-tests 100 "$PYTHON" -P -c "$PYTEST_PY" "${TEST_ARGS[@]}"
+if wants compile; then
+    for head in "${HEAD_ARGS[@]}"; do
+        run_step "compile-$head" 100 "$PYTHON" bench/kernel.py --shapes "$head" "${BENCH_ARGS[@]}" --impls compile
+    done
+fi
+"$PYTHON" bench/gpu_check_summary.py "$CSV" --commit "$COMMIT" 2>&1 | tee -a "$LOG" >>"$SUMMARY"
+log "gpu_check.sh: $((SECONDS - START_S))s in all"
+echo "----- $SUMMARY"
+cat "$SUMMARY"
+exit "$FAILED"

@@ -1,0 +1,90 @@
+"""Issue #11's bars on the rows bench/kernel.py measured, beside the cost model's estimate for the same shapes.
+
+    python bench/gpu_check_summary.py RESULTS.csv [--commit SHA]
+
+For each measured shape: every implementation's full-step time (median), its ratio to the 6 N D V floor priced at
+790 TFLOP/s (the bf16 rate measured on the lent H200s), its peak memory and relative errors against the reference;
+then triton against the bars (with mixing within 1.15x of without, faster than the reference, within 2x of the floor,
+memory at least 10x below the reference) and the MODEL ESTIMATE of bench/kernel_model.py for an H200.
+Only the Python standard library and the model: it runs wherever the benchmark ran.
+"""
+
+import argparse
+import csv
+import os
+import sys
+from collections import defaultdict
+
+import kernel_model
+
+FLOOR_FLOPS = 790e12
+IMPLS = ("triton", "triton_nomix", "torch", "liger", "compile", "reference")
+
+
+def read_medians(csv_path):
+    """({(N, D, V): {(impl, metric): median}}, device) of a bench/kernel.py CSV (empty when it does not exist)."""
+    shapes, device = defaultdict(dict), "no rows"
+    if not os.path.exists(csv_path):
+        return shapes, device
+    with open(csv_path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            shapes[(int(row["N"]), int(row["D"]), int(row["V"]))][(row["impl"], row["metric"])] = float(row["median"])
+            device = row["device"]
+    return shapes, device
+
+
+def bar_checks(got, floor_ms):
+    """Issue #11's four bars for triton, as text; only those whose rows were measured."""
+    t, t_nomix, t_ref = (got.get((impl, "time")) for impl in ("triton", "triton_nomix", "reference"))
+    m, m_ref = got.get(("triton", "peak_memory")), got.get(("reference", "peak_memory"))
+    checks = []
+    if t and t_nomix:
+        checks.append(f"with mixing {t / t_nomix:.3f}x triton_nomix (bar <= 1.15)")
+    if t and t_ref:
+        checks.append(f"{t_ref / t:.2f}x faster than reference (bar > 1)")
+    if t:
+        checks.append(f"{t / floor_ms:.2f}x the floor (bar <= 2)")
+    if m is not None and m_ref:
+        checks.append(f"memory {m_ref / max(m, 1e-9):.1f}x below reference (bar >= 10)")
+    return "; ".join(checks) if checks else "no triton rows"
+
+
+def summarize(csv_path, commit="unknown"):
+    shapes, device = read_medians(csv_path)
+    lines = [f"MEASURED on {device} (commit {commit}): medians of the timed repeats, bench/kernel.py --modes full"]
+    for (n, d, v), got in shapes.items():
+        floor_ms = 6 * n * d * v / FLOOR_FLOPS * 1e3
+        lines.append(f"N={n} D={d} V={v}: 6NDV floor at 790 TFLOP/s = {floor_ms:.2f} ms")
+        lines.append(f"{'impl':>13} {'full ms':>9} {'x floor':>8} {'peak MiB':>9} {'rel err loss/dH/dW':>26}")
+        for impl in IMPLS:
+            time_ms, peak = got.get((impl, "time")), got.get((impl, "peak_memory"))
+            if time_ms is None and peak is None:
+                continue
+            errors = [got.get((impl, f"rel_err_{name}")) for name in ("loss", "grad_hidden", "grad_weight")]
+            errors = "/".join("-" if error is None else f"{error:.1e}" for error in errors)
+            timing = f"{time_ms:9.2f} {time_ms / floor_ms:8.2f}" if time_ms is not None else f"{'-':>9} {'-':>8}"
+            memory = "-" if peak is None else f"{peak:.0f}"
+            lines.append(f"{impl:>13} {timing} {memory:>9} {errors:>26}")
+        lines.append("triton: " + bar_checks(got, floor_ms))
+        for head, (hidden_size, vocab_size, _) in kernel_model.HEADS.items():
+            if (hidden_size, vocab_size) != (d, v) or n % 2:
+                continue
+            for impl, cost in (("design", kernel_model.design_cost), ("eager", kernel_model.eager_cost)):
+                row = cost(head, n, "H200").row()
+                lines.append(
+                    f"MODEL ESTIMATE, H200, {head}, N={n}, {impl}: {row['time_ms']:.1f} ms, "
+                    f"{row['x_floor']:.2f}x the floor, extra memory {row['extra_gb']:.2f} GB"
+                )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("csv", help="a CSV written by bench/kernel.py")
+    parser.add_argument("--commit", default="unknown")
+    args = parser.parse_args(argv)
+    print(summarize(args.csv, args.commit))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

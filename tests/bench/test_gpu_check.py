@@ -1,0 +1,78 @@
+"""bench/gpu_check.sh's plumbing, without a GPU: its dry run lays the package out without installing it, imports the
+kernels and collects the `gpu` tests with TRL, datasets and transformers unimportable, and writes the benchmark CSV
+and the summary under $OUT. The GPU figures themselves are not checked here (no timing claims in tests)."""
+
+import csv
+import os
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "bench" / "gpu_check.sh"
+sys.path.append(str(REPO / "bench"))
+
+import gpu_check_summary  # noqa: E402
+
+
+def test_script_parses_and_refuses_unknown_steps():
+    assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
+    result = subprocess.run(["bash", str(SCRIPT), "--steps", "bench,warp"], capture_output=True, text=True)
+    assert result.returncode == 2 and "unknown step 'warp'" in result.stderr
+
+
+@pytest.mark.slow
+def test_dry_run_imports_without_trl_collects_gpu_tests_and_writes_results(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run(
+        ["bash", str(SCRIPT), "--dry-run", "--steps", "environment,bench,tests"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    summary = (tmp_path / "summary.txt").read_text()
+    for step in ("environment", "bench-smollm2-135m", "gpu-tests"):
+        assert f"step {step}: ok" in summary
+    log = (tmp_path / "gpu-check.log").read_text()
+    # the kernels came from the temporary layout, not from this checkout's editable install
+    assert "without trl, datasets or transformers" in log
+    imported_from = next(line for line in log.splitlines() if line.startswith("sftmix_trl.kernels imports from"))
+    assert str(REPO / "kernels") not in imported_from and "/site/sftmix_trl/kernels/" in imported_from
+    # every gpu-marked kernel test collects without tests/conftest.py and without TRL
+    tests = ET.parse(tmp_path / "gpu-tests.xml").getroot().iter("testsuite")
+    assert sum(int(suite.get("errors")) for suite in tests) == 0
+    collected = re.search(r"(\d+)(?:/\d+)? tests? collected", log)
+    assert collected and int(collected.group(1)) >= 10
+    with open(tmp_path / "kernel.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    seen = {(row["impl"], row["metric"]) for row in rows}
+    assert {("reference", "time"), ("torch", "time"), ("torch", "peak_memory"), ("torch", "rel_err_loss")} <= seen
+    assert "MEASURED on" in summary and "MODEL ESTIMATE, H200, smollm2-135m, N=64, design" in summary
+
+
+def test_summary_reports_the_bars_from_the_medians(tmp_path):
+    fields = ("kernel", "impl", "mode", "metric", "unit", "N", "D", "V", "dtype", "median", "p20", "p80", "device")
+    medians = {("triton", "time"): 60.0, ("triton_nomix", "time"): 50.0, ("reference", "time"): 120.0}
+    medians.update({("triton", "peak_memory"): 1000.0, ("reference", "peak_memory"): 20000.0})
+    csv_path = tmp_path / "kernel.csv"
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        for (impl, metric), median in medians.items():
+            row = dict(kernel="k", impl=impl, mode="full", metric=metric, unit="ms", N=8192, D=4096, V=128256)
+            writer.writerow({**row, "dtype": "bf16", "median": median, "p20": median, "p80": median, "device": "GPU"})
+    text = gpu_check_summary.summarize(str(csv_path), "abc1234")
+    floor_ms = 6 * 8192 * 4096 * 128256 / 790e12 * 1e3
+    assert f"floor at 790 TFLOP/s = {floor_ms:.2f} ms" in text
+    assert "with mixing 1.200x triton_nomix" in text
+    assert "2.00x faster than reference" in text
+    assert f"{60.0 / floor_ms:.2f}x the floor" in text
+    assert "memory 20.0x below reference" in text
+    assert "MODEL ESTIMATE, H200, llama-3-8b, N=8192, design" in text
