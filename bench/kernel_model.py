@@ -133,9 +133,11 @@ class Assumptions:
     mixed_ops: int = 8  # per z~ element of a mixed pair, in either kernel
     softcap_ops: int = 4  # per capped element (plus one exp)
     l2_reuse: bool = True
-    split_fastest: bool = False  # program ids split-fastest instead of Triton's tile-fastest order
-    fused_accumulate: bool = False  # dH += G W[chunk] accumulated in the GEMM (no bf16 N x D result)
-    backward_copies_gradients: bool = True  # kernels/function.py's `_scale` writes new gradient tensors
+    # program order (kernels/triton_sftmix.py's `_program_cell`): tiles per group, the tile index fastest inside a
+    # group; None = all tiles in one group (Triton's plain tile-fastest order)
+    forward_group: int | None = 1  # the splits of a tile side by side
+    gradient_group: int | None = 8  # GRAD_TILE_GROUP
+    fused_accumulate: bool = True  # dH + G W[chunk] by one GEMM with fp32 output (addmm out_dtype, CUDA)
     mix_fraction: float = 0.5  # fraction of the rows in mixed pairs: P = mix_fraction N / 2
 
 
@@ -248,22 +250,27 @@ def _dram_s(num_bytes, device: Device, assumptions: Assumptions):
 def triton_pass(name, N, P, D, columns, softcap, device, assumptions, ops, writes_gradient):
     """A fused pass over ``columns`` vocabulary columns: logits of every slot by `tl.dot`, then an epilogue.
 
-    Grid (pair tiles, splits) as `kernels/triton_sftmix.py`: splits = max(1, min(blocks, ceil(2 SMs / tiles))).
+    Programs as `kernels/triton_sftmix.py`: the forward has (pair tiles x splits), splits = max(1, min(blocks,
+    ceil(2 SMs / tiles))), each program walking its split's blocks; the gradient kernel one program per (pair tile,
+    vocabulary block). Program ids run in groups of tiles, the tile index fastest inside a group.
     """
     a = assumptions
-    tiles, splits = grid(N, P, columns, device, a)
+    if writes_gradient:
+        tiles, _ = grid(N, P, columns, device, a)
+        splits, group = math.ceil(columns / a.block_v), a.gradient_group
+    else:
+        (tiles, splits), group = grid(N, P, columns, device, a), a.forward_group
     rows = 2 * a.block_m * tiles  # rows the tiles compute, padding included
     blocks = math.ceil(columns / a.block_v)
     programs = tiles * splits
     resident = min(programs, device.sms * a.programs_per_sm)
     h_panel = 2 * a.block_m * D * BF16
     w_block = a.block_v * D * BF16
-    if a.split_fastest:
-        resident_tiles = min(tiles, math.ceil(resident / splits))
-        resident_blocks = min(splits, resident)
-    else:
-        resident_tiles = min(tiles, resident)
-        resident_blocks = min(splits, math.ceil(resident / tiles))
+    # the resident programs of a group order: up to `group` tiles side by side, more when a group's programs are
+    # fewer than the resident ones
+    group = tiles if group is None else min(group, tiles)
+    resident_tiles = min(tiles, max(min(group, resident), math.ceil(resident / splits)))
+    resident_blocks = min(splits, math.ceil(resident / group))
     working_set = resident_tiles * h_panel + resident_blocks * w_block
     hit = min(1.0, device.l2_bytes / working_set) if a.l2_reuse else 0.0
     # each tile's H panel is loaded once per vocabulary block: the first load from DRAM, the rest from L2 at `hit`
@@ -330,7 +337,8 @@ def design_cost(head, N, device_name, assumptions=Assumptions()):
         per_chunk.append(
             gemm("dW = G^T H (cuBLAS)", columns, D, N, (N * columns + N * D + columns * D) * BF16, device, a)
         )
-        # G W[chunk]: read G and the W chunk; a bf16 N x D result, or accumulated in place in fp32
+        # G W[chunk]: read G and the W chunk; with fp32 output, read the fp32 accumulator and write the next one
+        # (else a bf16 N x D result, added in fp32 by torch)
         result_bytes = 2 * N * D * FP32 if a.fused_accumulate else N * D * BF16
         per_chunk.append(
             gemm("dH += G W (cuBLAS)", N, D, columns, (N * columns + columns * D) * BF16 + result_bytes, device, a)
@@ -338,18 +346,25 @@ def design_cost(head, N, device_name, assumptions=Assumptions()):
         if not a.fused_accumulate:
             per_chunk.append(elementwise("dH accumulate (torch)", N * D * (BF16 + 2 * FP32), device, a))
     phases += _merge(per_chunk)
-    phases.append(elementwise("dH to row order, bf16", N * D * (FP32 + BF16), device, a))
-    if a.backward_copies_gradients:
-        phases.append(elementwise("backward: scaled copies", 2 * (N * D + V * D) * BF16, device, a, launches=2))
+    # zeros, then index_add of the slot-order accumulator
+    phases.append(elementwise("dH to row order (fp32)", 4 * N * D * FP32, device, a, launches=2))
+    # the Function's backward: dW scaled in place (bf16), dH cast from fp32
+    phases.append(
+        elementwise(
+            "backward: scale dW in place, cast dH", 2 * V * D * BF16 + N * D * (FP32 + BF16), device, a, launches=2
+        )
+    )
     forward_extra = {
         "H in slot order": N * D * BF16,
         "dH fp32 accumulator": N * D * FP32,
+        "the GEMM's next fp32 accumulator" if a.fused_accumulate else "G W[chunk] bf16 result": N
+        * D
+        * (FP32 if a.fused_accumulate else BF16),
         "one G chunk": N * C * BF16,
-        "G W[chunk] bf16 result": 0 if a.fused_accumulate else N * D * BF16,
         "stats and partials": partial_bytes + (N + P) * FP32 * 4,
     }
-    backward_extra = {"scaled gradient copies": (N * D + V * D) * BF16 if a.backward_copies_gradients else 0}
-    # the forward's buffers are freed before backward runs: the peak is the larger of the two groups
+    # afterwards: the slot-order accumulator and the row-order fp32 dH; in backward the fp32 dH beside its bf16 cast
+    backward_extra = {"fp32 dH, slot and row order": 2 * N * D * FP32}
     extra = max(sum(forward_extra.values()), sum(backward_extra.values()))
     parts = {f"{name} (forward)": value for name, value in forward_extra.items()}
     parts.update({f"{name} (backward)": value for name, value in backward_extra.items()})
@@ -419,13 +434,14 @@ def assumption_lines(a: Assumptions):
         f"cuBLAS GEMMs at {a.gemm_efficiency:.0%} of peak; fused Triton tl.dot at {a.triton_mma_efficiency:.0%} "
         "(128x128 tiles, 64 FLOP/B from L2, pointer gathers, no TMA / warp specialization), epilogue serialized.",
         f"tiling BLOCK_M={a.block_m} (per side), BLOCK_V={a.block_v}, BLOCK_D={a.block_d}; "
-        f"{a.programs_per_sm} program/SM; program order {'split' if a.split_fastest else 'tile'}-fastest; "
+        f"{a.programs_per_sm} program/SM; program order in groups of {a.forward_group or 'all'} (forward) / "
+        f"{a.gradient_group or 'all'} (gradient) tiles, tile-fastest inside a group; "
         f"H-panel re-reads hit L2 at min(1, L2 / working set){'' if a.l2_reuse else ' -> DISABLED (no L2 reuse)'}.",
         f"every DRAM term at {a.memory_efficiency:.0%} of HBM bandwidth; {a.launch_s * 1e6:.0f} us per launch; "
         "each phase max(compute, memory), phases serial.",
-        f"extra memory beyond inputs and returned gradients; design: backward scaled copies "
-        f"{'counted' if a.backward_copies_gradients else 'not made'}, dH accumulation "
-        f"{'fused' if a.fused_accumulate else 'via a bf16 N x D result'}; eager: 20 N V bytes (24 with a soft cap).",
+        f"extra memory beyond inputs and returned gradients; design: dW scaled in place, dH accumulation "
+        f"{'by a GEMM with fp32 output' if a.fused_accumulate else 'via a bf16 N x D result'}; "
+        "eager: 20 N V bytes (24 with a soft cap).",
     ]
     return lines
 
@@ -496,10 +512,11 @@ def main(argv=None):
     parser.add_argument("--triton-efficiency", type=float, default=Assumptions.triton_mma_efficiency)
     parser.add_argument("--gemm-efficiency", type=float, default=Assumptions.gemm_efficiency)
     parser.add_argument("--no-l2-reuse", action="store_true", help="price every H-panel re-read from DRAM")
-    parser.add_argument("--split-fastest", action="store_true", help="program ids split-fastest (fewer H panels)")
-    parser.add_argument("--fused-accumulate", action="store_true", help="dH accumulated inside the GEMM")
     parser.add_argument(
-        "--no-backward-copy", action="store_true", help="the Function's backward reuses the saved gradients"
+        "--tile-fastest", action="store_true", help="Triton's plain program order (tile index fastest over all tiles)"
+    )
+    parser.add_argument(
+        "--bf16-accumulate", action="store_true", help="dH via a bf16 G W result (torch without addmm out_dtype)"
     )
     args = parser.parse_args(argv)
     for N in args.tokens:
@@ -509,9 +526,9 @@ def main(argv=None):
         triton_mma_efficiency=args.triton_efficiency,
         gemm_efficiency=args.gemm_efficiency,
         l2_reuse=not args.no_l2_reuse,
-        split_fastest=args.split_fastest,
-        fused_accumulate=args.fused_accumulate,
-        backward_copies_gradients=not args.no_backward_copy,
+        forward_group=None if args.tile_fastest else Assumptions.forward_group,
+        gradient_group=None if args.tile_fastest else Assumptions.gradient_group,
+        fused_accumulate=not args.bf16_accumulate,
     )
     rows = model_rows(args.heads, args.tokens, assumptions)
     if args.csv:
