@@ -351,7 +351,7 @@ def _logit_grad_kernel(
     lse_ptr,
     mix_lse_ptr,
     mix_scale_ptr,
-    ntp_scale_ptr,
+    ntp_row_scale_ptr,
     grad_logits_ptr,
     num_slots,
     num_pairs,
@@ -389,12 +389,11 @@ def _logit_grad_kernel(
         HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
     )  # fmt: skip
 
-    # NTP part: ntp_scale (softmax(z) - e_t) on valid rows (lse = +inf on padding rows makes softmax 0 there)
-    ntp_scale = tl.load(ntp_scale_ptr)
+    # NTP part: each slot's scale times (softmax(z) - e_t); the scale is 0 on slots without an NTP term
     lse_a = tl.load(lse_ptr + slot_a, mask=ok_a, other=float("inf"))
     lse_b = tl.load(lse_ptr + slot_b, mask=ok_b, other=float("inf"))
-    scale_a = tl.where(target_a != ignore_index, ntp_scale, 0.0)
-    scale_b = tl.where(target_b != ignore_index, ntp_scale, 0.0)
+    scale_a = tl.load(ntp_row_scale_ptr + slot_a, mask=ok_a, other=0.0)
+    scale_b = tl.load(ntp_row_scale_ptr + slot_b, mask=ok_b, other=0.0)
     no_weight = tl.zeros((BLOCK_M,), dtype=tl.float32)
     one_weight = no_weight + 1.0
     grad_a = _soft_ce_grad(z_a, lse_a, one_weight, target_a, no_weight, target_a, scale_a, cols, col_ok, softcap,
@@ -614,7 +613,7 @@ def _accumulate_product(out, a, b):
 
 
 def logit_grad_launch(
-    hidden_slots, weight, bias, layout, options, lse, mix_lse, ntp_scale, mix_scale, grad_logits, chunk_start
+    hidden_slots, weight, bias, layout, options, lse, mix_lse, ntp_row_scale, mix_scale, grad_logits, chunk_start
 ):
     """KernelLaunch of the logit-gradient kernel for the columns [chunk_start, chunk_start + grad_logits.shape[1])."""
     args = _common_args(hidden_slots, weight, layout, options)
@@ -632,7 +631,7 @@ def logit_grad_launch(
         lse_ptr=lse,
         mix_lse_ptr=mix_lse,
         mix_scale_ptr=mix_scale,
-        ntp_scale_ptr=ntp_scale,
+        ntp_row_scale_ptr=ntp_row_scale,
         grad_logits_ptr=grad_logits,
         chunk_start=chunk_start,
         chunk_end=chunk_end,
@@ -645,8 +644,23 @@ def logit_grad_launch(
     return KernelLaunch(_logit_grad_kernel, (num_tiles * num_column_blocks,), config, args)
 
 
-def _gradients(hidden_slots, weight, bias, layout, options, lse, mix_lse, ntp_scale, mix_scale, needs_grad, num_rows):
-    """((dH, dW, db) / grad_scale, grad_scale): dH (rows in input order) and db in fp32, dW in the input dtype."""
+def _gradients(
+    hidden_slots,
+    weight,
+    bias,
+    layout,
+    options,
+    lse,
+    mix_lse,
+    ntp_scale,
+    ntp_row_scale,
+    mix_scale,
+    needs_grad,
+    num_rows,
+):
+    """((dH, dW, db) / grad_scale, grad_scale): dH (rows in input order) and db in fp32, dW in the input dtype.
+    ``ntp_row_scale`` (S,) is dL/dNLL of each slot: ``ntp_scale`` (0-dim, 1 / normalizer) on the slots with an NTP
+    term, 0 elsewhere."""
     need_hidden, need_weight, need_bias = needs_grad
     (vocab_size, hidden_size), num_slots = weight.shape, hidden_slots.shape[0]
     device, new = hidden_slots.device, dict(dtype=torch.float32, device=hidden_slots.device)
@@ -654,7 +668,7 @@ def _gradients(hidden_slots, weight, bias, layout, options, lse, mix_lse, ntp_sc
     grad_scale = ntp_scale.float().reshape(())
     if mix_scale.numel():
         grad_scale = torch.maximum(grad_scale, mix_scale.float().max())
-    ntp_scale = (ntp_scale.float() / grad_scale).reshape(1)
+    ntp_row_scale = (ntp_row_scale / grad_scale).contiguous()
     mix_scale = (mix_scale.float() / grad_scale).contiguous()
 
     block_v = _config("logit_grad", hidden_slots, options, num_slots, weight).block_v
@@ -669,7 +683,17 @@ def _gradients(hidden_slots, weight, bias, layout, options, lse, mix_lse, ntp_sc
         chunk_end = min(chunk_start + chunk, vocab_size)
         grad_logits = grad_logits_buffer[:, : chunk_end - chunk_start]
         logit_grad_launch(
-            hidden_slots, weight, bias, layout, options, lse, mix_lse, ntp_scale, mix_scale, grad_logits, chunk_start
+            hidden_slots,
+            weight,
+            bias,
+            layout,
+            options,
+            lse,
+            mix_lse,
+            ntp_row_scale,
+            mix_scale,
+            grad_logits,
+            chunk_start,
         )()
         if need_weight:
             # dW[chunk] = G^T H
@@ -696,7 +720,10 @@ def loss_and_grads(hidden, weight, bias, layout, options, ntp_scale, mix_scale, 
     stats, lse, mix_lse = _forward(hidden_slots, weight, bias, layout, options)
     if not any(needs_grad):
         return stats, (None, None, None), None
+    # dL/dNLL of each slot: 1 / normalizer where the slot has an NTP term
+    ntp_row_scale = torch.where(layout.ntp_targets != options.ignore_index, ntp_scale.float(), 0.0)
     grads, grad_scale = _gradients(
-        hidden_slots, weight, bias, layout, options, lse, mix_lse, ntp_scale, mix_scale, needs_grad, hidden.shape[0]
-    )
+        hidden_slots, weight, bias, layout, options, lse, mix_lse, ntp_scale, ntp_row_scale, mix_scale, needs_grad,
+        hidden.shape[0],
+    )  # fmt: skip
     return stats, grads, grad_scale

@@ -50,7 +50,7 @@ BIND = textwrap.dedent(
         grad_logits = torch.empty(layout.rows.numel(), 128, dtype=torch.bfloat16)
         grads = [
             triton_sftmix.logit_grad_launch(
-                slots, weight, None, layout, options, lse, mix, torch.ones(1), mix, grad_logits[:, :width], start
+                slots, weight, None, layout, options, lse, mix, torch.ones(layout.rows.numel()), mix, grad_logits[:, :width], start
             )
             for start, width in ((0, 128), (384, 112))
         ]
