@@ -422,8 +422,8 @@ def _logit_grad_kernel(
 
 
 def _config(kernel: str, hidden: torch.Tensor, options: SFTMixLossOptions, num_pair_slots: int, weight) -> TileConfig:
-    """The launch configuration: the options' blocks over the architecture's `TILE_CONFIGS` entry; under the
-    interpreter, large blocks (each program-loop step costs milliseconds there)."""
+    """The launch configuration: the options' blocks over the architecture's `TILE_CONFIGS` entry; off CUDA (the
+    interpreter, the meta device), large blocks (each program-loop step costs milliseconds in the interpreter)."""
     if INTERPRET or hidden.device.type != "cuda":
         vocab_size, hidden_size = weight.shape
         config = TileConfig(
@@ -445,12 +445,12 @@ def _config(kernel: str, hidden: torch.Tensor, options: SFTMixLossOptions, num_p
 
 
 def _common_args(hidden_slots, weight, layout: RowLayout, options: SFTMixLossOptions):
-    """Launch arguments of both kernels, and the number of pair slots."""
+    """Launch arguments both kernels take (the pair-tile bounds among them)."""
     if hidden_slots.dtype not in TRITON_DTYPES:
         raise TypeError(f"impl='triton' takes {TRITON_DTYPES} inputs, got {hidden_slots.dtype}; use impl='torch'.")
     num_slots, num_pairs = layout.rows.numel(), layout.num_pairs
     rest_half = (num_slots - 2 * num_pairs + 1) // 2
-    args = dict(
+    return dict(
         num_slots=num_slots,
         num_pairs=num_pairs,
         num_pair_slots=num_pairs + rest_half,
@@ -464,7 +464,6 @@ def _common_args(hidden_slots, weight, layout: RowLayout, options: SFTMixLossOpt
         UPCAST=INTERPRET,
         DOT_PRECISION=dot_precision(hidden_slots.dtype),
     )
-    return args
 
 
 @dataclass
