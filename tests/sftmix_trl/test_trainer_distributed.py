@@ -4,6 +4,7 @@ train as one process that sees both ranks' micro-batches side by side: every ste
 
 import importlib.util
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -34,15 +35,20 @@ def launch_env() -> dict:
     return env
 
 
-def launch(config: str, output_dir: Path, *launch_args: str, model: str = "llama") -> list[dict]:
-    """`accelerate launch --config_file recipes/accelerate_configs/<config>` on two CPU processes; their records."""
-    output_dir.mkdir()
-    command = [
+def launch_command(config: str, output_dir: Path, *launch_args: str, model: str = "llama") -> list[str]:
+    """`accelerate launch --config_file recipes/accelerate_configs/<config>` of the training script, on CPU."""
+    return [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config), *CPU_OVERRIDES,
-        "--main_process_port", str(free_port()), *launch_args,
+        *launch_args,
         str(SCRIPT), "--output_dir", str(output_dir), "--per_device_batch_size", "4", "--model", model,
     ]  # fmt: skip
-    result = subprocess.run(command, env=launch_env(), capture_output=True, text=True, timeout=900)
+
+
+def launch(config: str, output_dir: Path, *launch_args: str, model: str = "llama") -> list[dict]:
+    """Two CPU processes on this host; their records."""
+    output_dir.mkdir()
+    command = launch_command(config, output_dir, "--main_process_port", str(free_port()), *launch_args, model=model)
+    result = subprocess.run(command, env=launch_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
     return [torch.load(output_dir / f"rank{k}.pt") for k in (0, 1)]
 
@@ -128,41 +134,29 @@ def test_two_nodes_on_one_host_match_one_process(tmp_path):
     # the multi-node path: two machines of one process each, machine ranks 0 and 1, the main one on 127.0.0.1
     output_dir = tmp_path / "two_nodes"
     output_dir.mkdir()
-    port = str(free_port())
+    main_node = ["--num_machines", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
     nodes = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "accelerate.commands.launch",
-                "--config_file",
-                str(CONFIGS / "fsdp2.yaml"),
-                *CPU_OVERRIDES,
-                "--num_machines",
-                "2",
-                "--machine_rank",
-                str(machine_rank),
-                "--main_process_ip",
-                "127.0.0.1",
-                "--main_process_port",
-                port,
-                str(SCRIPT),
-                "--output_dir",
-                str(output_dir),
-                "--per_device_batch_size",
-                "4",
-            ],
+            launch_command("fsdp2.yaml", output_dir, *main_node, "--machine_rank", str(machine_rank)),
             env=launch_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+            start_new_session=True,  # its own process group, the launcher and the workers it starts
+        )
         for machine_rank in (0, 1)
     ]
-    for node in nodes:
-        stdout, stderr = node.communicate(timeout=900)
-        assert node.returncode == 0, stdout[-2000:] + stderr[-6000:]
+    try:
+        for node in nodes:
+            stdout, stderr = node.communicate(timeout=600)
+            assert node.returncode == 0, stdout[-2000:] + stderr[-6000:]
+    finally:
+        for node in nodes:  # a node left waiting for the other one
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
     ranks = [torch.load(output_dir / f"rank{k}.pt") for k in (0, 1)]
+    # one process on each machine
+    assert [(rank["node_rank"], rank["local_world_size"]) for rank in ranks] == [(0, 1), (1, 1)]
     for rank in ranks:
         assert rank["distributed_type"] == "DistributedType.FSDP" and set(rank["sharded"]) == set(rank["params"])
     assert_trains_as_one_process(ranks, single_process("llama", tmp_path))

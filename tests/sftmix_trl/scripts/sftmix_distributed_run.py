@@ -118,6 +118,9 @@ def train_and_save(output_dir: str, per_device_batch_size: int, max_steps: int =
         "head_forwards": len(head_forwards),
         "seen": trainer.seen,
         "num_processes": trainer.accelerator.num_processes,
+        # torchrun's: the machine this process runs on, and the number of processes on it
+        "node_rank": int(os.environ.get("GROUP_RANK", 0)),
+        "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
         "losses": [log["loss"] for log in trainer.state.log_history if "loss" in log],
     }
     torch.save(state, Path(output_dir) / f"rank{trainer.accelerator.process_index}.pt")
