@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 		$(BIN)/python -m pip install "torch==$(TORCH_VERSION)" --index-url https://download.pytorch.org/whl/cpu --retries 0 --timeout 15 \
 			|| $(BIN)/python -m pip install "torch==$(TORCH_VERSION)"; \
 	fi
+	# deepspeed (a dev extra) builds from its sdist: with wheel and setuptools up to date first
+	$(BIN)/python -m pip install --upgrade wheel setuptools
 	$(BIN)/python -m pip install -e ".[dev,demo]"
 	rm -f $(VENV)/.installed-*
 	touch $@

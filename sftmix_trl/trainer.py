@@ -18,12 +18,13 @@ from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel, ProcessorMixin, TrainingArguments
 from trl import SFTTrainer
 from trl.models.utils import _ForwardRedirection
-from trl.trainer.utils import get_config_model_id, maybe_gather_lm_head_ctx
+from trl.trainer.utils import get_config_model_id
 
 from .config import SFTMixConfig
 from .data_utils import SCORE_COLUMNS, check_unique_ids, derive_example_id, split_by_confidence
 from .kernels import sftmix_linear_cross_entropy
 from .kernels.reference import head_logits
+from .lm_head import whole_lm_head
 from .sampler import BalancedPairSampler
 
 # Column added to the prepared training dataset and carried through the collator: 0 for the confident half, 1 for
@@ -231,7 +232,6 @@ class SFTMixTrainer(SFTTrainer):
         # built now so that a dataset too small for one balanced micro-batch per rank fails at construction
         self._pair_sampler: BalancedPairSampler | None = self._get_train_sampler()
         self._lambda_distribution: torch.distributions.Beta | None = None
-        self._zero3_head_checked = False
 
     # ---- construction checks and the confidence split ----
 
@@ -538,28 +538,11 @@ class SFTMixTrainer(SFTTrainer):
         # The whole loss runs inside the (DDP / FSDP / DeepSpeed) wrapper's forward, so gradient sync is armed and
         # sharded weights are gathered, as in TRL's DistillationTrainer.
         unwrapped_model = self.accelerator.unwrap_model(model)
-        if not self._zero3_head_checked:
-            self._register_head_with_zero3(unwrapped_model)
         outputs = self._forward_redirection(
             model, unwrapped_model, self._fused_loss, unwrapped_model, model_inputs, loss_inputs
         )
         self._log_train_metrics(inputs, plan, ntp_normalizer, outputs, lambdas, accumulation)
         return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
-
-    def _register_head_with_zero3(self, unwrapped_model) -> None:
-        """DeepSpeed ZeRO-3 (not testable here): the fused loss reads the LM head's weight outside the head's own
-        forward, and its backward recomputes the logits from it. Registered as an external parameter of the module
-        whose forward runs the loss, the weight is gathered for that forward and again for its backward."""
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-        if is_deepspeed_zero3_enabled():
-            import deepspeed
-
-            head = unwrapped_model.get_output_embeddings()
-            for parameter in (head.weight, head.bias):
-                if parameter is not None:
-                    deepspeed.zero.register_external_parameter(unwrapped_model, parameter)
-        self._zero3_head_checked = True
 
     def _fused_loss(self, unwrapped_model, model_inputs: dict, loss_inputs: dict) -> dict[str, torch.Tensor]:
         """Backbone forward and the fused SFTMix loss; runs inside the wrapped model's forward."""
@@ -568,12 +551,8 @@ class SFTMixTrainer(SFTTrainer):
         hidden_states = hidden_states.reshape(-1, hidden_states.size(-1))
         lm_head = causal_lm.get_output_embeddings()
         softcap = _softcap(causal_lm)
-        # ZeRO-3: gather the partitioned head for the call; FSDP2: one all-gather of the DTensor head per step
-        with maybe_gather_lm_head_ctx(lm_head.weight, lm_head.bias):
-            weight, bias = lm_head.weight, lm_head.bias
-            if isinstance(weight, DTensor):
-                weight = weight.full_tensor()
-                bias = bias.full_tensor() if bias is not None else None
+        # ZeRO-3 / FSDP2: the sharded head gathered once for the call (see `lm_head.py`)
+        with whole_lm_head(lm_head) as (weight, bias):
             hidden = hidden_states.index_select(0, loss_inputs["rows"]).to(weight.device, weight.dtype)
             result = sftmix_linear_cross_entropy(
                 hidden,
