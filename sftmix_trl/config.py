@@ -17,8 +17,8 @@ class SFTMixConfig(SFTConfig):
 
     Every micro-batch pairs confident with unconfident examples, interpolates their last hidden states over the
     responses with `lam ~ Beta(mixup_alpha, mixup_alpha)`, and adds `mixup_coef` times the soft-target cross-entropy
-    of the mixed positions to the next-token loss. All the parameters of [`~trl.SFTConfig`] apply, except packing and
-    padding-free training, which would merge the sequences that SFTMix pairs.
+    of the mixed positions to the next-token loss. All the parameters of [`~trl.SFTConfig`] apply, except packing of the
+    training set (TRL's packing loses which half each example belongs to; `padding_free` and `eval_packing` work).
 
     Parameters:
         > Parameters that control the Mixup regularization
@@ -125,16 +125,20 @@ class SFTMixConfig(SFTConfig):
             )
         if self.loss_impl not in LOSS_IMPLS:
             raise ValueError(f"`loss_impl` must be one of {LOSS_IMPLS}, got {self.loss_impl!r}.")
-        if self.packing or self.padding_free:
+        if self.packing:
             raise ValueError(
-                "SFTMix pairs whole sequences within each micro-batch, so it does not support `packing` or "
-                "`padding_free`, which merge sequences into one row. Set `packing=False` and `padding_free=False`."
+                "SFTMix does not support `packing` for training: TRL packs examples into rows by length alone and "
+                "keeps only their tokens, so the confidence half of each example is lost (and the 'wrapped' strategy "
+                "cuts examples apart), while SFTMix pairs whole confident with whole unconfident examples. Set "
+                "`packing=False`; `padding_free=True` removes the padding as packing does, one sequence per example. "
+                "`eval_packing=True` is supported (evaluation is plain next-token loss)."
             )
         batch_size = self.per_device_train_batch_size
-        if batch_size < 2 or batch_size % 2:
+        if batch_size < 2:
             raise ValueError(
-                f"SFTMix needs an even `per_device_train_batch_size` of at least 2 (half confident, half unconfident "
-                f"examples per micro-batch), got {batch_size}."
+                f"SFTMix pairs a confident with an unconfident example inside each micro-batch, so it needs a "
+                f"`per_device_train_batch_size` of at least 2, got {batch_size}. Raise it (and lower "
+                "`gradient_accumulation_steps` to keep the effective batch size)."
             )
         if self.train_sampling_strategy != "random":
             raise ValueError(

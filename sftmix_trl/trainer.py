@@ -15,21 +15,32 @@ import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from torch.distributed.tensor import DTensor
-from transformers import PreTrainedModel, ProcessorMixin, TrainingArguments
+from transformers import PreTrainedModel, TrainingArguments
 from trl import SFTTrainer
 from trl.models.utils import _ForwardRedirection
 from trl.trainer.utils import get_config_model_id, maybe_gather_lm_head_ctx
 
+from .batch_plan import (
+    CONFIDENT,
+    REMAINDER,
+    UNCONFIDENT,
+    BatchPlan,
+    padded_bounds,
+    padding_free_bounds,
+    plan_micro_batch,
+    token_halves,
+)
 from .config import SFTMixConfig
-from .data_utils import SCORE_COLUMNS, check_unique_ids, derive_example_id, split_by_confidence
+from .data_utils import SCORE_COLUMNS, derive_example_id, split_by_confidence
 from .kernels import sftmix_linear_cross_entropy
 from .kernels.reference import head_logits
 from .sampler import BalancedPairSampler
 
-# Column added to the prepared training dataset and carried through the collator: 0 for the confident half, 1 for
-# the unconfident half, -1 for the median example that belongs to neither (odd dataset sizes).
+# Columns added to the training dataset: the row of each example in the dataset as given (carried through TRL's
+# preparation, which may drop rows, to join each example's confidence), and the half each prepared row belongs to
+# (carried through the collator), CONFIDENT, UNCONFIDENT or REMAINDER (the median example of an odd-sized dataset).
+ROW_COLUMN = "sftmix_row"
 HALF_COLUMN = "sftmix_half"
-CONFIDENT, UNCONFIDENT, REMAINDER = 0, 1, -1
 
 # Config attributes of LM heads that scale the logits; the fused loss only knows a soft cap.
 _LOGIT_SCALE_ATTRIBUTES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
@@ -45,21 +56,10 @@ class PairedBatchCollator:
         if HALF_COLUMN not in examples[0]:
             return self.collator(examples)
         halves = torch.tensor([example[HALF_COLUMN] for example in examples], dtype=torch.int64)
-        batch = self.collator([{k: v for k, v in example.items() if k != HALF_COLUMN} for example in examples])
+        ours = (HALF_COLUMN, ROW_COLUMN)
+        batch = self.collator([{k: v for k, v in example.items() if k not in ours} for example in examples])
         batch[HALF_COLUMN] = halves
         return batch
-
-
-@dataclass
-class _LossPlan:
-    """The fused-loss call of a micro-batch, on the host: which flattened (batch x sequence) positions it scores,
-    how they mix, and which of them carry the next-token term."""
-
-    rows: torch.Tensor  # (N,) positions b * T + t whose next token is a response token
-    mix_index: torch.Tensor  # (P, 2) indices into `rows`: (confident side, unconfident side)
-    mix_pair: torch.Tensor  # (P,) micro-batch pair of each mixed position
-    mix_weight: torch.Tensor  # (P,) 1 / (L_ij * number of mixed pairs)
-    ntp_mask: torch.Tensor | None  # (N,) rows whose next-token term counts (the ablations); None: all of them
 
 
 def load_confidence_scores(source, id_column: str, confidence_column: str) -> dict[str, float]:
@@ -103,12 +103,17 @@ def load_confidence_scores(source, id_column: str, confidence_column: str) -> di
             "`confidence_scores` must be a Dataset, a path, or a mapping (of columns, or of id to score), got "
             f"{type(source).__name__}."
         )
-    ids = [str(example_id) for example_id in ids]
-    try:
-        check_unique_ids(ids)
-    except ValueError as error:
-        raise ValueError(f"In the confidence scores: {error}") from None
-    return {example_id: (math.nan if s is None else float(s)) for example_id, s in zip(ids, scores)}
+    confidence_by_id: dict[str, float] = {}
+    for example_id, score in zip(ids, scores):
+        example_id, score = str(example_id), math.nan if score is None else float(score)
+        known = confidence_by_id.setdefault(example_id, score)
+        # a repeated id is the same example scored twice: fine when the scores agree
+        if not (known == score or (math.isnan(known) and math.isnan(score))):
+            raise ValueError(
+                f"In the confidence scores, the example id {example_id!r} has two different scores ({known} and "
+                f"{score}). Scores are joined by id: keep one score per id."
+            )
+    return confidence_by_id
 
 
 class SFTMixTrainer(SFTTrainer):
@@ -196,10 +201,14 @@ class SFTMixTrainer(SFTTrainer):
             # field by field: `to_dict` masks every `*_token` field (hub_token, but also eos_token and pad_token)
             args = SFTMixConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
 
-        self._check_model_and_data(model, train_dataset, processing_class, peft_config, compute_loss_func)
-        # Validate every score before the (possibly long) dataset preparation; the split itself is made afterwards,
-        # on the rows that preparation keeps (it drops examples left without trainable tokens).
-        train_dataset, confidence_by_id = self._attach_confidence(train_dataset, args, confidence_scores)
+        # SFTTrainer validates its inputs first, with its own errors; SFTMix's checks of the training data run where
+        # SFTTrainer prepares it (`_prepare_dataset`), or right after its construction when preparation is skipped.
+        self._raw_train_dataset = train_dataset
+        self._confidence_scores = confidence_scores
+        self._sftmix_compute_loss_func = compute_loss_func
+        self._row_confidence: list[float] | None = None
+        if isinstance(train_dataset, Dataset | IterableDataset):
+            self._check_model(model, peft_config)
 
         super().__init__(
             model=model,
@@ -218,17 +227,15 @@ class SFTMixTrainer(SFTTrainer):
             peft_config=peft_config,
             formatting_func=formatting_func,
         )
+        if self._row_confidence is None:  # preparation skipped
+            self.train_dataset = self._attach_confidence(self.train_dataset, self.args)
         self._check_lm_head(self.model)
         self._check_head_reproduces_logits(self.model)
-        if self.aux_loss_enabled:
-            raise ValueError(
-                "SFTMix does not add the Mixture-of-Experts load-balancing loss: set `router_aux_loss_coef=0.0`."
-            )
 
-        self.train_dataset, self.confidence_split = self._split_prepared_dataset(self.train_dataset, confidence_by_id)
+        self.train_dataset, self.confidence_split = self._split_prepared_dataset(self.train_dataset)
         self.data_collator = PairedBatchCollator(self.data_collator)
         self._forward_redirection = _ForwardRedirection()
-        # built now so that a dataset too small for one balanced micro-batch per rank fails at construction
+        # built now so that a micro-batch too small to hold a pair fails at construction
         self._pair_sampler: BalancedPairSampler | None = self._get_train_sampler()
         self._lambda_distribution: torch.distributions.Beta | None = None
         self._zero3_head_checked = False
@@ -236,19 +243,8 @@ class SFTMixTrainer(SFTTrainer):
     # ---- construction checks and the confidence split ----
 
     @staticmethod
-    def _check_model_and_data(model, train_dataset, processing_class, peft_config, compute_loss_func) -> None:
-        if isinstance(train_dataset, IterableDataset):
-            raise TypeError(
-                "SFTMixTrainer needs a map-style `datasets.Dataset`: the confidence split is a median over the whole "
-                "training set and every micro-batch is drawn from both halves. Materialize the IterableDataset first "
-                "(e.g. `Dataset.from_generator`)."
-            )
-        if train_dataset is None or not isinstance(train_dataset, Dataset):
-            raise TypeError(f"`train_dataset` must be a `datasets.Dataset`, got {type(train_dataset).__name__}.")
-        if isinstance(processing_class, ProcessorMixin) or {"image", "images"} & set(train_dataset.column_names):
-            raise ValueError("SFTMixTrainer trains text-only models; vision-language datasets are not supported.")
-        if compute_loss_func is not None:
-            raise ValueError("SFTMixTrainer computes its own loss; `compute_loss_func` cannot be used with it.")
+    def _check_model(model, peft_config) -> None:
+        """What SFTMix refuses in the model, before SFTTrainer loads or wraps it."""
         if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
             raise ValueError(
                 f"Prompt-learning PEFT methods ({type(peft_config).__name__}) add virtual tokens that shift the "
@@ -273,6 +269,28 @@ class SFTMixTrainer(SFTTrainer):
                     f"weight directly, so an adapter there would never train: remove {head_name!r} from "
                     "`target_modules`."
                 )
+
+    def _check_training_setup(self, train_dataset) -> None:
+        """What SFTMix refuses in the training data and setup, once SFTTrainer has validated them."""
+        if isinstance(train_dataset, IterableDataset):
+            raise TypeError(
+                "SFTMixTrainer needs a map-style `datasets.Dataset`: the confidence split is a median over the whole "
+                "training set and every micro-batch is drawn from both halves. Materialize the IterableDataset first "
+                "(e.g. `Dataset.from_generator`)."
+            )
+        if self._is_vlm or self._is_vision_dataset:
+            raise ValueError(
+                "SFTMixTrainer trains text-only language models: it interpolates the hidden states of response "
+                "tokens, and with a vision-language model (a processor, or image columns) the sequences also hold "
+                "image tokens whose interpolation the recipe does not define. Use SFTTrainer for vision-language "
+                "models, or pass a tokenizer and text-only data."
+            )
+        if self._sftmix_compute_loss_func is not None:
+            raise ValueError(
+                "SFTMixTrainer computes its own loss (next-token plus Mixup, fused with the LM head), so "
+                "`compute_loss_func` cannot be used with it; subclass SFTMixTrainer and override `compute_loss` to "
+                "change the loss."
+            )
 
     @staticmethod
     def _check_lm_head(model) -> None:
@@ -328,58 +346,75 @@ class SFTMixTrainer(SFTTrainer):
                 "offset their logits outside the head are not supported; a soft cap (`final_logit_softcapping`) is."
             )
 
-    @staticmethod
-    def _attach_confidence(train_dataset: Dataset, args: SFTMixConfig, confidence_scores):
-        """Give every example an id (its own column, or one derived from its content) and check that each has a
-        finite confidence, from `confidence_scores` or the dataset's confidence column. Returns the dataset (with
-        the id column) and the scores keyed by id."""
-        if args.id_column not in train_dataset.column_names:
-            exclude = SCORE_COLUMNS | {args.confidence_column}
-            ids = [derive_example_id(example, exclude=exclude) for example in train_dataset]
-            train_dataset = train_dataset.add_column(args.id_column, ids)
-        ids = [str(example_id) for example_id in list(train_dataset[args.id_column])]
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        # SFTTrainer refuses a `with_transform` dataset first thing here; let it
+        custom_format = isinstance(dataset, Dataset) and dataset.format["type"] == "custom"
+        if dataset is self._raw_train_dataset and not custom_format:
+            # validate every score before the (possibly long) preparation; the split itself is made afterwards, on
+            # the rows that preparation keeps (it drops examples left without trainable tokens)
+            dataset = self._attach_confidence(dataset, args)
+        return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
 
+    def _attach_confidence(self, dataset, args: SFTMixConfig):
+        """Check the training setup and give every example a finite confidence, from the scores (joined by id: the
+        dataset's own id column, or ids derived from content) or the dataset's confidence column; returns the dataset
+        with the id column and each example's row (`sftmix_row`), to join the confidence after preparation."""
+        self._check_training_setup(dataset)
+        # the stored columns, not what a `with_transform` transform makes of them
+        table = dataset.with_format(None)
+        exclude = SCORE_COLUMNS | {args.confidence_column}
+        new_columns = {}
+        if args.id_column in table.column_names:
+            ids = [str(example_id) for example_id in table[args.id_column]]
+            _check_repeated_ids_share_content(table, ids, exclude, args.id_column)
+        else:
+            # identical examples get identical ids, so they share a score
+            ids = [derive_example_id(example, exclude=exclude) for example in table]
+            new_columns[args.id_column] = ids
+
+        confidence_scores = self._confidence_scores
         if confidence_scores is None:
             confidence_scores = args.confidence_scores_path
         if confidence_scores is not None:
             confidence_by_id = load_confidence_scores(confidence_scores, args.id_column, args.confidence_column)
             missing = [example_id for example_id in ids if example_id not in confidence_by_id]
             if missing:
-                shown = ", ".join(repr(m) for m in missing[:5])
+                shown = ", ".join(repr(m) for m in dict.fromkeys(missing[:5]))
                 raise ValueError(
                     f"{len(missing)} of {len(ids)} training example(s) have no confidence score, e.g. {shown} (joined "
                     f"on {args.id_column!r}). Score every training example, or drop the unscored ones."
                 )
-        elif args.confidence_column in train_dataset.column_names:
-            confidences = [math.nan if c is None else c for c in list(train_dataset[args.confidence_column])]
-            confidence_by_id = dict(zip(ids, confidences))
+            confidence = [confidence_by_id[example_id] for example_id in ids]
+        elif args.confidence_column in table.column_names:
+            confidence = [math.nan if c is None else c for c in table[args.confidence_column]]
         else:
             raise ValueError(
                 f"The training dataset has no {args.confidence_column!r} column and no `confidence_scores` were "
                 "given. SFTMix splits the data by confidence: add the column, or pass scores keyed by "
                 f"{args.id_column!r} (`confidence_scores=` or `confidence_scores_path`)."
             )
-        # validates the scores (finite, unique ids, at least two examples per half) before any tokenization
-        split_by_confidence([confidence_by_id[example_id] for example_id in ids], ids)
-        return train_dataset, confidence_by_id
+        # validates the scores (finite, at least two examples) before any tokenization
+        split_by_confidence(confidence, ids)
+        self._row_confidence, self._row_ids = confidence, ids
+        new_columns[ROW_COLUMN] = list(range(len(ids)))
+        return _with_columns(dataset, new_columns)
 
-    def _split_prepared_dataset(self, dataset: Dataset, confidence_by_id: dict[str, float]):
+    def _split_prepared_dataset(self, dataset: Dataset):
         """Split the prepared rows at the median confidence and record each row's half in `sftmix_half`."""
-        if self.args.id_column not in dataset.column_names:
+        table = dataset.with_format(None)
+        if ROW_COLUMN not in table.column_names:
             raise ValueError(
-                f"The prepared training dataset lost its {self.args.id_column!r} column, which SFTMix needs to join "
-                "the confidence scores."
+                f"The prepared training dataset lost its {ROW_COLUMN!r} column, which SFTMix needs to join the "
+                "confidence scores: keep the columns of the dataset when preparing it."
             )
-        ids = [str(example_id) for example_id in list(dataset[self.args.id_column])]
-        split = split_by_confidence([confidence_by_id[example_id] for example_id in ids], ids)
-        halves = [REMAINDER] * len(ids)
+        rows = table[ROW_COLUMN]
+        split = split_by_confidence([self._row_confidence[r] for r in rows], [self._row_ids[r] for r in rows])
+        halves = [REMAINDER] * len(rows)
         for row in split.confident:
             halves[row] = CONFIDENT
         for row in split.unconfident:
             halves[row] = UNCONFIDENT
-        if HALF_COLUMN in dataset.column_names:
-            dataset = dataset.remove_columns(HALF_COLUMN)
-        return dataset.add_column(HALF_COLUMN, halves), split
+        return _with_columns(dataset, {HALF_COLUMN: halves}), split
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -390,9 +425,10 @@ class SFTMixTrainer(SFTTrainer):
 
     def _get_train_sampler(self, train_dataset: Dataset | None = None) -> BalancedPairSampler:
         dataset = self.train_dataset if train_dataset is None else train_dataset
-        if HALF_COLUMN not in dataset.column_names:
+        table = dataset.with_format(None)
+        if HALF_COLUMN not in table.column_names:
             raise ValueError(f"The training dataset has no {HALF_COLUMN!r} column; build it with SFTMixTrainer.")
-        halves = torch.tensor(list(dataset[HALF_COLUMN]))
+        halves = torch.tensor(table[HALF_COLUMN])
         num_processes = self.accelerator.num_processes
         micro_batch_size = self._train_batch_size
         if self.accelerator.split_batches:
@@ -403,11 +439,17 @@ class SFTMixTrainer(SFTTrainer):
                     f"processes ({num_processes})."
                 )
             micro_batch_size //= num_processes
+        if micro_batch_size < 2:
+            raise ValueError(
+                f"SFTMix pairs a confident with an unconfident example inside each micro-batch, so it needs at least "
+                f"2 examples per micro-batch and rank, got {micro_batch_size}. Raise `per_device_train_batch_size` "
+                "(and lower `gradient_accumulation_steps` to keep the effective batch size)."
+            )
         self._pair_sampler = BalancedPairSampler(
             confident=(halves == CONFIDENT).nonzero().flatten().tolist(),
             unconfident=(halves == UNCONFIDENT).nonzero().flatten().tolist(),
+            remainder=(halves == REMAINDER).nonzero().flatten().tolist(),
             micro_batch_size=micro_batch_size,
-            num_replicas=num_processes,
             seed=self.args.seed if self.args.data_seed is None else self.args.data_seed,
         )
         return self._pair_sampler
@@ -424,60 +466,47 @@ class SFTMixTrainer(SFTTrainer):
         if self.args.ntp_loss_on in ("confident", "unconfident") and batch_samples and HALF_COLUMN in batch_samples[0]:
             kept_half = CONFIDENT if self.args.ntp_loss_on == "confident" else UNCONFIDENT
             batch_samples = [
-                {**batch, "labels": batch["labels"].masked_fill((batch[HALF_COLUMN] != kept_half)[:, None], -100)}
+                {
+                    **batch,
+                    "labels": batch["labels"].masked_fill(
+                        self._token_halves(batch).view_as(batch["labels"]) != kept_half, -100
+                    ),
+                }
                 for batch in batch_samples
             ]
         return super()._get_num_items_in_batch(batch_samples, device)
 
     # ---- the loss ----
 
-    def _plan_loss(self, labels: torch.Tensor, halves: torch.Tensor) -> _LossPlan:
-        """Check the micro-batch layout and plan the fused-loss call, on the host (one device-to-host copy of the
-        label mask, the sync TRL's own compaction of the valid positions also costs)."""
-        batch_size, seq_len = labels.shape
-        host = torch.cat([halves.view(-1, 1), (labels[:, 1:] != -100).long()], dim=1).cpu()
-        halves = host[:, 0]
-        # valid[b, t]: the next token of position t (labels[b, t + 1]) is a response token; the last position has none
-        valid = torch.zeros(batch_size, seq_len, dtype=torch.bool)
-        valid[:, :-1] = host[:, 1:].bool()
-        num_pairs = batch_size // 2
-        expected = torch.tensor([CONFIDENT] * num_pairs + [UNCONFIDENT] * num_pairs)
-        if batch_size % 2 or not torch.equal(halves, expected):
+    @staticmethod
+    def _sequence_bounds(inputs: dict, halves: torch.Tensor) -> torch.Tensor:
+        """Where each sequence of the micro-batch lies in its flattened tokens: one per row of a padded batch, or
+        the concatenated sequences of a padding-free one (one row, one confidence flag per sequence)."""
+        labels = inputs["labels"]
+        if labels.shape[0] == halves.numel():
+            return padded_bounds(*labels.shape)
+        if labels.shape[0] != 1 or "position_ids" not in inputs:
             raise ValueError(
-                f"compute_loss got a micro-batch with confidence halves {halves.tolist()}, but SFTMix pairs example i "
-                f"with example i + B/2 and needs the first half confident ({CONFIDENT}) and the second unconfident "
-                f"({UNCONFIDENT}). Train batches must come from SFTMixTrainer's own sampler: do not override "
-                "`get_train_dataloader`, change the batch size after construction, or use accelerate's "
-                "`dispatch_batches`."
+                f"The training batch has {labels.shape[0]} rows but {halves.numel()} confidence flags; train batches "
+                "must come from SFTMixTrainer's own dataloader and collator."
             )
-        # rows: the flattened positions b * T + t of the valid entries, in order
-        rows = valid.reshape(-1).nonzero().flatten()
-        counts = valid.sum(dim=1)
-        offsets = counts.cumsum(0) - counts  # where each sequence's valid rows start in `rows`
+        return padding_free_bounds(inputs["position_ids"].cpu(), halves.numel())
 
-        mixing = self.args.mixup_coef > 0
-        # L_ij = min(|r_c|, |r_u|): the first L_ij response positions of each side of pair i are mixed
-        mixed_lengths = (
-            torch.minimum(counts[:num_pairs], counts[num_pairs:]) if mixing else torch.zeros(0, dtype=torch.int64)
+    def _token_halves(self, inputs: dict) -> torch.Tensor:
+        """(L,) the confidence half of each flattened token of a collated training batch."""
+        halves = inputs[HALF_COLUMN].cpu()
+        return token_halves(halves, self._sequence_bounds(inputs, halves), inputs["labels"].numel())
+
+    def _plan_loss(self, inputs: dict, halves: torch.Tensor) -> BatchPlan:
+        """Plan the fused-loss call of the micro-batch on the host (one device-to-host copy of the label mask, the
+        sync TRL's own compaction of the valid positions also costs)."""
+        labels = inputs["labels"]
+        # valid[t]: the next token of position t (labels[t + 1]) is a response token; the last position has none
+        valid = F.pad(labels[:, 1:] != -100, (0, 1), value=False).reshape(-1).cpu()
+        halves = halves.cpu()
+        return plan_micro_batch(
+            valid, self._sequence_bounds(inputs, halves), halves, self.args.mixup_coef > 0, self.args.ntp_loss_on
         )
-        mix_pair = torch.repeat_interleave(torch.arange(len(mixed_lengths)), mixed_lengths)
-        position = torch.arange(len(mix_pair)) - (mixed_lengths.cumsum(0) - mixed_lengths)[mix_pair]
-        confident_side = offsets[mix_pair] + position
-        unconfident_side = offsets[num_pairs + mix_pair] + position
-        # w = 1 / (L_ij * number of pairs with something to mix): L_Mixup is a mean over pairs of per-pair means
-        num_mixed_pairs = (mixed_lengths > 0).sum().clamp(min=1)
-        mix_weight = 1.0 / (mixed_lengths[mix_pair] * num_mixed_pairs).double()
-
-        # Ablations (paper §5.3-5.4): every response row stays in the call, so mixed rows keep their targets for
-        # the Mixup term, but the next-token term counts on the kept half only, or nowhere
-        ntp_mask = None
-        if self.args.ntp_loss_on == "none":
-            ntp_mask = torch.zeros(len(rows), dtype=torch.bool)
-        elif self.args.ntp_loss_on != "all":
-            kept_half = CONFIDENT if self.args.ntp_loss_on == "confident" else UNCONFIDENT
-            ntp_mask = halves[rows // seq_len] == kept_half
-        mix_index = torch.stack([confident_side, unconfident_side], 1)
-        return _LossPlan(rows, mix_index, mix_pair, mix_weight, ntp_mask)
 
     def _sample_lambdas(self, num_pairs: int, device: torch.device) -> torch.Tensor:
         """lam ~ Beta(alpha, alpha) per pair of this rank's micro-batch.
@@ -486,13 +515,15 @@ class SFTMixTrainer(SFTTrainer):
         and a resumed run continues the same draws. Every rank starts from the same seed, so each draws the lambdas
         of all ranks' pairs (the generators stay in step) and keeps its own row: pairs on different ranks get
         different lambdas, and a data-parallel run draws what one process with the ranks' micro-batches side by
-        side would.
+        side would. Every micro-batch draws as many as a full one has pairs, so that a smaller last micro-batch
+        does not move the generators of the ranks apart.
         """
         if self._lambda_distribution is None or self._lambda_distribution.concentration1.device != device:
             alpha = torch.tensor(self.args.mixup_alpha, dtype=torch.float32, device=device)
             self._lambda_distribution = torch.distributions.Beta(alpha, alpha)
-        every_rank = self._lambda_distribution.sample((self.accelerator.num_processes, num_pairs))
-        return every_rank[self.accelerator.process_index]
+        per_rank = max(self.args.per_device_train_batch_size // 2, num_pairs)
+        every_rank = self._lambda_distribution.sample((self.accelerator.num_processes, per_rank))
+        return every_rank[self.accelerator.process_index, :num_pairs]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         halves = inputs.pop(HALF_COLUMN, None)
@@ -503,18 +534,18 @@ class SFTMixTrainer(SFTTrainer):
             )
         if halves is None:
             raise ValueError(
-                f"The training batch carries no {HALF_COLUMN!r} flags, so its pairs cannot be checked. Train batches "
+                f"The training batch carries no {HALF_COLUMN!r} flags, so its pairs cannot be formed. Train batches "
                 "must come from SFTMixTrainer's own dataloader and collator."
             )
 
         labels = inputs["labels"]
         device = labels.device
-        num_pairs = labels.shape[0] // 2
-        plan = self._plan_loss(labels, halves)
-        lambdas = self._sample_lambdas(num_pairs, device)
+        plan = self._plan_loss(inputs, halves)
+        lambdas = self._sample_lambdas(plan.num_pairs, device)
         # Trainer leaves gradient accumulation to the loss when it passes `num_items_in_batch` (TRL divides the
-        # next-token sum by it); L_Mixup is a per-micro-batch mean, so it is divided by the accumulation steps here.
-        accumulation = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+        # next-token sum by it); L_Mixup and the router loss are per-micro-batch means, so they are divided by the
+        # accumulation steps here. Outside the training loop (no accumulation under way) there is one micro-batch.
+        accumulation = getattr(self, "current_gradient_accumulation_steps", 1) if num_items_in_batch is not None else 1
         # Like TRL: `num_items_in_batch` counts the tokens of every rank and DDP averages the gradients across ranks
         ntp_normalizer = num_items_in_batch
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
@@ -524,6 +555,8 @@ class SFTMixTrainer(SFTTrainer):
 
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         model_inputs["use_cache"] = False
+        if self.aux_loss_enabled:
+            model_inputs["output_router_logits"] = True
         shifted_targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
         rows = plan.rows.to(device, non_blocking=True)
         loss_inputs = dict(
@@ -543,8 +576,12 @@ class SFTMixTrainer(SFTTrainer):
         outputs = self._forward_redirection(
             model, unwrapped_model, self._fused_loss, unwrapped_model, model_inputs, loss_inputs
         )
+        loss = outputs["loss"]
+        if self.aux_loss_enabled:
+            # SFTTrainer's: the router's load-balancing loss times its coefficient, averaged over accumulation steps
+            loss = loss + self.router_aux_loss_coef * outputs["aux_loss"] / accumulation
         self._log_train_metrics(inputs, plan, ntp_normalizer, outputs, lambdas, accumulation)
-        return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
+        return (loss, outputs) if return_outputs else loss
 
     def _register_head_with_zero3(self, unwrapped_model) -> None:
         """DeepSpeed ZeRO-3 (not testable here): the fused loss reads the LM head's weight outside the head's own
@@ -564,7 +601,8 @@ class SFTMixTrainer(SFTTrainer):
     def _fused_loss(self, unwrapped_model, model_inputs: dict, loss_inputs: dict) -> dict[str, torch.Tensor]:
         """Backbone forward and the fused SFTMix loss; runs inside the wrapped model's forward."""
         causal_lm = unwrapped_model.get_base_model() if is_peft_model(unwrapped_model) else unwrapped_model
-        hidden_states = causal_lm.base_model(**model_inputs).last_hidden_state
+        backbone_outputs = causal_lm.base_model(**model_inputs)
+        hidden_states = backbone_outputs.last_hidden_state
         hidden_states = hidden_states.reshape(-1, hidden_states.size(-1))
         lm_head = causal_lm.get_output_embeddings()
         softcap = _softcap(causal_lm)
@@ -591,9 +629,12 @@ class SFTMixTrainer(SFTTrainer):
                 validate=False,  # the plan is built and checked by `_plan_loss`
             )
         # a plain dict of tensors, so that DDP finds the outputs it needs to track
-        return dict(vars(result))
+        outputs = dict(vars(result))
+        if model_inputs.get("output_router_logits"):
+            outputs["aux_loss"] = _router_aux_loss(causal_lm, backbone_outputs, model_inputs.get("attention_mask"))
+        return outputs
 
-    def _log_train_metrics(self, inputs, plan: _LossPlan, ntp_normalizer, outputs, lambdas, accumulation) -> None:
+    def _log_train_metrics(self, inputs, plan: BatchPlan, ntp_normalizer, outputs, lambdas, accumulation) -> None:
         """SFTTrainer's metrics plus SFTMix's, kept as tensors until `log` (no host sync per step). The next-token
         metrics cover the rows whose next-token term counts (none with ntp_loss_on="none": not logged then)."""
         num_tokens = outputs["num_tokens"].float()
@@ -619,13 +660,22 @@ class SFTMixTrainer(SFTTrainer):
                 lambda_sum.float(),
                 mixed_pairs,
                 mixed_tokens,
-                inputs["attention_mask"].sum().float().to(device),
+                # the batch's tokens, as SFTTrainer counts them: padding-free batches have no attention mask
+                (
+                    inputs["attention_mask"].sum().float().to(device)
+                    if "attention_mask" in inputs
+                    else torch.tensor(float(inputs["position_ids"].size(1)), device=device)
+                ),
+                outputs["aux_loss"].detach().float() if "aux_loss" in outputs else torch.zeros((), device=device),
             ]
         )
-        # one collective for every metric: (processes, 9) summed over the processes
+        # one collective for every metric: (processes, 10) summed over the processes
         totals = self.accelerator.gather(local[None]).view(-1, local.numel()).sum(0)
-        ntp_sum, num_tokens, entropy_sum, num_correct, mixup_sum, lambda_sum, mixed_pairs, mixed_tokens, seen = totals
+        ntp_sum, num_tokens, entropy_sum, num_correct, mixup_sum, lambda_sum, mixed_pairs, mixed_tokens = totals[:8]
+        seen, aux_sum = totals[8:]
         metrics = self._metrics["train"]
+        if "aux_loss" in outputs:
+            metrics["aux_loss"].append(aux_sum / self.accelerator.num_processes)
         if self.args.ntp_loss_on != "none":
             valid = num_tokens.clamp(min=1)
             metrics["entropy"].append(entropy_sum / valid)
@@ -645,6 +695,60 @@ class SFTMixTrainer(SFTTrainer):
         super().log(logs, start_time)
 
 
+def _router_aux_loss(causal_lm, backbone_outputs, attention_mask) -> torch.Tensor:
+    """The Mixture-of-Experts load-balancing loss of the backbone's router logits, as the model's own forward (and
+    SFTTrainer's fused one) computes it: Mixtral's, which every MoE family in transformers shares. Padding-free
+    batches carry no attention mask: every token counts."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    text_config = causal_lm.config.get_text_config()
+    return load_balancing_loss_func(
+        backbone_outputs.router_logits, text_config.num_experts, text_config.num_experts_per_tok, attention_mask
+    )
+
+
 def _softcap(causal_lm) -> float | None:
     """The soft cap `c * tanh(z / c)` the model applies to its logits (Gemma 2 and later), or None."""
     return getattr(causal_lm.config.get_text_config(), "final_logit_softcapping", None)
+
+
+def _check_repeated_ids_share_content(table: Dataset, ids: list[str], exclude, id_column: str) -> None:
+    """A repeated id in the dataset's own id column must be the same example repeated: identical content."""
+    rows_by_id: dict[str, list[int]] = {}
+    for row, example_id in enumerate(ids):
+        rows_by_id.setdefault(example_id, []).append(row)
+    repeated = [rows for rows in rows_by_id.values() if len(rows) > 1]
+    for rows in repeated:
+        contents = {derive_example_id(table[row], exclude=exclude) for row in rows}
+        if len(contents) > 1:
+            raise ValueError(
+                f"The training examples at rows {rows[:5]} share the id {ids[rows[0]]!r} in the {id_column!r} column "
+                "but differ in content, so a score joined by id cannot tell them apart. Give each distinct example "
+                "its own id (identical examples may share one)."
+            )
+
+
+def _with_columns(dataset: Dataset, columns: dict[str, list]) -> Dataset:
+    """`dataset` with `columns` added (replacing any of the same name). A `with_transform` dataset keeps its
+    transform, which receives the stored columns as before; the added ones are passed through beside its output."""
+    custom = dataset.format["type"] == "custom"
+    table = dataset.with_format(None) if custom else dataset
+    for name, values in columns.items():
+        if name in table.column_names:
+            table = table.remove_columns(name)
+        table = table.add_column(name, values)
+    if not custom:
+        return table
+    transform = dataset.format["format_kwargs"]["transform"]
+    format_columns = dataset.format["columns"]
+
+    def transform_keeping_columns(batch):
+        added = {name: batch.pop(name) for name in columns if name in batch}
+        return {**transform(batch), **added}
+
+    table.set_transform(
+        transform_keeping_columns,
+        columns=None if format_columns is None else [*format_columns, *columns],
+        output_all_columns=dataset.format["output_all_columns"],
+    )
+    return table

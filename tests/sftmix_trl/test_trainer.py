@@ -152,7 +152,9 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_big_batch(tokenizer,
         )
 
 
-def test_an_unbalanced_micro_batch_is_refused(tokenizer, tmp_path):
+def test_pairs_follow_the_half_flags_whatever_the_row_order(tokenizer, tmp_path):
+    """Pair i is the i-th confident and the i-th unconfident row of the micro-batch, wherever they sit: interleaving
+    the rows gives the same pairs, so the same loss and gradients (same lambdas)."""
     trainer = SFTMixTrainer(
         peaked_llama(tokenizer),
         args=tiny_config(tmp_path),
@@ -160,9 +162,14 @@ def test_an_unbalanced_micro_batch_is_refused(tokenizer, tmp_path):
         processing_class=tokenizer,
     )
     batch = first_batch(trainer)
-    swapped = {k: v[[0, 2, 1, 3]] for k, v in batch.items()}
-    with pytest.raises(ValueError, match="needs the first half confident"):
-        loss_and_grads(trainer, swapped)
+    assert batch[HALF_COLUMN].tolist() == [0, 0, 1, 1]
+    torch.manual_seed(0)
+    loss, grads = loss_and_grads(trainer, batch)
+    torch.manual_seed(0)
+    interleaved_loss, interleaved_grads = loss_and_grads(trainer, {k: v[[0, 2, 1, 3]] for k, v in batch.items()})
+    torch.testing.assert_close(interleaved_loss, loss)
+    for name in grads:
+        torch.testing.assert_close(interleaved_grads[name], grads[name], rtol=1e-4, atol=1e-6)
     without_flags = {k: v for k, v in batch.items() if k != HALF_COLUMN}
     with pytest.raises(ValueError, match="carries no 'sftmix_half' flags"):
         loss_and_grads(trainer, without_flags)
