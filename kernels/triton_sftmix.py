@@ -506,6 +506,8 @@ def _gradients(hidden, weight, bias, layout, options, lse, mix_lse, ntp_scale, m
 
 def loss_and_grads(hidden, weight, bias, layout, options, ntp_scale, mix_scale, needs_grad):
     """(SlotStats, fp32 (dH, dW, db)): the forward kernel, then the gradient kernel when ``needs_grad`` has a flag."""
+    if options.dft:
+        raise NotImplementedError("dft=True is implemented by impl='torch' and impl='reference', not 'triton'.")
     stats, lse, mix_lse = _forward(hidden, weight, bias, layout, options)
     if not any(needs_grad):
         return stats, (None, None, None)

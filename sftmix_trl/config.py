@@ -145,10 +145,5 @@ class SFTMixConfig(SFTConfig):
                 "SFTMix builds its own balanced, shuffled micro-batches, so `train_sampling_strategy` must stay "
                 f"'random', got {self.train_sampling_strategy!r}."
             )
-        if self.loss_type != "nll":
-            raise ValueError(
-                "SFTMix adds its Mixup loss to the plain next-token loss: `loss_type` must be 'nll', got "
-                f"{self.loss_type!r}."
-            )
         if self.label_smoothing_factor != 0:
             raise ValueError("SFTMix does not support `label_smoothing_factor`: leave it at 0.")

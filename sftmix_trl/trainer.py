@@ -626,6 +626,7 @@ class SFTMixTrainer(SFTTrainer):
                 mixup_coef=self.args.mixup_coef,
                 impl=self.args.loss_impl,
                 logit_softcap=softcap,
+                dft=self.args.loss_type == "dft",  # DFT on the next-token term; the Mixup term unchanged
                 validate=False,  # the plan is built and checked by `_plan_loss`
             )
         # a plain dict of tensors, so that DDP finds the outputs it needs to track

@@ -72,7 +72,6 @@ def test_the_command_line_parser_accepts_the_fields():
         (dict(packing=True), "does not support `packing` for training"),
         (dict(per_device_train_batch_size=1), "`per_device_train_batch_size` of at least 2, got 1"),
         (dict(train_sampling_strategy="group_by_length"), "train_sampling_strategy"),
-        (dict(loss_type="dft"), "loss_type"),
         (dict(label_smoothing_factor=0.1), "label_smoothing_factor"),
     ],
 )
