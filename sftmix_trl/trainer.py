@@ -121,17 +121,19 @@ class SFTMixTrainer(SFTTrainer):
     Trainer for SFTMix instruction tuning ([arXiv 2410.05248](https://huggingface.co/papers/2410.05248)), a drop-in
     replacement for [`~trl.SFTTrainer`].
 
-    The training set is split at its median confidence into a confident and an unconfident half. Every micro-batch of
-    every rank holds `per_device_train_batch_size // 2` examples of each half: pair `i` is the `i`-th confident and
-    the `i`-th unconfident example of the micro-batch, paired at random and reshuffled every epoch. For each pair the
-    last hidden states (the LM head's input) of the first `min(|r_c|, |r_u|)` response positions of each side are
-    interpolated with `lam ~ Beta(mixup_alpha, mixup_alpha)`, and the loss is
+    The training set is split at its median confidence into a confident and an unconfident half. An epoch is
+    SFTTrainer's (every example once, as many micro-batches), and every micro-batch of every rank holds as many
+    examples of each half as its size allows: pair `i` is the `i`-th confident and the `i`-th unconfident example of
+    the micro-batch, paired at random and reshuffled every epoch (`sftmix_trl.batch_plan`, padded or padding-free).
+    For each pair the last hidden states (the LM head's input) of the first `min(|r_c|, |r_u|)` response positions
+    of each side are interpolated with `lam ~ Beta(mixup_alpha, mixup_alpha)`, and the loss is
 
         L = L_NTP + mixup_coef * L_Mixup,
         L_Mixup = mean over pairs of (1 / L_ij) sum_l CE(z~_l, lam e_t_c + (1 - lam) e_t_u)
 
-    computed by the fused loss of `sftmix_trl.kernels` without materializing the logits. Evaluation is SFTTrainer's
-    plain next-token loss.
+    computed by the fused loss of `sftmix_trl.kernels` without materializing the logits (with `loss_type="dft"`,
+    DFT's weights on the next-token term; for Mixture-of-Experts models, plus SFTTrainer's router loss). Evaluation
+    is SFTTrainer's plain next-token loss.
 
     Example:
 
@@ -147,17 +149,18 @@ class SFTMixTrainer(SFTTrainer):
         model, args, data_collator, train_dataset, eval_dataset, processing_class, compute_loss_func,
         compute_metrics, callbacks, optimizers, optimizer_cls_and_kwargs, preprocess_logits_for_metrics,
         quantization_config, peft_config, formatting_func:
-            As in [`~trl.SFTTrainer`], with these restrictions: `args` is an [`SFTMixConfig`] (any other
-            `TrainingArguments` is converted, with the SFTMix defaults); `train_dataset` is a map-style text
-            [`~datasets.Dataset`] in any SFTTrainer format (language modeling or prompt-completion, standard or
-            conversational, pre-tokenized) with a confidence per example; prompt-learning PEFT methods and adapters
-            on the LM head are refused.
+            As in [`~trl.SFTTrainer`], with these restrictions (see the README's "Differences from SFTTrainer"):
+            `args` is an [`SFTMixConfig`] (any other `TrainingArguments` is converted, with the SFTMix defaults);
+            `train_dataset` is a map-style text [`~datasets.Dataset`] in any SFTTrainer format (language modeling
+            or prompt-completion, standard or conversational, pre-tokenized) with a confidence per example;
+            `compute_loss_func`, vision-language models, prompt-learning PEFT methods and adapters on the LM head
+            are refused.
         confidence_scores ([`~datasets.Dataset`], `str`, `os.PathLike` or `Mapping`, *optional*):
             Confidence of the training examples, joined to `train_dataset` by `args.id_column`: a Dataset, a JSON
             Lines / Parquet file or `save_to_disk` directory with `args.id_column` and `args.confidence_column`
             columns, or a mapping `{id: confidence}`. Defaults to `args.confidence_scores_path`, then to the
             dataset's own `args.confidence_column`. Every training example needs a finite score; ids are compared as
-            strings.
+            strings, and identical examples may share one.
     """
 
     _tag_names = ["trl", "sft", "sftmix"]
