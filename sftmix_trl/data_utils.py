@@ -8,7 +8,7 @@ import hashlib
 import json
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 # Columns that describe an example's score rather than its content; never part of a derived id.
@@ -33,6 +33,22 @@ def check_unique_ids(ids: Sequence) -> None:
             "a unique one: deduplicate the data (identical rows get identical derived ids) or give it an id column of "
             "its own."
         )
+
+
+def check_repeated_ids_share_content(ids: Sequence, content: Callable[[int], object]) -> list[int]:
+    """Check that every id repeated in `ids` is the same example repeated: `content(row)` equal for all its rows.
+    Returns the first row of each distinct id, in order (what to score once per id)."""
+    rows_by_id: dict = {}
+    for row, example_id in enumerate(ids):
+        rows_by_id.setdefault(example_id, []).append(row)
+    for example_id, rows in rows_by_id.items():
+        if len(rows) > 1 and len({content(row) for row in rows}) > 1:
+            raise ValueError(
+                f"The examples at rows {rows[:5]} share the id {example_id!r} but differ in content, so a score "
+                "joined by id cannot tell them apart. Give each distinct example its own id (identical examples may "
+                "share one)."
+            )
+    return [rows[0] for rows in rows_by_id.values()]
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from .batch_plan import (
     token_halves,
 )
 from .config import SFTMixConfig
-from .data_utils import SCORE_COLUMNS, derive_example_id, split_by_confidence
+from .data_utils import SCORE_COLUMNS, check_repeated_ids_share_content, derive_example_id, split_by_confidence
 from .kernels import sftmix_linear_cross_entropy
 from .kernels.reference import head_logits
 from .sampler import BalancedPairSampler
@@ -369,7 +369,10 @@ class SFTMixTrainer(SFTTrainer):
         new_columns = {}
         if args.id_column in table.column_names:
             ids = [str(example_id) for example_id in table[args.id_column]]
-            _check_repeated_ids_share_content(table, ids, exclude, args.id_column)
+            try:
+                check_repeated_ids_share_content(ids, lambda row: derive_example_id(table[row], exclude=exclude))
+            except ValueError as error:
+                raise ValueError(f"In the training dataset's {args.id_column!r} column: {error}") from None
         else:
             # identical examples get identical ids, so they share a score
             ids = [derive_example_id(example, exclude=exclude) for example in table]
@@ -714,22 +717,6 @@ def _router_aux_loss(causal_lm, backbone_outputs, attention_mask) -> torch.Tenso
 def _softcap(causal_lm) -> float | None:
     """The soft cap `c * tanh(z / c)` the model applies to its logits (Gemma 2 and later), or None."""
     return getattr(causal_lm.config.get_text_config(), "final_logit_softcapping", None)
-
-
-def _check_repeated_ids_share_content(table: Dataset, ids: list[str], exclude, id_column: str) -> None:
-    """A repeated id in the dataset's own id column must be the same example repeated: identical content."""
-    rows_by_id: dict[str, list[int]] = {}
-    for row, example_id in enumerate(ids):
-        rows_by_id.setdefault(example_id, []).append(row)
-    repeated = [rows for rows in rows_by_id.values() if len(rows) > 1]
-    for rows in repeated:
-        contents = {derive_example_id(table[row], exclude=exclude) for row in rows}
-        if len(contents) > 1:
-            raise ValueError(
-                f"The training examples at rows {rows[:5]} share the id {ids[rows[0]]!r} in the {id_column!r} column "
-                "but differ in content, so a score joined by id cannot tell them apart. Give each distinct example "
-                "its own id (identical examples may share one)."
-            )
 
 
 def _with_columns(dataset: Dataset, columns: dict[str, list]) -> Dataset:

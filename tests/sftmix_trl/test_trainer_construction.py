@@ -122,7 +122,7 @@ def test_the_join_survives_rows_that_preparation_drops(tokenizer, tmp_path):
         ),
         (
             lambda d: d.map(lambda r, i: {"id": "ex-0000" if i == 3 else r["id"]}, with_indices=True),
-            "share the id 'ex-0000' in the 'id' column but differ in content",
+            "'id' column: The examples at rows \\[0, 3\\] share the id 'ex-0000' but differ in content",
         ),
         (lambda d: d.select(range(1)), "needs at least two training examples"),
         (lambda d: d.to_iterable_dataset(), "map-style"),
