@@ -45,9 +45,9 @@ class SFTMixConfig(SFTConfig):
             uses minus the mean response perplexity over reference checkpoints). Used when the trainer gets no
             separate scores.
         id_column (`str`, *optional*, defaults to `"id"`):
-            Column holding a unique id per example, used to join scores computed elsewhere. When the dataset has no
-            such column, ids are derived from each example's content with
-            [`~sftmix_trl.data_utils.derive_example_id`].
+            Column holding each example's id, used to join scores computed elsewhere; identical examples may share
+            an id (and so a score), different ones may not. When the dataset has no such column, ids are derived
+            from each example's content with [`~sftmix_trl.data_utils.derive_example_id`].
         confidence_scores_path (`str`, *optional*):
             Scores to join to the training dataset by id: a JSON Lines or Parquet file, or a directory written by
             `Dataset.save_to_disk`, with `id_column` and `confidence_column` columns. The trainer's
@@ -96,8 +96,8 @@ class SFTMixConfig(SFTConfig):
     id_column: str = field(
         default="id",
         metadata={
-            "help": "Column holding a unique id per example, used to join scores computed elsewhere. Derived from the "
-            "example's content when the dataset has no such column."
+            "help": "Column holding each example's id, used to join scores computed elsewhere (identical examples may "
+            "share one). Derived from the example's content when the dataset has no such column."
         },
     )
     confidence_scores_path: str | None = field(
