@@ -113,17 +113,17 @@ def plan_micro_batch(
 
 
 def micro_batch_halves(
-    num_rows: int, micro_batch_size: int, num_confident: int, num_remainder: int
+    micro_batch_size: int, num_confident: int, num_unconfident: int, num_remainder: int = 0
 ) -> list[list[int]]:
-    """The half flags of each micro-batch of an epoch of `num_rows` = 2 * `num_confident` + `num_remainder` rows cut
-    into micro-batches of `micro_batch_size` (the last may be smaller): as balanced as the sizes allow.
+    """The half flags of each micro-batch of an epoch of `num_confident` + `num_unconfident` + `num_remainder` rows
+    cut into micro-batches of `micro_batch_size` (the last may be smaller): as balanced as the counts allow.
 
-    Each micro-batch lists its confident rows, then its unconfident ones, then the remainder (in the last). A
-    micro-batch of odd size takes the extra row from the half that has given fewer so far, so the halves alternate.
+    Each micro-batch lists its confident rows, then its unconfident ones, then any remainder rows (the median of an
+    odd-sized dataset, in the last). A micro-batch of odd size takes the extra row from the half with more rows left,
+    so the halves alternate; once a half runs out (unequal halves: packed rows), the other fills the micro-batches.
     """
-    if num_rows != 2 * num_confident + num_remainder:
-        raise ValueError(f"{num_rows} rows are not 2 x {num_confident} + {num_remainder}.")
-    left = {CONFIDENT: num_confident, UNCONFIDENT: num_confident, REMAINDER: num_remainder}
+    left = {CONFIDENT: num_confident, UNCONFIDENT: num_unconfident, REMAINDER: num_remainder}
+    num_rows = sum(left.values())
     plan = []
     for start in range(0, num_rows, micro_batch_size):
         size = min(micro_batch_size, num_rows - start)

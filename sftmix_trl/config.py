@@ -17,8 +17,8 @@ class SFTMixConfig(SFTConfig):
 
     Every micro-batch pairs confident with unconfident examples, interpolates their last hidden states over the
     responses with `lam ~ Beta(mixup_alpha, mixup_alpha)`, and adds `mixup_coef` times the soft-target cross-entropy
-    of the mixed positions to the next-token loss. All the parameters of [`~trl.SFTConfig`] apply, except packing of the
-    training set (TRL's packing loses which half each example belongs to; `padding_free` and `eval_packing` work).
+    of the mixed positions to the next-token loss. All the parameters of [`~trl.SFTConfig`] apply; packing packs each
+    confidence half on its own (`packing_strategy="bfd"` only: whole examples).
 
     Parameters:
         > Parameters that control the Mixup regularization
@@ -125,13 +125,11 @@ class SFTMixConfig(SFTConfig):
             )
         if self.loss_impl not in LOSS_IMPLS:
             raise ValueError(f"`loss_impl` must be one of {LOSS_IMPLS}, got {self.loss_impl!r}.")
-        if self.packing:
+        if self.packing and self.packing_strategy != "bfd":
             raise ValueError(
-                "SFTMix does not support `packing` for training: TRL packs examples into rows by length alone and "
-                "keeps only their tokens, so the confidence half of each example is lost (and the 'wrapped' strategy "
-                "cuts examples apart), while SFTMix pairs whole confident with whole unconfident examples. Set "
-                "`packing=False`; `padding_free=True` removes the padding as packing does, one sequence per example. "
-                "`eval_packing=True` is supported (evaluation is plain next-token loss)."
+                f"SFTMix packs each confidence half on its own and pairs whole examples, so it needs "
+                f"`packing_strategy='bfd'` (whole examples, truncated to `max_length`), got "
+                f"{self.packing_strategy!r}, which cuts examples apart. Use 'bfd', or `packing=False`."
             )
         batch_size = self.per_device_train_batch_size
         if batch_size < 2:

@@ -30,7 +30,9 @@ class BalancedPairSampler(Sampler[int]):
 
     Args:
         confident (`Sequence[int]`): dataset rows of the confident half.
-        unconfident (`Sequence[int]`): dataset rows of the unconfident half, as many as `confident`.
+        unconfident (`Sequence[int]`): dataset rows of the unconfident half: as many as `confident` (examples), or
+            not (packed rows, each half packed on its own); once the smaller half runs out, the other fills the
+            micro-batches.
         micro_batch_size (`int`): rows per micro-batch and rank; at least 2.
         remainder (`Sequence[int]`, *optional*): rows in neither half (the median of an odd-sized dataset); they go
             in the last micro-batch.
@@ -47,9 +49,9 @@ class BalancedPairSampler(Sampler[int]):
     ):
         if micro_batch_size < 2:
             raise ValueError(f"`micro_batch_size` must be at least 2 to hold a pair, got {micro_batch_size}.")
-        if len(confident) != len(unconfident) or not confident:
+        if not (len(confident) and len(unconfident)):
             raise ValueError(
-                f"The confidence halves must be equal and non-empty, got {len(confident)} and {len(unconfident)} rows."
+                f"Both confidence halves need rows to pair, got {len(confident)} and {len(unconfident)} rows."
             )
         self.confident = torch.as_tensor(list(confident), dtype=torch.int64)
         self.unconfident = torch.as_tensor(list(unconfident), dtype=torch.int64)
@@ -58,7 +60,7 @@ class BalancedPairSampler(Sampler[int]):
         self.seed = seed
         self.epoch = 0
         self.micro_batch_halves = micro_batch_halves(
-            len(self), micro_batch_size, len(self.confident), len(self.remainder)
+            micro_batch_size, len(self.confident), len(self.unconfident), len(self.remainder)
         )
 
     def set_epoch(self, epoch: int) -> None:

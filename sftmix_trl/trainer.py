@@ -13,10 +13,10 @@ import datasets
 import torch
 import torch.nn.functional as F
 from accelerate.utils import is_peft_model
-from datasets import Dataset, IterableDataset
+from datasets import Dataset, IterableDataset, concatenate_datasets
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel, TrainingArguments
-from trl import SFTTrainer
+from trl import SFTTrainer, pack_dataset
 from trl.models.utils import _ForwardRedirection
 from trl.trainer.utils import get_config_model_id, maybe_gather_lm_head_ctx
 
@@ -48,14 +48,18 @@ _LOGIT_SCALE_ATTRIBUTES = ("logit_scale", "output_multiplier", "lm_head_multipli
 
 @dataclass
 class PairedBatchCollator:
-    """Wraps a collator so that each batch also carries the examples' confidence-half flags as `sftmix_half`."""
+    """Wraps a collator so that each batch also carries the confidence-half flag of each of its sequences as
+    `sftmix_half`: one per example, or one per packed sequence of a packed row (`seq_lengths`)."""
 
     collator: Callable
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         if HALF_COLUMN not in examples[0]:
             return self.collator(examples)
-        halves = torch.tensor([example[HALF_COLUMN] for example in examples], dtype=torch.int64)
+        halves = torch.tensor(
+            [half for example in examples for half in [example[HALF_COLUMN]] * len(example.get("seq_lengths", [0]))],
+            dtype=torch.int64,
+        )
         ours = (HALF_COLUMN, ROW_COLUMN)
         batch = self.collator([{k: v for k, v in example.items() if k not in ours} for example in examples])
         batch[HALF_COLUMN] = halves
@@ -235,7 +239,8 @@ class SFTMixTrainer(SFTTrainer):
         self._check_lm_head(self.model)
         self._check_head_reproduces_logits(self.model)
 
-        self.train_dataset, self.confidence_split = self._split_prepared_dataset(self.train_dataset)
+        if not self.args.packing:  # packed rows got their halves when packed
+            self.train_dataset, self.confidence_split = self._split_prepared_dataset(self.train_dataset)
         self.data_collator = PairedBatchCollator(self.data_collator)
         self._forward_redirection = _ForwardRedirection()
         # built now so that a micro-batch too small to hold a pair fails at construction
@@ -352,11 +357,33 @@ class SFTMixTrainer(SFTTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         # SFTTrainer refuses a `with_transform` dataset first thing here; let it
         custom_format = isinstance(dataset, Dataset) and dataset.format["type"] == "custom"
-        if dataset is self._raw_train_dataset and not custom_format:
-            # validate every score before the (possibly long) preparation; the split itself is made afterwards, on
-            # the rows that preparation keeps (it drops examples left without trainable tokens)
-            dataset = self._attach_confidence(dataset, args)
-        return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        if dataset is not self._raw_train_dataset or custom_format:
+            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        # validate every score before the (possibly long) preparation; the split itself is made afterwards, on the
+        # rows that preparation keeps (it drops examples left without trainable tokens)
+        dataset = self._attach_confidence(dataset, args)
+        prepared = super()._prepare_dataset(dataset, processing_class, args, False, formatting_func, dataset_name)
+        return self._pack_each_half(prepared, args) if packing else prepared
+
+    def _pack_each_half(self, prepared: Dataset, args: SFTMixConfig) -> Dataset:
+        """Confidence-aware packing: the confident examples packed with confident ones, the unconfident with
+        unconfident ones (TRL's best-fit-decreasing packing, whole examples truncated to `max_length` as without
+        packing), the median example of an odd-sized dataset alone; each packed row flagged with its half. A
+        micro-batch then holds packs of both halves, and the trainer pairs the examples inside them."""
+        halved, self.confidence_split = self._split_prepared_dataset(prepared)
+        halves = halved.with_format(None)[HALF_COLUMN]
+        packs = []
+        for half in (CONFIDENT, UNCONFIDENT, REMAINDER):
+            rows = [row for row, h in enumerate(halves) if h == half]
+            if rows:
+                packed = pack_dataset(
+                    halved.select(rows).select_columns(["input_ids", "labels"]),
+                    args.max_length,
+                    "bfd",
+                    {"num_proc": args.dataset_num_proc},
+                )
+                packs.append(packed.add_column(HALF_COLUMN, [half] * len(packed)))
+        return concatenate_datasets(packs)
 
     def _attach_confidence(self, dataset, args: SFTMixConfig):
         """Check the training setup and give every example a finite confidence, from the scores (joined by id: the
@@ -521,13 +548,15 @@ class SFTMixTrainer(SFTTrainer):
         and a resumed run continues the same draws. Every rank starts from the same seed, so each draws the lambdas
         of all ranks' pairs (the generators stay in step) and keeps its own row: pairs on different ranks get
         different lambdas, and a data-parallel run draws what one process with the ranks' micro-batches side by
-        side would. Every micro-batch draws as many as a full one has pairs, so that a smaller last micro-batch
-        does not move the generators of the ranks apart.
+        side would. Every micro-batch draws as many as a micro-batch can have pairs, so that micro-batches with
+        fewer (the last one, packed rows) do not move the generators of the ranks apart.
         """
         if self._lambda_distribution is None or self._lambda_distribution.concentration1.device != device:
             alpha = torch.tensor(self.args.mixup_alpha, dtype=torch.float32, device=device)
             self._lambda_distribution = torch.distributions.Beta(alpha, alpha)
-        per_rank = max(self.args.per_device_train_batch_size // 2, num_pairs)
+        # a packed row holds up to max_length sequences, so a micro-batch up to B/2 * max_length pairs
+        most_pairs = self.args.per_device_train_batch_size // 2 * (self.args.max_length if self.args.packing else 1)
+        per_rank = max(most_pairs, num_pairs)
         every_rank = self._lambda_distribution.sample((self.accelerator.num_processes, per_rank))
         return every_rank[self.accelerator.process_index, :num_pairs]
 
@@ -674,12 +703,13 @@ class SFTMixTrainer(SFTTrainer):
                     else torch.tensor(float(inputs["position_ids"].size(1)), device=device)
                 ),
                 outputs["aux_loss"].detach().float() if "aux_loss" in outputs else torch.zeros((), device=device),
+                torch.tensor(float(len(plan.rows)), device=device),
             ]
         )
-        # one collective for every metric: (processes, 10) summed over the processes
+        # one collective for every metric: (processes, 11) summed over the processes
         totals = self.accelerator.gather(local[None]).view(-1, local.numel()).sum(0)
         ntp_sum, num_tokens, entropy_sum, num_correct, mixup_sum, lambda_sum, mixed_pairs, mixed_tokens = totals[:8]
-        seen, aux_sum = totals[8:]
+        seen, aux_sum, response_tokens = totals[8:]
         metrics = self._metrics["train"]
         if "aux_loss" in outputs:
             metrics["aux_loss"].append(aux_sum / self.accelerator.num_processes)
@@ -691,6 +721,8 @@ class SFTMixTrainer(SFTTrainer):
         metrics["mixup_loss"].append(mixup_sum / self.accelerator.num_processes)
         metrics["mixup_lambda"].append(lambda_sum / mixed_pairs.clamp(min=1))
         metrics["mixed_tokens"].append(mixed_tokens)
+        # each mixed position interpolates one response token of each side of its pair
+        metrics["mixed_fraction"].append(2 * mixed_tokens / response_tokens.clamp(min=1))
         self._total_train_tokens = self._total_train_tokens + seen.long() // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
 

@@ -111,9 +111,14 @@ def test_flags_that_do_not_match_the_sequences_are_refused():
 
 @pytest.mark.parametrize("num_rows, size", [(2, 8), (3, 2), (7, 8), (10, 4), (11, 4), (9, 3), (21, 5)])
 def test_micro_batch_halves_are_balanced_and_cover_the_epoch(num_rows, size):
-    plan = micro_batch_halves(num_rows, size, num_rows // 2, num_rows % 2)
+    plan = micro_batch_halves(size, num_rows // 2, num_rows // 2, num_rows % 2)
     assert [len(flags) for flags in plan] == [min(size, num_rows - start) for start in range(0, num_rows, size)]
     flat = [h for flags in plan for h in flags]
     assert (flat.count(0), flat.count(1), flat.count(-1)) == (num_rows // 2, num_rows // 2, num_rows % 2)
     for flags in plan:
         assert abs(flags.count(0) - flags.count(1)) <= 1
+
+
+def test_unequal_halves_stay_balanced_until_the_smaller_runs_out():
+    plan = micro_batch_halves(4, 7, 3, 1)
+    assert plan == [[0, 0, 1, 1], [0, 0, 0, 1], [0, 0, -1]]

@@ -168,8 +168,9 @@ def test_an_sftconfig_is_converted_and_still_validated(tokenizer, tmp_path):
     common = dict(output_dir=str(tmp_path), use_cpu=True, report_to="none", eos_token="<|im_end|>")
     trainer = build(tokenizer, tmp_path, dataset, args=SFTConfig(per_device_train_batch_size=4, **common))
     assert (trainer.args.mixup_alpha, trainer.args.eos_token) == (0.5, "<|im_end|>")
-    with pytest.raises(ValueError, match="does not support `packing` for training"):
-        build(tokenizer, tmp_path, dataset, args=SFTConfig(per_device_train_batch_size=4, packing=True, **common))
+    with pytest.raises(ValueError, match="needs `packing_strategy='bfd'`"):
+        packed = SFTConfig(per_device_train_batch_size=4, packing=True, packing_strategy="wrapped", **common)
+        build(tokenizer, tmp_path, dataset, args=packed)
     with pytest.raises(ValueError, match="`per_device_train_batch_size` of at least 2, got 1"):
         build(tokenizer, tmp_path, dataset, args=SFTConfig(per_device_train_batch_size=1, **common))
 
