@@ -370,6 +370,8 @@ class SFTMixTrainer(SFTTrainer):
         unconfident ones (TRL's best-fit-decreasing packing, whole examples truncated to `max_length` as without
         packing), the median example of an odd-sized dataset alone; each packed row flagged with its half. A
         micro-batch then holds packs of both halves, and the trainer pairs the examples inside them."""
+        if args.max_length is None:
+            raise ValueError("When packing is enabled, `max_length` can't be `None`.")  # SFTTrainer's own check
         halved, self.confidence_split = self._split_prepared_dataset(prepared)
         halves = halved.with_format(None)[HALF_COLUMN]
         packs = []

@@ -222,66 +222,43 @@ def _transform_own_columns(batch):
     return {"input_ids": [[1, 2, 3]] * len(batch["prompt"]), "labels": [[-100, 2, 3]] * len(batch["prompt"])}
 
 
+SKIP_PREPARE = {"dataset_kwargs": {"skip_prepare_dataset": True}}
+# name: (dataset builder, config overrides)
 REFUSED_BY_SFTTRAINER = {
-    "no_train_dataset": lambda t: None,
-    "with_transform": lambda t: with_confidence(tiny.prompt_completion_dataset(4)).with_transform(
-        _transform_own_columns
+    "no_train_dataset": (lambda: None, {}),
+    "not_a_dataset": (lambda: [{"prompt": "a", "completion": "b"}], {}),
+    "with_transform": (
+        lambda: with_confidence(tiny.prompt_completion_dataset(4)).with_transform(_transform_own_columns),
+        {},
     ),
-    "skip_prepare_mask_without_labels": lambda t: Dataset.from_dict(
-        {"input_ids": [[1, 2, 3]] * 2, "completion_mask": [[0, 1, 1]] * 2, "confidence": [1.0, 1.0]}
+    "skip_prepare_mask_without_labels": (
+        lambda: Dataset.from_dict(
+            {"input_ids": [[1, 2, 3]] * 2, "completion_mask": [[0, 1, 1]] * 2, "confidence": [1.0, 1.0]}
+        ),
+        SKIP_PREPARE,
     ),
-    "not_a_dataset": lambda t: [{"prompt": "a", "completion": "b"}],
+    "packing_without_max_length": (
+        lambda: with_confidence(tiny.prompt_completion_dataset(4)),
+        {"packing": True, "max_length": None},
+    ),
+    "unknown_loss_type": (lambda: with_confidence(tiny.prompt_completion_dataset(4)), {"loss_type": "focal"}),
 }
 
 
 @pytest.mark.parametrize("case", list(REFUSED_BY_SFTTRAINER))
 def test_what_sfttrainer_refuses_is_refused_with_its_error(tokenizer, tmp_path, case):
-    config = {"dataset_kwargs": {"skip_prepare_dataset": True}} if case.startswith("skip") else {}
+    make_dataset, config = REFUSED_BY_SFTTRAINER[case]
     with pytest.raises(Exception) as sft_error:
         SFTTrainer(
             tiny.build_llama(tokenizer),
             args=tiny_sft_config(tmp_path, **config),
-            train_dataset=REFUSED_BY_SFTTRAINER[case](tokenizer),
+            train_dataset=make_dataset(),
             processing_class=tokenizer,
         )
     with pytest.raises(type(sft_error.value), match=re.escape(str(sft_error.value))):
         SFTMixTrainer(
             tiny.build_llama(tokenizer),
             args=tiny_config(tmp_path, **config),
-            train_dataset=REFUSED_BY_SFTTRAINER[case](tokenizer),
+            train_dataset=make_dataset(),
             processing_class=tokenizer,
         )
-
-
-def test_confidence_aware_packing_pairs_examples_inside_packs_of_both_halves(tokenizer, tmp_path):
-    """Each half packed on its own; a micro-batch holds packs of both, its sequences paired across them; the loss
-    at mixup_coef=0 is SFTTrainer's on the same packed batch."""
-    config = dict(packing=True, max_length=160, per_device_train_batch_size=2)
-    dataset = with_confidence(tiny.prompt_completion_dataset(16))
-    sft = SFTTrainer(tiny.build_llama(tokenizer), args=tiny_sft_config(tmp_path / "sft", **config),
-                     train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
-    mix = SFTMixTrainer(tiny.build_llama(tokenizer), args=tiny_config(tmp_path / "mix", mixup_coef=0.0, **config),
-                        train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
-    packed = mix.train_dataset.with_format(None)
-    assert sum(len(lengths) for lengths in packed["seq_lengths"]) == 16 and max(map(sum, packed["seq_lengths"])) <= 160
-    assert len(packed) <= len(sft.train_dataset) + 1, "each half's packs are as full as packing all examples"
-    batches = list(mix.get_train_dataloader())
-    assert len(batches) == math.ceil(len(packed) / 2)
-    for batch in batches:
-        halves = batch[HALF_COLUMN].tolist()
-        assert halves == sorted(halves) and 0 in halves and 1 in halves, "one pack of each half"
-    # the micro-batch with the most pairs: several sequences in each pack
-    batch = max(batches, key=lambda b: min(b[HALF_COLUMN].tolist().count(h) for h in (0, 1)))
-    assert min(batch[HALF_COLUMN].tolist().count(h) for h in (0, 1)) > 1
-    num_items = (batch["labels"][:, 1:] != -100).sum()
-    mix_loss, mix_grads = loss_and_grads(mix, batch, num_items)
-    sft_loss, sft_grads = loss_and_grads(sft, sft_inputs(batch), num_items)
-    torch.testing.assert_close(mix_loss, sft_loss, rtol=1e-5, atol=1e-6)
-    for name in sft_grads:
-        torch.testing.assert_close(mix_grads[name], sft_grads[name], rtol=1e-4, atol=1e-6)
-
-    mixing = SFTMixTrainer(tiny.build_llama(tokenizer), args=tiny_config(tmp_path / "mixing", max_steps=2, logging_steps=1, **config),
-                           train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
-    mixing.train()
-    logs = [log for log in mixing.state.log_history if "loss" in log]
-    assert logs and all(log["mixed_tokens"] > 0 and 0 < log["mixed_fraction"] <= 1 for log in logs)
