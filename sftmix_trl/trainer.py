@@ -583,12 +583,14 @@ class SFTMixTrainer(SFTTrainer):
         # next-token sum by it); L_Mixup and the router loss are per-micro-batch means, so they are divided by the
         # accumulation steps here. Outside the training loop (no accumulation under way) there is one micro-batch.
         accumulation = getattr(self, "current_gradient_accumulation_steps", 1) if num_items_in_batch is not None else 1
-        # Like TRL: `num_items_in_batch` counts the tokens of every rank and DDP averages the gradients across ranks
+        # Like TRL: `num_items_in_batch` counts the tokens of every rank and DDP averages the gradients across ranks;
+        # clamped so that a step without next-token targets (the median example alone under a one-half ablation)
+        # gives a finite zero rather than 0 / 0
         ntp_normalizer = num_items_in_batch
-        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-            ntp_normalizer = torch.as_tensor(num_items_in_batch, device=device) / (
-                self.accelerator.num_processes // self.get_tp_size()
-            )
+        if num_items_in_batch is not None:
+            ntp_normalizer = torch.as_tensor(num_items_in_batch, device=device).clamp(min=1)
+            if self.args.average_tokens_across_devices:
+                ntp_normalizer = ntp_normalizer / (self.accelerator.num_processes // self.get_tp_size())
 
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         model_inputs["use_cache"] = False

@@ -187,6 +187,23 @@ def test_normalizer_of_a_one_half_ablation_counts_that_half_only(tokenizer, tmp_
     assert counted.item() == 2 * (batch["labels"][2:, 1:] != -100).sum().item()
 
 
+def test_a_micro_batch_without_next_token_targets_gives_a_zero_loss(tokenizer, tmp_path):
+    """9 examples in micro-batches of 4: the last holds the median alone, which a one-half ablation does not train
+    on; its step must give a finite zero (as SFTTrainer's does for an all-masked batch), not 0 / 0."""
+    trainer = SFTMixTrainer(
+        peaked_llama(tokenizer),
+        args=tiny_config(tmp_path, ntp_loss_on="unconfident"),
+        train_dataset=with_confidence(tiny.prompt_completion_dataset(9)),
+        processing_class=tokenizer,
+    )
+    *_, last = trainer.get_train_dataloader()
+    assert last[HALF_COLUMN].tolist() == [-1]
+    num_items = trainer._get_num_items_in_batch([last], torch.device("cpu"))
+    assert num_items == 0
+    loss, grads = loss_and_grads(trainer, last, num_items)
+    assert loss.item() == 0.0 and all(torch.isfinite(g).all() for g in grads.values())
+
+
 def test_evaluation_is_sfttrainers_plain_next_token_loss(tokenizer, tmp_path):
     train, held_out = with_confidence(tiny.prompt_completion_dataset(8)), tiny.prompt_completion_dataset(6, seed=1)
     sft_args = tiny_sft_config(tmp_path, per_device_eval_batch_size=4)
