@@ -7,7 +7,9 @@ them, `bounds[s]:bounds[s + 1]`:
 
 - padded (the default): B rows of T tokens, sequence b is row b, `bounds = [0, T, 2T, ..., BT]`;
 - padding-free: one row, the sequences concatenated and their positions restarting at 0 (`position_ids`), any
-  `pad_to_multiple_of` padding after the last one.
+  `pad_to_multiple_of` padding after the last one;
+- packed: the padding-free layout of packed rows, each holding several sequences of one half (one flag per
+  sequence, from the collator).
 
 Pair i is the i-th confident and the i-th unconfident sequence of the micro-batch, in batch order; sequences left
 without a partner (the median, or a micro-batch with more of one half) get the next-token loss only. For a pair with
