@@ -238,6 +238,13 @@ class SFTMixTrainer(SFTTrainer):
             self.train_dataset = self._attach_confidence(self.train_dataset, self.args)
         self._check_lm_head(self.model)
         self._check_head_reproduces_logits(self.model)
+        parallelism = self.accelerator.parallelism_config
+        if parallelism is not None and (parallelism.cp_enabled or parallelism.sp_enabled):
+            raise ValueError(
+                "SFTMix pairs whole sequences inside each rank's micro-batch, but context and sequence parallelism "
+                "shard every sequence across ranks, so no rank holds both sides of a pair: set `cp_size` and "
+                "`sp_size` to 1 (data parallelism, FSDP and DeepSpeed shard data or weights, not sequences)."
+            )
 
         if not self.args.packing:  # packed rows got their halves when packed
             self.train_dataset, self.confidence_split = self._split_prepared_dataset(self.train_dataset)
