@@ -213,7 +213,9 @@ class SFTMixTrainer(SFTTrainer):
         self._raw_train_dataset = train_dataset
         self._confidence_scores = confidence_scores
         self._sftmix_compute_loss_func = compute_loss_func
+        # each example's confidence and id, by its row in the dataset as given (set by `_attach_confidence`)
         self._row_confidence: list[float] | None = None
+        self._row_ids: list[str] | None = None
         if isinstance(train_dataset, Dataset | IterableDataset):
             self._check_model(model, peft_config)
 
