@@ -158,12 +158,19 @@ def loss_and_grads(
         columns, col_weights = ntp_columns[start:stop], ntp_weights[start:stop]
         nll, lse, argmax, sum_exp, dcap = _soft_ce(logits, exps, columns, col_weights, softcap)
         slots = order[start:stop]
+        ntp_scale_rows = ntp_row_scale[start:stop] if need_logit_grad else None
+        if options.dft:
+            # DFT: each next-token term times the row's own target probability p_n = exp(-nll_n), held constant,
+            # so its loss is p_n nll_n and its logit gradient p_n (softmax(z_n) - e_t) / normalizer
+            dft_weight = torch.where(valid[start:stop], torch.exp(-nll), 0.0)
+            nll = nll * dft_weight
+            ntp_scale_rows = ntp_scale_rows * dft_weight if need_logit_grad else None
         stats.nll[slots] = torch.where(valid[start:stop], nll, 0.0)
         stats.correct[slots] = argmax == ntp_targets[start:stop]
         # entropy = lse(z) - sum_v softmax(z)_v z_v, softmax(z)_v = exp(z_v - max z) / sum_exp
         stats.entropy[slots] = lse - torch.bmm(exps[:, None, :], logits[:, :, None]).flatten() / sum_exp
         if need_logit_grad:
-            grad = _soft_ce_grad_(logits, lse, columns, col_weights, ntp_row_scale[start:stop], dcap)
+            grad = _soft_ce_grad_(logits, lse, columns, col_weights, ntp_scale_rows, dcap)
         if pairs is not None:
             mix_columns, mix_col_weights = layout.mix_targets[pairs], mix_weights[pairs]
             stats.mix_nll[pairs], mix_lse, _, _, mix_dcap = _soft_ce(

@@ -64,14 +64,16 @@ def sftmix_linear_cross_entropy(
     ignore_index: int = -100,
     impl: str = "auto",
     logit_softcap: float | None = None,
+    dft: bool = False,
     validate: bool = True,
     options: SFTMixLossOptions | None = None,
 ) -> SFTMixLossOutput:
     r"""SFTMix loss of an LM head, fused with its projection.
 
-    ``loss = sum_{valid n} [lse(z_n) - z_n[t_n]] / ntp_normalizer
+    ``loss = sum_{valid n} w_n [lse(z_n) - z_n[t_n]] / ntp_normalizer
            + mixup_coef * sum_k mix_weight_k * [lse(z~_k) - lam_k z~_k[t_p] - (1 - lam_k) z~_k[t_q]]``
-    with ``z_n = W h_n + b`` and ``z~_k = W (lam_k h_p + (1 - lam_k) h_q) + b = lam_k z_p + (1 - lam_k) z_q``.
+    with ``z_n = W h_n + b``, ``z~_k = W (lam_k h_p + (1 - lam_k) h_q) + b = lam_k z_p + (1 - lam_k) z_q``, and
+    ``w_n = 1``, or with ``dft`` the row's own probability of its target ``exp(z_n[t_n] - lse(z_n))``, detached.
 
     Args:
         hidden: (N, D) last hidden states (the input of the LM head); fp32, bf16, fp16 (fp64: torch / reference).
@@ -87,8 +89,8 @@ def sftmix_linear_cross_entropy(
             none). None: every row with a target.
         ntp_normalizer: None (the number of rows with an NTP term), a number, or a 0-dim tensor such as TRL's
             ``num_items_in_batch`` (used on the device, no host sync).
-        mixup_coef, ignore_index, impl, logit_softcap, validate: see `SFTMixLossOptions`.
-        options: an `SFTMixLossOptions` that replaces the five keyword arguments above when given.
+        mixup_coef, ignore_index, impl, logit_softcap, dft, validate: see `SFTMixLossOptions`.
+        options: an `SFTMixLossOptions` that replaces the six keyword arguments above when given.
 
     Returns:
         `SFTMixLossOutput`: the differentiable ``loss`` and detached parts and metrics, all tensors on the device.
@@ -98,6 +100,7 @@ def sftmix_linear_cross_entropy(
             mixup_coef=mixup_coef,
             ignore_index=ignore_index,
             logit_softcap=logit_softcap,
+            dft=dft,
             impl=impl,
             validate=validate,
         )
@@ -121,6 +124,7 @@ def sftmix_linear_cross_entropy(
             mixup_coef=options.mixup_coef,
             ignore_index=options.ignore_index,
             logit_softcap=options.logit_softcap,
+            dft=options.dft,
         )
     loss, *parts = fused_sftmix_loss(
         hidden,

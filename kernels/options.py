@@ -18,6 +18,11 @@ class SFTMixLossOptions:
         logit_softcap (`float` or `None`, *optional*, defaults to `None`):
             Gemma-2 style soft cap ``c * tanh(z / c)`` applied to every row's logits and to the mixed logits
             ``z~`` after mixing. `None` disables it.
+        dft (`bool`, *optional*, defaults to `False`):
+            Dynamic Fine-Tuning ([arXiv 2508.05629](https://huggingface.co/papers/2508.05629)), TRL's
+            `loss_type="dft"`, on the next-token term: each row's ``lse(z_n) - z_n[t_n]`` is weighted by its own
+            probability ``p_n = exp(-(lse(z_n) - z_n[t_n]))``, held constant (no gradient through the weight). The
+            mixup term is unchanged.
         impl (`str`, *optional*, defaults to `"auto"`):
             `"triton"` (fused Triton kernels), `"torch"` (chunked PyTorch), `"reference"` (dense eager PyTorch), or
             `"auto"`: triton for CUDA tensors when Triton is installed, torch otherwise.
@@ -50,6 +55,10 @@ class SFTMixLossOptions:
     logit_softcap: float | None = field(
         default=None,
         metadata={"help": "Soft cap c * tanh(z / c) on the logits, applied to the mixed logits after mixing."},
+    )
+    dft: bool = field(
+        default=False,
+        metadata={"help": "Weight each next-token term by its own (detached) probability (DFT)."},
     )
     impl: str = field(default="auto", metadata={"help": "'auto', 'triton', 'torch' or 'reference'."})
     validate: bool = field(

@@ -33,6 +33,7 @@ def sftmix_loss_reference(
     mixup_coef: float,
     ignore_index: int,
     logit_softcap: float | None,
+    dft: bool = False,
 ) -> SFTMixLossOutput:
     """Dense SFTMix loss; arguments as in `sftmix_linear_cross_entropy`, with ``ntp_normalizer`` a 0-dim tensor."""
     logits = head_logits(hidden, weight, bias, logit_softcap)  # (N, V)
@@ -40,8 +41,11 @@ def sftmix_loss_reference(
     valid = targets != ignore_index if ntp_mask is None else (targets != ignore_index) & ntp_mask
     safe_targets = torch.where(valid, targets, 0)
     lse = torch.logsumexp(logits, dim=-1)
-    # L_NTP = sum_{n valid} [lse(z_n) - z_n[t_n]] / normalizer
+    # L_NTP = sum_{n valid} [lse(z_n) - z_n[t_n]] / normalizer (times p_n with DFT)
     nll = torch.where(valid, lse - logits.gather(1, safe_targets[:, None]).squeeze(1), 0.0)
+    if dft:
+        # DFT: each term weighted by the row's own probability of its target, p_n = exp(-nll_n), held constant
+        nll = nll * torch.exp(-nll).detach()
     ntp_loss = nll.sum() / ntp_normalizer.to(nll.dtype)
 
     p_rows, q_rows = mix_index[:, 0], mix_index[:, 1]

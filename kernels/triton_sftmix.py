@@ -717,10 +717,16 @@ def loss_and_grads(hidden, weight, bias, layout, options, ntp_scale, mix_scale, 
     # the hidden states in slot order, so that every tile reads contiguous rows
     hidden_slots = hidden.index_select(0, layout.rows)
     stats, lse, mix_lse = _forward(hidden_slots, weight, bias, layout, options)
-    if not any(needs_grad):
-        return stats, (None, None, None), None
     # dL/dNLL of each slot: 1 / normalizer where the slot has an NTP term
     ntp_row_scale = torch.where(layout.ntp_targets != options.ignore_index, ntp_scale.float(), 0.0)
+    if options.dft:
+        # DFT: each next-token term times the slot's own target probability p = exp(-nll), held constant: the loss
+        # is p nll and the logit gradient p (softmax(z) - e_t) / normalizer (nll = 0 off the NTP slots)
+        dft_weight = torch.exp(-stats.nll)
+        stats.nll = stats.nll * dft_weight
+        ntp_row_scale = ntp_row_scale * dft_weight
+    if not any(needs_grad):
+        return stats, (None, None, None), None
     grads, grad_scale = _gradients(
         hidden_slots, weight, bias, layout, options, lse, mix_lse, ntp_scale, ntp_row_scale, mix_scale, needs_grad,
         hidden.shape[0],

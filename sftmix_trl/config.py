@@ -17,8 +17,8 @@ class SFTMixConfig(SFTConfig):
 
     Every micro-batch pairs confident with unconfident examples, interpolates their last hidden states over the
     responses with `lam ~ Beta(mixup_alpha, mixup_alpha)`, and adds `mixup_coef` times the soft-target cross-entropy
-    of the mixed positions to the next-token loss. All the parameters of [`~trl.SFTConfig`] apply, except packing and
-    padding-free training, which would merge the sequences that SFTMix pairs.
+    of the mixed positions to the next-token loss. All the parameters of [`~trl.SFTConfig`] apply; packing packs each
+    confidence half on its own (`packing_strategy="bfd"` only: whole examples).
 
     Parameters:
         > Parameters that control the Mixup regularization
@@ -45,9 +45,9 @@ class SFTMixConfig(SFTConfig):
             uses minus the mean response perplexity over reference checkpoints). Used when the trainer gets no
             separate scores.
         id_column (`str`, *optional*, defaults to `"id"`):
-            Column holding a unique id per example, used to join scores computed elsewhere. When the dataset has no
-            such column, ids are derived from each example's content with
-            [`~sftmix_trl.data_utils.derive_example_id`].
+            Column holding each example's id, used to join scores computed elsewhere; identical examples may share
+            an id (and so a score), different ones may not. When the dataset has no such column, ids are derived
+            from each example's content with [`~sftmix_trl.data_utils.derive_example_id`].
         confidence_scores_path (`str`, *optional*):
             Scores to join to the training dataset by id: a JSON Lines or Parquet file, or a directory written by
             `Dataset.save_to_disk`, with `id_column` and `confidence_column` columns. The trainer's
@@ -96,8 +96,8 @@ class SFTMixConfig(SFTConfig):
     id_column: str = field(
         default="id",
         metadata={
-            "help": "Column holding a unique id per example, used to join scores computed elsewhere. Derived from the "
-            "example's content when the dataset has no such column."
+            "help": "Column holding each example's id, used to join scores computed elsewhere (identical examples may "
+            "share one). Derived from the example's content when the dataset has no such column."
         },
     )
     confidence_scores_path: str | None = field(
@@ -125,26 +125,23 @@ class SFTMixConfig(SFTConfig):
             )
         if self.loss_impl not in LOSS_IMPLS:
             raise ValueError(f"`loss_impl` must be one of {LOSS_IMPLS}, got {self.loss_impl!r}.")
-        if self.packing or self.padding_free:
+        if self.packing and self.packing_strategy != "bfd":
             raise ValueError(
-                "SFTMix pairs whole sequences within each micro-batch, so it does not support `packing` or "
-                "`padding_free`, which merge sequences into one row. Set `packing=False` and `padding_free=False`."
+                f"SFTMix packs each confidence half on its own and pairs whole examples, so it needs "
+                f"`packing_strategy='bfd'` (whole examples, truncated to `max_length`), got "
+                f"{self.packing_strategy!r}, which cuts examples apart. Use 'bfd', or `packing=False`."
             )
         batch_size = self.per_device_train_batch_size
-        if batch_size < 2 or batch_size % 2:
+        if batch_size < 2:
             raise ValueError(
-                f"SFTMix needs an even `per_device_train_batch_size` of at least 2 (half confident, half unconfident "
-                f"examples per micro-batch), got {batch_size}."
+                f"SFTMix pairs a confident with an unconfident example inside each micro-batch, so it needs a "
+                f"`per_device_train_batch_size` of at least 2, got {batch_size}. Raise it (and lower "
+                "`gradient_accumulation_steps` to keep the effective batch size)."
             )
         if self.train_sampling_strategy != "random":
             raise ValueError(
                 "SFTMix builds its own balanced, shuffled micro-batches, so `train_sampling_strategy` must stay "
                 f"'random', got {self.train_sampling_strategy!r}."
-            )
-        if self.loss_type != "nll":
-            raise ValueError(
-                "SFTMix adds its Mixup loss to the plain next-token loss: `loss_type` must be 'nll', got "
-                f"{self.loss_type!r}."
             )
         if self.label_smoothing_factor != 0:
             raise ValueError("SFTMix does not support `label_smoothing_factor`: leave it at 0.")

@@ -8,7 +8,7 @@ import hashlib
 import json
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 # Columns that describe an example's score rather than its content; never part of a derived id.
@@ -17,8 +17,7 @@ SCORE_COLUMNS = frozenset({"confidence", "variability", "half", "ppl", "nll", "n
 
 def derive_example_id(example: Mapping, exclude: Iterable[str] = SCORE_COLUMNS) -> str:
     """A stable id from an example's content: the first 16 hex digits of the SHA-1 of its columns (all but `exclude`)
-    serialized as canonical JSON (sorted keys, UTF-8). Identical examples get identical ids, so a dataset with exact
-    duplicates needs an id column of its own."""
+    serialized as canonical JSON (sorted keys, UTF-8). Identical examples get identical ids, and so share a score."""
     content = {key: value for key, value in example.items() if key not in set(exclude)}
     payload = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
     return hashlib.sha1(payload.encode("utf-8")).hexdigest()[:16]
@@ -36,6 +35,22 @@ def check_unique_ids(ids: Sequence) -> None:
         )
 
 
+def check_repeated_ids_share_content(ids: Sequence, content: Callable[[int], object]) -> list[int]:
+    """Check that every id repeated in `ids` is the same example repeated: `content(row)` equal for all its rows.
+    Returns the first row of each distinct id, in order (what to score once per id)."""
+    rows_by_id: dict = {}
+    for row, example_id in enumerate(ids):
+        rows_by_id.setdefault(example_id, []).append(row)
+    for example_id, rows in rows_by_id.items():
+        if len(rows) > 1 and len({content(row) for row in rows}) > 1:
+            raise ValueError(
+                f"The examples at rows {rows[:5]} share the id {example_id!r} but differ in content, so a score "
+                "joined by id cannot tell them apart. Give each distinct example its own id (identical examples may "
+                "share one)."
+            )
+    return [rows[0] for rows in rows_by_id.values()]
+
+
 @dataclass(frozen=True)
 class ConfidenceSplit:
     """Row indices of the confident half (most confident first), the unconfident half (least confident last), and
@@ -49,8 +64,9 @@ class ConfidenceSplit:
 def split_by_confidence(confidence: Sequence[float], ids: Sequence) -> ConfidenceSplit:
     """Split rows into two equal halves by confidence (higher is more confident).
 
-    Rows are ranked by descending confidence, ties broken by ascending id, so the split is deterministic and the
-    same wherever it is computed. With an odd number of rows the median row belongs to neither half.
+    Rows are ranked by descending confidence, ties broken by ascending id, then by row (duplicated examples share an
+    id and a score), so the split is deterministic and the same wherever it is computed. With an odd number of rows
+    the median row belongs to neither half.
     """
     if len(confidence) != len(ids):
         raise ValueError(f"Got {len(confidence)} confidences for {len(ids)} ids.")
@@ -61,12 +77,12 @@ def split_by_confidence(confidence: Sequence[float], ids: Sequence) -> Confidenc
             f"{len(bad)} example(s) have a missing, NaN or infinite confidence, e.g. {shown}. Rescore them or drop "
             "them from the dataset before training."
         )
-    check_unique_ids(ids)
-    if len(ids) < 4:
+    if len(ids) < 2:
         raise ValueError(
-            f"SFTMix needs at least two examples in each confidence half, but the dataset has {len(ids)} example(s)."
+            "SFTMix pairs a confident with an unconfident example, so it needs at least two training examples, but "
+            f"the dataset has {len(ids)}."
         )
-    order = sorted(range(len(ids)), key=lambda i: (-confidence[i], str(ids[i])))
+    order = sorted(range(len(ids)), key=lambda i: (-confidence[i], str(ids[i]), i))
     half = len(order) // 2
     return ConfidenceSplit(
         confident=order[:half], unconfident=order[len(order) - half :], remainder=order[half : len(order) - half]

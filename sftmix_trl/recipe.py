@@ -64,8 +64,8 @@ class RecipeArguments(ScriptArguments):
             Keep only the first this many training examples (after the format transform).
         drop_duplicates (`bool`, *optional*, defaults to `False`):
             Drop exact duplicate examples (same content, hence the same derived id), keeping the first, in the
-            training and the held-out data. Scores are joined by id, so data with duplicates and no id column of its
-            own is refused unless this is set.
+            training and the held-out data. Without it duplicates are trained, each copy once per epoch, and share
+            a score (the same derived id).
         eval_dataset_name (`str`, *optional*):
             Held-out data for the `evaluate` stage, e.g. `asset:alpacaeval`. Without it the stage is skipped.
         eval_dataset_config (`str`, *optional*):

@@ -19,6 +19,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -123,6 +125,23 @@ def build_gemma2(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, num_
     )
     with _seeded(seed):
         return Gemma2ForCausalLM(config)
+
+
+def build_qwen3_moe(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, num_layers: int = 2, seed: int = 0):
+    """A tiny Qwen3-MoE causal LM: 4 experts, 2 per token, on every layer, and a router load-balancing loss
+    coefficient large enough (0.5) for the auxiliary loss to show in the total."""
+    config = Qwen3MoeConfig(
+        **_common_config(tokenizer, hidden_size, num_layers),
+        head_dim=hidden_size // 4,
+        moe_intermediate_size=hidden_size,
+        num_experts=4,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+        router_aux_loss_coef=0.5,
+        tie_word_embeddings=False,
+    )
+    with _seeded(seed):
+        return Qwen3MoeForCausalLM(config)
 
 
 @contextlib.contextmanager

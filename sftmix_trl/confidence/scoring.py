@@ -30,7 +30,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from trl.trainer.utils import add_fused_lm_head
 
-from ..data_utils import check_unique_ids, derive_example_id
+from ..data_utils import check_repeated_ids_share_content, derive_example_id
 
 SCORES_SUFFIX = ".jsonl"
 METADATA_SUFFIX = ".json"
@@ -43,14 +43,14 @@ def add_example_ids(dataset: Dataset, id_column: str = "id") -> Dataset:
 
     Call it on the raw data, before SFTTrainer prepares it: preparation rewrites columns (it appends the EOS token to
     completions and texts, and that token depends on the tokenizer), so ids derived afterwards would differ between
-    a reference model and the target model. Exact duplicate examples get the same id and are refused; give such data
-    an id column of its own.
+    a reference model and the target model. Exact duplicate examples get the same id, and so share a score; an id
+    column of the data's own whose repeated ids carry different content is refused.
     """
     if id_column not in dataset.column_names:
-        dataset = dataset.map(
+        return dataset.map(
             lambda example: {id_column: derive_example_id(example)}, desc="Deriving example ids from content"
         )
-    check_unique_ids(dataset[id_column])
+    check_repeated_ids_share_content(dataset[id_column], lambda row: derive_example_id(dataset[row]))
     return dataset
 
 
@@ -98,7 +98,8 @@ def score_trainer(
         desc (`str`, *optional*, defaults to `"Scoring"`): the progress bar's label.
 
     Returns:
-        On the main process, a list of `{"id", "num_tokens", "nll", "ppl"}` records in the dataset's order.
+        On the main process, a list of `{"id", "num_tokens", "nll", "ppl"}` records in the dataset's order, one per
+        distinct id (a repeated id is an identical example, scored once).
     """
     check_scorable(trainer, id_column)
     dataset = trainer.train_dataset
@@ -106,7 +107,10 @@ def score_trainer(
         raise ValueError("The trainer's training set is empty after preparation: there is nothing to score.")
     accelerator = trainer.accelerator
     ids = dataset[id_column]
-    check_unique_ids(ids)
+    # a repeated id is the same example repeated (same tokens): scored once
+    scored_rows = check_repeated_ids_share_content(
+        ids, lambda row: (tuple(dataset[row]["input_ids"]), tuple(dataset[row]["labels"]))
+    )
     batch_size = batch_size or trainer.args.per_device_eval_batch_size
     # Exactly what the training dataloader hands to the collator: the columns the model's forward takes
     collator_dataset = trainer._remove_unused_columns(dataset, description="confidence scoring")
@@ -114,12 +118,12 @@ def score_trainer(
 
     # Longest examples first, so that batches hold examples of similar lengths (little padding) and the largest batch
     # comes first; dealt round-robin to the processes so each shard is about as long as the others.
-    order = sorted(range(len(dataset)), key=lambda i: -lengths[i])
+    order = sorted(scored_rows, key=lambda i: -lengths[i])
     shard = order[accelerator.process_index :: accelerator.num_processes]
     batches = [shard[start : start + batch_size] for start in range(0, len(shard), batch_size)]
     # Every process runs the same number of forwards, since a sharded model (FSDP, ZeRO-3) gathers its weights in
     # collectives: a process with fewer batches repeats a batch and drops its result.
-    num_batches = math.ceil(math.ceil(len(dataset) / accelerator.num_processes) / batch_size)
+    num_batches = math.ceil(math.ceil(len(scored_rows) / accelerator.num_processes) / batch_size)
 
     model = trainer.model_wrapped if (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled) else trainer.model
     was_training = model.training

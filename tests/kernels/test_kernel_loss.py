@@ -189,3 +189,41 @@ def test_no_host_sync_in_the_loss_path(impl):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert hidden.grad is not None and weight.grad is not None
+
+
+def _dft_formula(case):
+    """DFT's next-token term (each row's NLL times its own detached target probability) plus the unchanged mixup
+    term, in fp64 with autograd, position by position."""
+    hidden = case.hidden.double().requires_grad_()
+    weight = case.weight.double().requires_grad_()
+    bias = case.bias.double().requires_grad_()
+    logits = hidden @ weight.T + bias
+    valid = case.targets != case.ignore_index
+    targets = case.targets.clamp(min=0)
+    nll = logits.logsumexp(-1) - logits.gather(1, targets[:, None]).squeeze(1)
+    ntp = (torch.exp(-nll).detach() * nll)[valid].sum() / valid.sum()
+    p, q = case.mix_index.T
+    lam = case.mix_lambda.double()
+    mixed = lam[:, None] * logits[p] + (1 - lam[:, None]) * logits[q]
+    mixed_nll = (
+        mixed.logsumexp(-1)
+        - lam * mixed.gather(1, targets[p, None]).squeeze(1)
+        - (1 - lam) * mixed.gather(1, targets[q, None]).squeeze(1)
+    )
+    loss = ntp + case.mixup_coef * (case.mix_weight.double() * mixed_nll).sum()
+    loss.backward()
+    return {"loss": loss.detach(), "grad_hidden": hidden.grad, "grad_weight": weight.grad, "grad_bias": bias.grad}
+
+
+@pytest.mark.parametrize("impl", ["reference", "torch", "triton", "auto"])
+@pytest.mark.parametrize("peaked", [False, True])
+def test_dft_weights_each_next_token_term_by_its_detached_probability(impl, peaked):
+    _skip_unavailable(impl, "cpu")
+    case = make_case(seed=3, peaked=peaked, mixup_coef=0.5)
+    expected = _dft_formula(case)
+    result = run_impl(case, impl, torch.float32, "cpu", dft=True)
+    for key, value in expected.items():
+        assert _rel_error(result[key], value) < 2e-5, key
+    plain = run_impl(case, impl, torch.float32, "cpu")
+    assert plain["ntp_loss"] > result["ntp_loss"], "the weights p_n < 1 lower the next-token term"
+    torch.testing.assert_close(plain["mixup_loss"], result["mixup_loss"])

@@ -126,10 +126,20 @@ def test_scoring_refuses_what_it_cannot_key_by_id(tokenizer, llama, tmp_path):
     )
     with pytest.raises(ValueError, match="packing=True"):
         score_trainer(packed)
-    duplicated = tiny.prompt_completion_dataset(4).map(lambda _: {"id": "same"})
-    trainer = SFTTrainer(model=llama, args=sft_config(tmp_path), train_dataset=duplicated, processing_class=tokenizer)
-    with pytest.raises(ValueError, match="duplicate example id"):
+    same_id = tiny.prompt_completion_dataset(4).map(lambda _: {"id": "same"})
+    trainer = SFTTrainer(model=llama, args=sft_config(tmp_path), train_dataset=same_id, processing_class=tokenizer)
+    with pytest.raises(ValueError, match="share the id 'same' but differ in content"):
         score_trainer(trainer)
+
+
+def test_identical_examples_are_scored_once_per_id(tokenizer, llama, tmp_path):
+    raw = tiny.prompt_completion_dataset(3)
+    repeated = raw.select([0, 1, 0, 2, 1])
+    trainer = SFTTrainer(model=llama, args=sft_config(tmp_path), train_dataset=repeated, processing_class=tokenizer)
+    records = score_trainer(trainer, show_progress=False)
+    assert [record["id"] for record in records] == ["ex-0000", "ex-0001", "ex-0002"]
+    alone = SFTTrainer(model=llama, args=sft_config(tmp_path), train_dataset=raw, processing_class=tokenizer)
+    assert records == score_trainer(alone, show_progress=False)
 
 
 def test_add_example_ids_derives_from_raw_content():
@@ -137,8 +147,10 @@ def test_add_example_ids_derives_from_raw_content():
     with_ids = add_example_ids(raw)
     assert with_ids["id"] == [derive_example_id(example) for example in raw]
     assert add_example_ids(with_ids)["id"] == with_ids["id"]  # an existing column is kept
-    with pytest.raises(ValueError, match="duplicate example id"):
-        add_example_ids(raw.select([0, 1, 0]))
+    repeated = add_example_ids(raw.select([0, 1, 0]))["id"]
+    assert repeated[0] == repeated[2] != repeated[1], "identical examples share their derived id"
+    with pytest.raises(ValueError, match="share the id 'x' but differ in content"):
+        add_example_ids(raw.add_column("id", ["x", "x", "y", "z", "w"]))
 
 
 def test_callback_scores_each_checkpoint_once_with_its_own_weights(tokenizer, llama, tmp_path):

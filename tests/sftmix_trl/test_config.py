@@ -69,12 +69,10 @@ def test_the_command_line_parser_accepts_the_fields():
         (dict(ntp_loss_on="half"), "ntp_loss_on"),
         (dict(ntp_loss_on="none", mixup_coef=0.0), "leaves no loss"),
         (dict(loss_impl="cuda"), "loss_impl"),
-        (dict(packing=True), "does not support `packing` or `padding_free`"),
-        (dict(padding_free=True), "does not support `packing` or `padding_free`"),
-        (dict(per_device_train_batch_size=3), "even `per_device_train_batch_size` of at least 2"),
-        (dict(per_device_train_batch_size=1), "even `per_device_train_batch_size` of at least 2"),
+        (dict(packing=True, packing_strategy="wrapped"), "needs `packing_strategy='bfd'`"),
+        (dict(packing=True, packing_strategy="bfd_split"), "needs `packing_strategy='bfd'`"),
+        (dict(per_device_train_batch_size=1), "`per_device_train_batch_size` of at least 2, got 1"),
         (dict(train_sampling_strategy="group_by_length"), "train_sampling_strategy"),
-        (dict(loss_type="dft"), "loss_type"),
         (dict(label_smoothing_factor=0.1), "label_smoothing_factor"),
     ],
 )
@@ -87,3 +85,5 @@ def test_ablation_switches_are_accepted():
     for subset in ("all", "confident", "unconfident", "none"):
         assert make(ntp_loss_on=subset).ntp_loss_on == subset
     assert make(mixup_coef=0.0).mixup_coef == 0.0
+    # what SFTTrainer accepts and SFTMix can do: padding-free batches, packed evaluation, odd micro-batches
+    assert make(padding_free=True, eval_packing=True, per_device_train_batch_size=3).padding_free

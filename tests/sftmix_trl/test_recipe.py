@@ -99,13 +99,13 @@ def test_pipeline_runs_end_to_end_on_two_processes_and_resumes(tmp_path, llama_d
     assert "| sftmix |" in out  # the stored evaluation table is shown again
 
 
-def test_duplicate_rows_are_refused_unless_dropped(tmp_path):
+def test_duplicate_rows_share_an_id_unless_dropped(tmp_path):
     rows = [{"instruction": f"Say {w}.", "input": "", "output": w} for w in ("a", "b", "a", "c")]
     path = tmp_path / "alpaca.json"
     path.write_text(json.dumps(rows))
     recipe = RecipeArguments(dataset_name=str(path), dataset_format="alpaca")
-    with pytest.raises(ValueError, match="duplicate example id"):
-        load_train_dataset(recipe)
+    ids = load_train_dataset(recipe)["id"]
+    assert len(ids) == 4 and ids[0] == ids[2] and len(set(ids)) == 3
     recipe.drop_duplicates = True
     dataset = load_train_dataset(recipe)
     assert [row["completion"][0]["content"] for row in dataset] == ["a", "b", "c"]

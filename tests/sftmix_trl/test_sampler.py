@@ -3,37 +3,46 @@
 import pytest
 import torch
 from accelerate.data_loader import BatchSamplerShard, SkipBatchSampler
-from torch.utils.data import BatchSampler, DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from sftmix_trl.sampler import BalancedPairSampler
 
-CONFIDENT = list(range(0, 40, 2))  # even rows: 20 confident
-UNCONFIDENT = list(range(1, 45, 2))  # odd rows: 22 unconfident (one extra)
+CONFIDENT = list(range(0, 42, 2))  # even rows: 21 confident
+UNCONFIDENT = list(range(1, 42, 2))  # odd rows: 21 unconfident
+MEDIAN = [42]  # an odd-sized dataset's median row
 
 
 def micro_batches(sampler, batch_size):
     return [list(b) for b in BatchSampler(sampler, batch_size, drop_last=False)]
 
 
-def check_balanced(batch, batch_size):
-    half = batch_size // 2
-    assert len(batch) == batch_size
-    assert all(i in CONFIDENT for i in batch[:half]), batch
-    assert all(i in UNCONFIDENT for i in batch[half:]), batch
+def halves_of(batch):
+    return [0 if i in CONFIDENT else 1 if i in UNCONFIDENT else -1 for i in batch]
 
 
-@pytest.mark.parametrize("batch_size", [2, 4, 6])
-def test_every_micro_batch_is_half_confident_then_half_unconfident(batch_size):
-    sampler = BalancedPairSampler(CONFIDENT, UNCONFIDENT, batch_size, seed=3)
+@pytest.mark.parametrize("batch_size", [2, 3, 4, 8, 43, 64])
+@pytest.mark.parametrize("remainder", [[], MEDIAN])
+def test_every_row_once_per_epoch_in_as_many_micro_batches_as_sfttrainers(batch_size, remainder):
+    sampler = BalancedPairSampler(CONFIDENT, UNCONFIDENT, batch_size, remainder=remainder, seed=3)
     batches = micro_batches(sampler, batch_size)
-    assert len(batches) == len(sampler) // batch_size == len(CONFIDENT) // (batch_size // 2)
-    for batch in batches:
-        check_balanced(batch, batch_size)
+    rows = CONFIDENT + UNCONFIDENT + remainder
+    # SFTTrainer: a random sampler over the same rows, the same DataLoader batch size
+    assert len(batches) == len(list(BatchSampler(RandomSampler(rows), batch_size, drop_last=False)))
     seen = [i for batch in batches for i in batch]
-    assert len(seen) == len(set(seen)), "an example was drawn twice in one epoch"
-    # documented remainder: fewer than batch_size // 2 rows of the smaller half, plus the larger half's surplus
-    assert len(CONFIDENT) - len(set(seen) & set(CONFIDENT)) < batch_size // 2
-    assert len(UNCONFIDENT) - len(set(seen) & set(UNCONFIDENT)) < batch_size // 2 + len(UNCONFIDENT) - len(CONFIDENT)
+    assert sorted(seen) == sorted(rows), "every example, the median included, exactly once"
+    for batch in batches:
+        halves = halves_of(batch)
+        # confident first, then unconfident, then the median; as balanced as the size allows
+        assert halves == sorted(halves, key=lambda h: (h == -1, h)), halves
+        assert abs(halves.count(0) - halves.count(1)) <= 1
+        if len(batch) % 2 == 0 and -1 not in halves:
+            assert halves.count(0) == halves.count(1)
+    assert all(-1 not in halves_of(batch) for batch in batches[:-1]), "the median sits in the last micro-batch"
+
+
+def test_odd_micro_batches_alternate_the_extra_row():
+    batches = micro_batches(BalancedPairSampler(CONFIDENT, UNCONFIDENT, 3), 3)
+    assert [halves_of(b).count(0) for b in batches[:4]] == [2, 1, 2, 1]
 
 
 def test_pairs_are_random_and_change_with_the_epoch_and_seed():
@@ -44,7 +53,7 @@ def test_pairs_are_random_and_change_with_the_epoch_and_seed():
     sampler.set_epoch(1)
     epoch1 = list(sampler)
     assert epoch1 != epoch0
-    pairs = lambda order: {(order[i], order[i + 2]) for b in range(0, len(order), 4) for i in (b, b + 1)}  # noqa: E731
+    pairs = lambda order: {(order[i], order[i + 2]) for b in range(0, 40, 4) for i in (b, b + 1)}  # noqa: E731
     assert pairs(epoch1) != pairs(epoch0), "the pairing is reshuffled, not only the batch order"
     assert list(BalancedPairSampler(CONFIDENT, UNCONFIDENT, 4, seed=1)) != epoch0
     sampler.set_epoch(0)
@@ -53,26 +62,29 @@ def test_pairs_are_random_and_change_with_the_epoch_and_seed():
 
 @pytest.mark.parametrize("num_processes", [2, 3])
 @pytest.mark.parametrize("split_batches", [False, True])
-def test_every_rank_gets_balanced_disjoint_micro_batches_through_accelerate_sharding(num_processes, split_batches):
+def test_ranks_get_the_sampler_micro_batches_through_accelerate_sharding(num_processes, split_batches):
     """Accelerate's `BatchSamplerShard` deals whole DataLoader batches to the ranks in turn, or (split_batches) cuts
     each into per-rank slices; the trainer then samples per-rank micro-batches and a DataLoader batch of
-    `micro * num_processes`. Every rank's micro-batch must stay balanced and correctly paired."""
+    `micro * num_processes`. Each rank's micro-batch is one of the sampler's; the last round is completed from the
+    start of the epoch, as for SFTTrainer."""
     micro = 4
-    sampler = BalancedPairSampler(CONFIDENT, UNCONFIDENT, micro, num_replicas=num_processes, seed=7)
+    sampler = BalancedPairSampler(CONFIDENT, UNCONFIDENT, micro, remainder=MEDIAN, seed=7)
+    built = [tuple(b) for b in micro_batches(sampler, micro)]
     loader_batch = micro * num_processes if split_batches else micro
     per_rank = []
     for rank in range(num_processes):
-        loader = DataLoader(range(50), sampler=sampler, batch_size=loader_batch)
+        loader = DataLoader(range(43), sampler=sampler, batch_size=loader_batch)
         shard = BatchSamplerShard(
             loader.batch_sampler, num_processes=num_processes, process_index=rank, split_batches=split_batches
         )
-        batches = [list(b) for b in shard]
-        for batch in batches:
-            check_balanced(batch, micro)
-        per_rank.append(batches)
+        per_rank.append([list(b) for b in shard])
     assert len({len(batches) for batches in per_rank}) == 1, "every rank takes the same number of steps"
-    seen = [i for batches in per_rank for batch in batches for i in batch]
-    assert len(seen) == len(set(seen)) == len(sampler), "the ranks split the epoch without overlap or repeats"
+    seen = {i for batches in per_rank for batch in batches for i in batch}
+    assert seen == set(range(43)), "the ranks cover the whole epoch"
+    for batches in per_rank:
+        for batch in batches[:-1]:
+            assert tuple(batch) in built
+        assert abs(halves_of(batches[-1]).count(0) - halves_of(batches[-1]).count(1)) <= 1
 
 
 def test_resuming_mid_epoch_skips_to_the_same_batches():
@@ -85,20 +97,17 @@ def test_resuming_mid_epoch_skips_to_the_same_batches():
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "args, message",
     [
-        (dict(micro_batch_size=3), "even and at least 2"),
-        (dict(micro_batch_size=0), "even and at least 2"),
-        (dict(micro_batch_size=4, num_replicas=0), "at least 1"),
-        (dict(micro_batch_size=44), "too few for one micro-batch"),
-        (dict(micro_batch_size=16, num_replicas=3), "too few for one micro-batch"),
+        ((CONFIDENT, UNCONFIDENT, 1), "at least 2 to hold a pair"),
+        ((CONFIDENT, [], 4), "Both confidence halves need rows"),
     ],
 )
-def test_bad_arguments_are_refused(kwargs, message):
+def test_bad_arguments_are_refused(args, message):
     with pytest.raises(ValueError, match=message):
-        BalancedPairSampler(CONFIDENT, UNCONFIDENT, **kwargs)
+        BalancedPairSampler(*args)
 
 
 def test_indices_are_python_ints_for_datasets():
-    assert all(type(i) is int for i in BalancedPairSampler(CONFIDENT, UNCONFIDENT, 2))
+    assert all(type(i) is int for i in BalancedPairSampler(CONFIDENT, UNCONFIDENT, 2, remainder=MEDIAN))
     assert torch.tensor(list(BalancedPairSampler(CONFIDENT, UNCONFIDENT, 2))).dtype == torch.int64

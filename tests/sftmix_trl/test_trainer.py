@@ -152,7 +152,9 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_big_batch(tokenizer,
         )
 
 
-def test_an_unbalanced_micro_batch_is_refused(tokenizer, tmp_path):
+def test_pairs_follow_the_half_flags_whatever_the_row_order(tokenizer, tmp_path):
+    """Pair i is the i-th confident and the i-th unconfident row of the micro-batch, wherever they sit: interleaving
+    the rows gives the same pairs, so the same loss and gradients (same lambdas)."""
     trainer = SFTMixTrainer(
         peaked_llama(tokenizer),
         args=tiny_config(tmp_path),
@@ -160,9 +162,14 @@ def test_an_unbalanced_micro_batch_is_refused(tokenizer, tmp_path):
         processing_class=tokenizer,
     )
     batch = first_batch(trainer)
-    swapped = {k: v[[0, 2, 1, 3]] for k, v in batch.items()}
-    with pytest.raises(ValueError, match="needs the first half confident"):
-        loss_and_grads(trainer, swapped)
+    assert batch[HALF_COLUMN].tolist() == [0, 0, 1, 1]
+    torch.manual_seed(0)
+    loss, grads = loss_and_grads(trainer, batch)
+    torch.manual_seed(0)
+    interleaved_loss, interleaved_grads = loss_and_grads(trainer, {k: v[[0, 2, 1, 3]] for k, v in batch.items()})
+    torch.testing.assert_close(interleaved_loss, loss)
+    for name in grads:
+        torch.testing.assert_close(interleaved_grads[name], grads[name], rtol=1e-4, atol=1e-6)
     without_flags = {k: v for k, v in batch.items() if k != HALF_COLUMN}
     with pytest.raises(ValueError, match="carries no 'sftmix_half' flags"):
         loss_and_grads(trainer, without_flags)
@@ -178,6 +185,23 @@ def test_normalizer_of_a_one_half_ablation_counts_that_half_only(tokenizer, tmp_
     batch = first_batch(trainer)
     counted = trainer._get_num_items_in_batch([batch, batch], torch.device("cpu"))
     assert counted.item() == 2 * (batch["labels"][2:, 1:] != -100).sum().item()
+
+
+def test_a_micro_batch_without_next_token_targets_gives_a_zero_loss(tokenizer, tmp_path):
+    """9 examples in micro-batches of 4: the last holds the median alone, which a one-half ablation does not train
+    on; its step must give a finite zero (as SFTTrainer's does for an all-masked batch), not 0 / 0."""
+    trainer = SFTMixTrainer(
+        peaked_llama(tokenizer),
+        args=tiny_config(tmp_path, ntp_loss_on="unconfident"),
+        train_dataset=with_confidence(tiny.prompt_completion_dataset(9)),
+        processing_class=tokenizer,
+    )
+    *_, last = trainer.get_train_dataloader()
+    assert last[HALF_COLUMN].tolist() == [-1]
+    num_items = trainer._get_num_items_in_batch([last], torch.device("cpu"))
+    assert num_items == 0
+    loss, grads = loss_and_grads(trainer, last, num_items)
+    assert loss.item() == 0.0 and all(torch.isfinite(g).all() for g in grads.values())
 
 
 def test_evaluation_is_sfttrainers_plain_next_token_loss(tokenizer, tmp_path):
