@@ -21,7 +21,13 @@ from trl.models.utils import _ForwardRedirection
 from trl.trainer.utils import get_config_model_id, maybe_gather_lm_head_ctx
 
 from .config import SFTMixConfig
-from .data_utils import SCORE_COLUMNS, check_unique_ids, derive_example_id, split_by_confidence
+from .data_utils import (
+    SCORE_COLUMNS,
+    check_unique_ids,
+    derive_example_id,
+    normalize_content_parts,
+    split_by_confidence,
+)
 from .kernels import sftmix_linear_cross_entropy
 from .kernels.reference import head_logits
 from .sampler import BalancedPairSampler
@@ -197,6 +203,8 @@ class SFTMixTrainer(SFTTrainer):
             args = SFTMixConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
 
         self._check_model_and_data(model, train_dataset, processing_class, peft_config, compute_loss_func)
+        # messages whose content is a list of text parts, as plain text (before ids are derived from the content)
+        train_dataset, eval_dataset = normalize_content_parts(train_dataset), normalize_content_parts(eval_dataset)
         # Validate every score before the (possibly long) dataset preparation; the split itself is made afterwards,
         # on the rows that preparation keeps (it drops examples left without trainable tokens).
         train_dataset, confidence_by_id = self._attach_confidence(train_dataset, args, confidence_scores)
