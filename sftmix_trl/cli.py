@@ -16,6 +16,7 @@ rows (`instruction`, `input`, `output`) are turned into conversational prompt/co
 any other processing (see `confidence.add_example_ids`); `--drop_duplicates` keeps the first of identical rows.
 """
 
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,9 +209,25 @@ def run_aggregate(aggregate_args: AggregateArguments, data_args: DatasetArgument
     if aggregate_args.data_map:
         examples = load_examples(data_args) if data_args.dataset_name else None
         for path in write_data_map(
-            table.dataset, output_dir, examples, aggregate_args.top_n, id_column=data_args.id_column
+            table.dataset,
+            output_dir,
+            examples,
+            aggregate_args.top_n,
+            id_column=data_args.id_column,
+            models=table.models,
+            checkpoints=table.checkpoints,
+            dataset_name=_dataset_label(table.score_files, data_args),
         ):
             print(path)
+
+
+def _dataset_label(score_files, data_args: DatasetArguments) -> str | None:
+    """The data's label for the title: the one the score files record, else `--dataset_name`."""
+    from .confidence.scoring import metadata_path
+
+    sidecars = [metadata_path(path) for path in score_files]
+    labels = {json.loads(p.read_text()).get("dataset") for p in sidecars if p.is_file()} - {None}
+    return ", ".join(sorted(labels)) if labels else data_args.dataset_name
 
 
 def run_datamap(datamap_args: DataMapArguments, data_args: DatasetArguments) -> None:
@@ -227,8 +244,18 @@ def run_datamap(datamap_args: DataMapArguments, data_args: DatasetArguments) -> 
             "`--output_dir`."
         )
     examples = load_examples(data_args) if data_args.dataset_name else None
+    summary_path = default_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     for path in write_data_map(
-        table, output_dir, examples, datamap_args.top_n, title=datamap_args.title, id_column=data_args.id_column
+        table,
+        output_dir,
+        examples,
+        datamap_args.top_n,
+        title=datamap_args.title,
+        id_column=data_args.id_column,
+        models=summary.get("models", ()),
+        checkpoints=summary.get("checkpoints", ()),
+        dataset_name=_dataset_label(summary.get("score_files", ()), data_args),
     ):
         print(path)
 

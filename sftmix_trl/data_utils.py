@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Columns that describe an example's score rather than its content; never part of a derived id.
-SCORE_COLUMNS = frozenset({"confidence", "variability", "half", "ppl", "nll", "num_tokens"})
+SCORE_COLUMNS = frozenset(
+    {"confidence", "variability", "half", "ppl", "nll", "num_tokens", "gold_prob", "gold_prob_std", "correctness"}
+)
 
 
 def derive_example_id(example: Mapping, exclude: Iterable[str] = SCORE_COLUMNS) -> str:

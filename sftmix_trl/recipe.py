@@ -407,7 +407,14 @@ class Recipe:
                     f"{len(table.checkpoints)} in {self.stage_dir('reference')}: rerun the reference stage."
                 )
             table.save(output_dir, overwrite=True)
-            write_data_map(table.dataset, output_dir, examples=self.train_dataset, title=self.recipe.dataset_name)
+            write_data_map(
+                table.dataset,
+                output_dir,
+                examples=self.train_dataset,
+                models=table.models,
+                checkpoints=table.checkpoints,
+                dataset_name=self.recipe.dataset_name,
+            )
         self._mark_done("score", scores=str(output_dir / "confidence.jsonl"))
 
     def run_sftmix(self) -> None:

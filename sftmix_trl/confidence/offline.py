@@ -175,6 +175,7 @@ def score_checkpoints(
                 "source": "score_checkpoints",
                 "checkpoint": str(checkpoint),
                 "global_step": _global_step(name),
+                "model": adapter_base(checkpoint) or str(checkpoint),
                 "dataset": dataset_name,
                 "max_length": args.max_length,
                 "tokenizer": trainer.processing_class.name_or_path,
