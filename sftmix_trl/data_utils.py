@@ -35,8 +35,8 @@ def check_unique_ids(ids: Sequence) -> None:
         shown = ", ".join(f"{d!r} ({counts[d]}x)" for d in duplicates[:5])
         raise ValueError(
             f"{len(duplicates)} duplicate example id(s), e.g. {shown}. Scores are joined by id, so every example needs "
-            "a unique one: deduplicate the data (identical rows get identical derived ids) or give it an id column of "
-            "its own."
+            "a unique one: deduplicate the data (identical rows get identical derived ids; `--drop_duplicates` in the "
+            "recipes and the `sftmix` commands) or give it an id column of its own."
         )
 
 
