@@ -388,7 +388,10 @@ class Recipe:
     def run_reference(self) -> None:
         output_dir = self.stage_dir("reference")
         epochs = self.recipe.reference_num_train_epochs or self.args.num_train_epochs
-        args = sft_config_from(self.args, output_dir=str(output_dir), save_strategy="no", num_train_epochs=epochs)
+        # only the SFTMix model goes to the Hub (`push_to_hub`): the reference run is a means to its scores
+        args = sft_config_from(
+            self.args, output_dir=str(output_dir), save_strategy="no", num_train_epochs=epochs, push_to_hub=False
+        )
         trainer = SFTTrainer(
             model=self.reference_model, args=args, train_dataset=self.train_dataset, peft_config=self.peft_config
         )
@@ -422,6 +425,8 @@ class Recipe:
             self.args,
             output_dir=str(self.stage_dir("sftmix")),
             confidence_scores_path=str(self.stage_dir("score") / "confidence.jsonl"),
+            # pushed as the run's name, not as the stage folder's ("sftmix"), unless `hub_model_id` says otherwise
+            hub_model_id=self.args.hub_model_id or self.run_dir.name,
         )
         trainer = SFTMixTrainer(
             model=self.model, args=args, train_dataset=self.train_dataset, peft_config=self.peft_config
@@ -429,7 +434,7 @@ class Recipe:
         self._train(trainer, "sftmix")
 
     def run_baseline(self) -> None:
-        args = sft_config_from(self.args, output_dir=str(self.stage_dir("baseline")))
+        args = sft_config_from(self.args, output_dir=str(self.stage_dir("baseline")), push_to_hub=False)
         trainer = SFTTrainer(
             model=self.model, args=args, train_dataset=self.train_dataset, peft_config=self.peft_config
         )
@@ -444,7 +449,7 @@ class Recipe:
         models = {"base": self.model, "sftmix": str(self.stage_dir("sftmix"))}
         if self.stage_dir("baseline").joinpath(DONE_FILE).is_file():
             models["ntp"] = str(self.stage_dir("baseline"))
-        args = sft_config_from(self.args, output_dir=str(output_dir), report_to="none")
+        args = sft_config_from(self.args, output_dir=str(output_dir), report_to="none", push_to_hub=False)
         files = score_checkpoints(
             list(models.values()), eval_dataset, output_dir, args=args, dataset_name=self.recipe.eval_dataset_name
         )
