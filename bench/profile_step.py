@@ -5,8 +5,9 @@
 
 Same model, data and settings as `bench/trainer.py` (random pre-tokenized sequences, every position trained, gradient
 checkpointing on). Each trainer runs in a fresh subprocess: `--warmup` steps, then one step under the profiler. The
-profiler's operators are split by their input shapes: those with a vocabulary-sized dimension (the LM head's matrix
-products and the loss's vocabulary-wide work) and the rest (the backbone, the optimizer). For each trainer it prints
+profiler's operators are split by their input shapes: those with a dimension larger than any of the backbone's (hidden
+and intermediate sizes, tokens in the batch), i.e. the vocabulary or a chunk of it (the LM head's matrix products and
+the loss's vocabulary-wide work, however each implementation tiles it), and the rest (the backbone, the optimizer). For each trainer it prints
 the step's wall time, the self CPU time in each part, the FLOPs and time of the vocabulary-sized matrix products (in
 units of 2 N D V, one N x D by D x V product over the N scored rows), and the top operators; `--json` writes the same
 figures. FLOPs do not depend on the machine's load; times do (compare them within one run).
@@ -92,13 +93,15 @@ def worker(trainer_name: str, model_name: str, batch: int, seq_len: int, warmup:
     trainer.train()
 
     vocab = config.vocab_size
+    # the backbone's largest dimension: anything larger is the vocabulary or a chunk of it (TRL tiles it by 32,768)
+    backbone_max = max(config.hidden_size, config.intermediate_size, batch * seq_len)
     parts = {"vocabulary-sized": 0.0, "other": 0.0}
     vocab_matmuls = {"flops": 0.0, "seconds": 0.0}
     by_op: dict[str, float] = {}
     for event in callback.profiler.key_averages(group_by_input_shape=True):
         seconds = event.self_cpu_time_total / 1e6
         shapes = [shape for shape in event.input_shapes if isinstance(shape, list)]
-        is_vocab = any(vocab in shape for shape in shapes)
+        is_vocab = any(isinstance(dim, int) and dim > backbone_max for shape in shapes for dim in shape)
         parts["vocabulary-sized" if is_vocab else "other"] += seconds
         if is_vocab and event.key in MATMULS:
             vocab_matmuls["flops"] += event.count * matmul_flops(event.key, shapes)
