@@ -39,6 +39,7 @@ from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, 
 from .assets import resolve_asset
 from .confidence import ConfidenceCallback, add_example_ids, aggregate_scores, read_scores, score_checkpoints
 from .confidence.datamap import write_data_map
+from .confidence.offline import adapter_base
 from .config import SFTMixConfig
 from .data_utils import drop_duplicate_examples, load_raw_dataset, normalize_content_parts, random_subset
 from .trainer import SFTMixTrainer
@@ -450,6 +451,12 @@ class Recipe:
         if self.stage_dir("baseline").joinpath(DONE_FILE).is_file():
             models["ntp"] = str(self.stage_dir("baseline"))
         args = sft_config_from(self.args, output_dir=str(output_dir), report_to="none", push_to_hub=False)
+        for label, path in models.items():
+            if adapter_base(path) is not None:
+                self.state.print(
+                    f"[sftmix] stage evaluate: {label} ({path}) is a PEFT adapter; scoring it merged into its base "
+                    f"model {adapter_base(path)}"
+                )
         files = score_checkpoints(
             list(models.values()), eval_dataset, output_dir, args=args, dataset_name=self.recipe.eval_dataset_name
         )

@@ -82,7 +82,7 @@ def draw_data_map(table: Dataset, path: str | Path, title: str | None = None) ->
     scatter_ax.set_xlim(0, x_max)
     scatter_ax.set_ylim(0, 1)
     scatter_ax.set_xlabel("variability: std across checkpoints of the mean gold-token probability")
-    scatter_ax.set_ylabel("confidence: mean gold-token probability across checkpoints")
+    scatter_ax.set_ylabel("confidence:\nmean gold-token probability across checkpoints")
     scatter_ax.grid(alpha=0.3)
     legend = scatter_ax.legend(loc="lower right", fontsize=8, markerscale=max(1.0, 30 / size) ** 0.5)
     for handle in legend.legend_handles:

@@ -142,7 +142,7 @@ def _response_nll(records: list[dict]) -> float:
 
 
 @pytest.mark.slow
-def test_lora_runs_every_stage_and_adapters_are_evaluated_on_their_base(tmp_path, llama_dir):
+def test_lora_runs_every_stage_and_adapters_are_evaluated_on_their_base(tmp_path, llama_dir, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -160,6 +160,10 @@ def test_lora_runs_every_stage_and_adapters_are_evaluated_on_their_base(tmp_path
             eval_dataset_format="auto", train_ntp_baseline="true", use_peft="true", lora_r="8", lora_alpha="16",
         )
     )  # fmt: skip
+    assert (
+        f"[sftmix] stage evaluate: sftmix ({run / 'sftmix'}) is a PEFT adapter; scoring it merged into its base model "
+        f"{llama_dir}"
+    ) in capsys.readouterr().out
     for stage, folder in STAGE_DIRS.items():
         assert (run / folder / "stage_done.json").is_file(), stage
     # every trained stage holds an adapter, not a full model; the reference checkpoints keep no optimizer state
