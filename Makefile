@@ -32,7 +32,7 @@ test: $(STAMP)
 DEMO_DIR ?= runs/demo
 demo: $(STAMP)
 	$(BIN)/python -m sftmix_trl.assets
-	HF_HUB_OFFLINE=1 $(BIN)/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no \
+	HF_HUB_OFFLINE=1 $(BIN)/accelerate launch --quiet --cpu --num_processes 1 --num_machines 1 --mixed_precision no \
 		--dynamo_backend no recipes/alpaca.py --config recipes/smollm2-135m/demo_cpu.yaml --output_dir $(DEMO_DIR)
 
 lint: $(STAMP)

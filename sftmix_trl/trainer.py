@@ -31,7 +31,13 @@ from .batch_plan import (
     token_halves,
 )
 from .config import SFTMixConfig
-from .data_utils import SCORE_COLUMNS, check_repeated_ids_share_content, derive_example_id, split_by_confidence
+from .data_utils import (
+    SCORE_COLUMNS,
+    check_repeated_ids_share_content,
+    derive_example_id,
+    normalize_content_parts,
+    split_by_confidence,
+)
 from .kernels import sftmix_linear_cross_entropy
 from .kernels.reference import head_logits
 from .lm_head import whole_lm_head
@@ -209,6 +215,8 @@ class SFTMixTrainer(SFTTrainer):
             # field by field: `to_dict` masks every `*_token` field (hub_token, but also eos_token and pad_token)
             args = SFTMixConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
 
+        # messages whose content is a list of text parts, as plain text (before ids are derived from the content)
+        train_dataset, eval_dataset = normalize_content_parts(train_dataset), normalize_content_parts(eval_dataset)
         # SFTTrainer validates its inputs first, with its own errors; SFTMix's checks of the training data run where
         # SFTTrainer prepares it (`_prepare_dataset`), or right after its construction when preparation is skipped.
         self._raw_train_dataset = train_dataset

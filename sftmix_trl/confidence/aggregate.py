@@ -4,6 +4,12 @@
     variability(x, y) = sqrt((1/K) * sum_k (ppl_k(x, y) - mean_k ppl_k)^2)  (population std, ddof = 0, over checkpoints,
                                                                             as dataset cartography's variability)
 
+and the dataset-cartography view (Swayamdipta et al., 2020) that the data map draws, bounded in [0, 1]:
+
+    gold_prob(x, y)     = (1/K) * sum_k prob_k(x, y)     (prob_k: mean gold-token probability at checkpoint k)
+    gold_prob_std(x, y) = population std of prob_k over the checkpoints (at most 0.5)
+    correctness(x, y)   = (1/K) * sum_k accuracy_k(x, y) (accuracy_k: share of response tokens predicted top-1)
+
 The split is `data_utils.split_by_confidence`: two equal halves, ties broken by id, the median example left out when
 the count is odd.
 
@@ -15,7 +21,8 @@ Output folder of `ConfidenceTable.save`, which `SFTMixTrainer(confidence_scores=
     summary.json       checkpoints, counts, excluded ids, definitions
 
 Columns: `id`, `confidence`, `variability`, `half` (`"confident"`, `"unconfident"` or `"remainder"`), `ppl` (the K
-perplexities, in the order of `summary.json`'s `checkpoints`). SFTMixTrainer reads `id` and `confidence`.
+perplexities, in the order of `summary.json`'s `checkpoints`), `gold_prob`, `gold_prob_std`, `correctness`, `prob` and
+`accuracy` (the K values each), `num_tokens` (response tokens scored). SFTMixTrainer reads `id` and `confidence`.
 """
 
 import json
@@ -44,17 +51,23 @@ class ConfidenceTable:
     checkpoints: list[str]
     score_files: list[str]
     excluded_ids: list = field(default_factory=list)
+    models: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
         halves = self.dataset["half"]
         return {
+            "models": self.models,
             "checkpoints": self.checkpoints,
             "score_files": self.score_files,
             "num_examples": len(self.dataset),
             **{f"num_{half}": halves.count(half) for half in HALVES},
+            "confidence_threshold": split_threshold(self.dataset),
             "excluded_unscorable_ids": self.excluded_ids,
             "confidence": "-mean_k ppl_k over the K checkpoints",
             "variability": "population standard deviation (ddof=0) of ppl_k over the K checkpoints",
+            "gold_prob": "mean_k of the mean gold-token probability at checkpoint k",
+            "gold_prob_std": "population standard deviation (ddof=0) of that probability over the K checkpoints",
+            "correctness": "mean_k of the share of response tokens predicted top-1 at checkpoint k",
         }
 
     def save(self, output_dir: str | Path, overwrite: bool = False) -> Path:
@@ -75,6 +88,14 @@ class ConfidenceTable:
         self.dataset.to_parquet(str(output_dir / "confidence.parquet"))
         (output_dir / "summary.json").write_text(json.dumps(self.summary(), indent=2, default=str) + "\n")
         return output_dir
+
+
+def split_threshold(table: Dataset) -> float | None:
+    """The confidence between the halves: midway between the least confident confident example and the most confident
+    unconfident one (None when a half is empty)."""
+    confident = [c for c, h in zip(table["confidence"], table["half"]) if h == "confident"]
+    unconfident = [c for c, h in zip(table["confidence"], table["half"]) if h == "unconfident"]
+    return (min(confident) + max(unconfident)) / 2 if confident and unconfident else None
 
 
 def resolve_score_files(paths: Sequence[str | Path]) -> list[Path]:
@@ -145,6 +166,12 @@ def aggregate_scores(score_files: Sequence[str | Path], drop_unscorable: bool = 
                 "datasets or id derivations; score every checkpoint on the same data."
             )
 
+    older = [str(path) for path, table in zip(files, tables) if any("prob" not in r for r in table.values())]
+    if older:
+        raise ValueError(
+            f"{_shown(older)} hold no gold-token probabilities (score format 1, from an older sftmix-trl). Rescore "
+            "those checkpoints (`sftmix score ... --overwrite`) so that every file has the same fields."
+        )
     ppl = [[table[i]["ppl"] for table in tables] for i in ids]
     unscorable = [i for i, row in zip(ids, ppl) if any(value is None for value in row)]
     if unscorable and not drop_unscorable:
@@ -166,6 +193,11 @@ def aggregate_scores(score_files: Sequence[str | Path], drop_unscorable: bool = 
             f"in {where}. The checkpoint diverged or scored in too low a precision; rescore it in float32."
         )
 
+    # per checkpoint (columns) and example (rows), like ppl; defined wherever ppl is
+    prob = np.array([[table[ids[n]]["prob"] for table in tables] for n in range(len(ids))], dtype=np.float64)
+    accuracy = np.array([[table[ids[n]]["accuracy"] for table in tables] for n in range(len(ids))], dtype=np.float64)
+    prob, accuracy = prob.reshape(ppl.shape), accuracy.reshape(ppl.shape)
+    num_tokens = [tables[0][example_id]["num_tokens"] for example_id in ids]
     confidence = -ppl.mean(axis=1)
     variability = ppl.std(axis=1, ddof=0)
     split = split_by_confidence(confidence.tolist(), ids)
@@ -180,13 +212,21 @@ def aggregate_scores(score_files: Sequence[str | Path], drop_unscorable: bool = 
             "variability": variability.tolist(),
             "half": half,
             "ppl": ppl.tolist(),
+            "gold_prob": prob.mean(axis=1).tolist(),
+            "gold_prob_std": prob.std(axis=1, ddof=0).tolist(),
+            "correctness": accuracy.mean(axis=1).tolist(),
+            "prob": prob.tolist(),
+            "accuracy": accuracy.tolist(),
+            "num_tokens": num_tokens,
         }
     )
+    models = sorted({str(metadata.get("model")) for _, metadata in loaded if metadata.get("model")})
     return ConfidenceTable(
         dataset=dataset,
         checkpoints=[path.name.removesuffix(SCORES_SUFFIX) for path in files],
         score_files=[str(path) for path in files],
         excluded_ids=unscorable,
+        models=models,
     )
 
 

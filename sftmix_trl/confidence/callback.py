@@ -6,6 +6,7 @@ from pathlib import Path
 from accelerate.utils import broadcast_object_list
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl.trainer.utils import get_config_model_id
 
 from .scoring import SCORES_SUFFIX, check_scorable, score_trainer, write_scores
 
@@ -80,6 +81,7 @@ class ConfidenceCallback(TrainerCallback):
                 "source": type(self).__name__,
                 "checkpoint": str(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"),
                 "global_step": state.global_step,
+                "model": get_config_model_id(self.trainer.model.config),
                 "dataset": self.dataset_name,
                 "max_length": getattr(args, "max_length", None),
             }

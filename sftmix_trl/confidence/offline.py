@@ -4,17 +4,22 @@ The reference model may be a different, weaker model than the target (paper §5.
 gets the tokens SFTTrainer would train it on, because the scorer builds an `SFTTrainer` for it and scores its
 prepared training set (same chat template, EOS, completion/assistant masks, truncation and filtering). Scores are
 keyed by the raw examples' ids, which every tokenizer shares.
+
+A PEFT adapter folder (what a LoRA run's `save_model` and checkpoints hold: `adapter_config.json`, no `config.json`) is
+scored as its base model with the adapter merged in, so the scores are those of the model that was trained.
 """
 
 import gc
+import json
 import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from datasets import Dataset
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from trl import SFTConfig, SFTTrainer
+from trl.trainer.utils import create_model_from_path
 
 from .scoring import (
     SCORES_SUFFIX,
@@ -33,6 +38,29 @@ def checkpoint_name(checkpoint: str | Path) -> str:
     """The stem of a checkpoint's score file: the folder name (`checkpoint-500`), or a hub id with `/` as `--`."""
     path = Path(checkpoint)
     return path.name if path.exists() else str(checkpoint).strip("/").replace("/", "--")
+
+
+def adapter_base(checkpoint: str | Path) -> str | None:
+    """The base model of a PEFT adapter folder (from its `adapter_config.json`), or None for a plain model."""
+    adapter_config = Path(checkpoint) / "adapter_config.json"
+    if not adapter_config.is_file():
+        return None
+    base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(
+            f"{adapter_config} names no `base_model_name_or_path`, so the adapter cannot be scored: add the base model "
+            "it was trained on."
+        )
+    return base
+
+
+def load_merged_adapter(checkpoint: str | Path, model_init_kwargs: dict | None = None) -> PreTrainedModel:
+    """The base model of a PEFT adapter folder (loaded as TRL loads models, with `model_init_kwargs`) with the adapter
+    merged into its weights: the same function as the adapter on the base, at the cost of one plain forward."""
+    from peft import PeftModel
+
+    base = create_model_from_path(adapter_base(checkpoint), **dict(model_init_kwargs or {}))
+    return PeftModel.from_pretrained(base, str(checkpoint)).merge_and_unload()
 
 
 def _global_step(name: str) -> int | None:
@@ -88,11 +116,12 @@ def score_checkpoints(
         )
     for checkpoint in checkpoints:
         try:
-            AutoConfig.from_pretrained(str(checkpoint))
+            AutoConfig.from_pretrained(adapter_base(checkpoint) or str(checkpoint))
         except Exception as error:
             raise ValueError(
                 f"Checkpoint {str(checkpoint)!r} cannot be loaded ({type(error).__name__}: {error}). Pass a folder "
-                "written by `save_pretrained` (config.json and weights) or a model id."
+                "written by `save_pretrained` (config.json and weights, or a PEFT adapter whose base model loads) or "
+                "a model id."
             ) from error
 
     dataset = add_example_ids(dataset, id_column)
@@ -121,7 +150,17 @@ def score_checkpoints(
         name = path.name.removesuffix(SCORES_SUFFIX)
         try:
             # SFTTrainer loads the model as TRL does (`model_init_kwargs`, device placement) and prepares the data
-            trainer = SFTTrainer(model=str(checkpoint), args=args, train_dataset=dataset, processing_class=tokenizer)
+            model = str(checkpoint)
+            if adapter_base(checkpoint) is not None:
+                model = load_merged_adapter(checkpoint, args.model_init_kwargs)
+            processing_class = tokenizer
+            if processing_class is None and isinstance(model, PreTrainedModel):
+                # the adapter folder's own tokenizer (a trainer saves it beside the adapter), else the base model's
+                has_tokenizer = (Path(checkpoint) / "tokenizer_config.json").is_file()
+                processing_class = AutoTokenizer.from_pretrained(
+                    str(checkpoint) if has_tokenizer else adapter_base(checkpoint)
+                )
+            trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processing_class)
         except (OSError, ValueError, RuntimeError) as error:
             raise ValueError(
                 f"Checkpoint {str(checkpoint)!r} cannot be loaded for scoring, or its tokenizer cannot prepare the "
@@ -130,12 +169,14 @@ def score_checkpoints(
         scored = score_trainer(trainer, id_column=id_column, desc=f"Scoring {name}")
         if trainer.accelerator.is_main_process:
             by_id = {record["id"]: record for record in scored}
-            # every example of the raw data, in its order; those TRL dropped have no loss token to score
-            records = [by_id.get(example_id) or make_record(example_id, 0.0, 0) for example_id in ids]
+            # every distinct example of the raw data, in its order (identical rows share an id and one record); those
+            # TRL dropped have no loss token to score
+            records = [by_id.get(example_id) or make_record(example_id, 0.0, 0) for example_id in dict.fromkeys(ids)]
             metadata = {
                 "source": "score_checkpoints",
                 "checkpoint": str(checkpoint),
                 "global_step": _global_step(name),
+                "model": adapter_base(checkpoint) or str(checkpoint),
                 "dataset": dataset_name,
                 "max_length": args.max_length,
                 "tokenizer": trainer.processing_class.name_or_path,

@@ -5,15 +5,21 @@ An example's score is the mean negative log-likelihood over its loss tokens, the
 TRL's preparation (the completion, or the assistant turns), so the tokens scored are exactly the tokens trained:
 
     nll(x, y) = -(1 / |y|) * sum_{t in y} log p(y_t | x, y_<t)        ppl(x, y) = exp(nll(x, y))
+    prob(x, y) = (1 / |y|) * sum_{t in y} p(y_t | x, y_<t)            (mean gold-token probability, in [0, 1])
+    accuracy(x, y) = (1 / |y|) * #{t in y : y_t is the model's top-1 token}
+
+`ppl` is what SFTMix's confidence is built from; `prob` and `accuracy` are the bounded, dataset-cartography views of
+the same predictions that the data map draws.
 
 The log-probabilities come from TRL's fused LM head (`add_fused_lm_head`, the forward SFTTrainer patches onto its
 model and calls with `fused_lm_head=True`), which projects through the LM head in tiles and never holds the
 (batch, length, vocabulary) logits.
 
-Score files: one JSON Lines file per checkpoint, one record per example, `{"id", "num_tokens", "nll", "ppl"}`, in the
+Score files: one JSON Lines file per checkpoint, one record per example, `{"id", "num_tokens", "nll", "ppl", "prob",
+"accuracy"}`, in the
 dataset's order, and beside it a JSON sidecar with the same stem that says what was scored (checkpoint, step, dataset,
-number of examples and a hash of their ids). An example with no loss token has `num_tokens = 0` and `nll = ppl = null`:
-it cannot be scored.
+number of examples and a hash of their ids). An example with no loss token has `num_tokens = 0` and its other fields
+null: it cannot be scored.
 """
 
 import hashlib
@@ -34,7 +40,7 @@ from ..data_utils import check_repeated_ids_share_content, derive_example_id
 
 SCORES_SUFFIX = ".jsonl"
 METADATA_SUFFIX = ".json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 adds `prob` and `accuracy`
 
 
 def add_example_ids(dataset: Dataset, id_column: str = "id") -> Dataset:
@@ -98,8 +104,8 @@ def score_trainer(
         desc (`str`, *optional*, defaults to `"Scoring"`): the progress bar's label.
 
     Returns:
-        On the main process, a list of `{"id", "num_tokens", "nll", "ppl"}` records in the dataset's order, one per
-        distinct id (a repeated id is an identical example, scored once).
+        On the main process, a list of `{"id", "num_tokens", "nll", "ppl", "prob", "accuracy"}` records in the
+        dataset's order, one per distinct id (a repeated id is an identical example, scored once).
     """
     check_scorable(trainer, id_column)
     dataset = trainer.train_dataset
@@ -129,11 +135,12 @@ def score_trainer(
     was_training = model.training
     model.eval()
     records = []
-    # SFTTrainer's fused head also computes the entropy and top-1 flags it logs; scoring swaps in one that computes
-    # the log-probabilities only (fewer vocabulary-wide temporaries per tile), and gives the trainer's back after.
+    # SFTTrainer's fused head also computes the entropy it logs; scoring swaps in one that computes the
+    # log-probabilities and top-1 flags only (fewer vocabulary-wide temporaries per tile), and gives the trainer's
+    # back after.
     patched = trainer.model.get_base_model() if is_peft_model(trainer.model) else trainer.model
     trainer_forward = patched.__dict__.get("forward")
-    add_fused_lm_head(patched, outputs=("log_probs",))
+    add_fused_lm_head(patched, outputs=("log_probs", "is_top1"))
     try:
         progress = tqdm(
             total=num_batches, desc=desc, unit="batch", disable=not (show_progress and accelerator.is_main_process)
@@ -145,9 +152,9 @@ def score_trainer(
             with trainer.compute_loss_context_manager():
                 outputs = model(**inputs, fused_lm_head=True)
             if not is_padding:
-                nll_sum, num_tokens = _per_example_sums(outputs.log_probs, outputs.label_mask, inputs, len(batch_rows))
-                for row, total, count in zip(batch_rows, nll_sum.tolist(), num_tokens.tolist()):
-                    records.append(make_record(ids[row], total, count, row))
+                sums, num_tokens = _per_example_sums(outputs, inputs, len(batch_rows))
+                for row, (nll_sum, prob_sum, top1_sum), count in zip(batch_rows, sums.tolist(), num_tokens.tolist()):
+                    records.append(make_record(ids[row], nll_sum, count, row, prob_sum, top1_sum))
             progress.update(1)
         progress.close()
     finally:
@@ -172,11 +179,11 @@ def _sequence_lengths(dataset: Dataset) -> list[int]:
     return pc.list_value_length(table.column("input_ids")).to_pylist()
 
 
-def _per_example_sums(
-    log_probs: torch.Tensor, label_mask: torch.Tensor, inputs: dict, num_examples: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of -log p and number of loss tokens per example, from the fused forward's per-token outputs (shifted:
-    position j scores the label at j + 1)."""
+def _per_example_sums(outputs, inputs: dict, num_examples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example, the sums of -log p, of p and of the top-1 flags over its loss tokens (num_examples x 3), and the
+    number of loss tokens, from the fused forward's per-token outputs (shifted: position j scores the label at
+    j + 1)."""
+    log_probs, label_mask = outputs.log_probs, outputs.label_mask
     if "seq_idx" in inputs:
         # padding-free: one row holding every example back to back; `seq_idx` says which example a token belongs to
         example_of = inputs["seq_idx"][:, 1:].to(log_probs.device).long().expand_as(label_mask)
@@ -184,14 +191,24 @@ def _per_example_sums(
         example_of = torch.arange(label_mask.size(0), device=log_probs.device)[:, None].expand_as(label_mask)
     example_of = example_of[label_mask]
     # accumulate in fp64: a long response sums hundreds of terms
-    nll_sum = torch.zeros(num_examples, dtype=torch.float64, device=log_probs.device)
-    nll_sum.index_add_(0, example_of, -log_probs[label_mask].double())
+    token_log_probs = log_probs[label_mask].double()
+    per_token = torch.stack([-token_log_probs, token_log_probs.exp(), outputs.is_top1[label_mask].double()], dim=1)
+    sums = torch.zeros(num_examples, 3, dtype=torch.float64, device=log_probs.device)
+    sums.index_add_(0, example_of, per_token)
     num_tokens = torch.bincount(example_of, minlength=num_examples)
-    return nll_sum.cpu(), num_tokens.cpu()
+    return sums.cpu(), num_tokens.cpu()
 
 
-def make_record(example_id, nll_sum: float, num_tokens: int, row: int | None = None) -> dict[str, Any]:
-    """One example's score; `nll` and `ppl` are None when the example has no loss token."""
+def make_record(
+    example_id,
+    nll_sum: float,
+    num_tokens: int,
+    row: int | None = None,
+    prob_sum: float | None = None,
+    top1_sum: float | None = None,
+) -> dict[str, Any]:
+    """One example's score from its sums over its loss tokens; `nll`, `ppl`, `prob` and `accuracy` are None when the
+    example has no loss token."""
     nll = nll_sum / num_tokens if num_tokens else None
     ppl = None
     if nll is not None:
@@ -199,7 +216,14 @@ def make_record(example_id, nll_sum: float, num_tokens: int, row: int | None = N
             ppl = math.exp(nll)
         except OverflowError:  # nll past ~709: kept as inf, which aggregation reports
             ppl = math.inf
-    record = {"id": example_id, "num_tokens": int(num_tokens), "nll": nll, "ppl": ppl}
+    record = {
+        "id": example_id,
+        "num_tokens": int(num_tokens),
+        "nll": nll,
+        "ppl": ppl,
+        "prob": prob_sum / num_tokens if num_tokens and prob_sum is not None else None,
+        "accuracy": top1_sum / num_tokens if num_tokens and top1_sum is not None else None,
+    }
     if row is not None:
         record["row"] = row
     return record

@@ -2,6 +2,7 @@
 here: timing claims live in bench/results, never in tests)."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -53,3 +54,19 @@ def test_trainer_bench_writes_step_time_memory_and_ratio_rows(tmp_path):
         ("sftmix", "torch", metric) for metric in ("step_time", "peak_memory", "time_ratio", "memory_ratio")
     } <= seen
     assert all(float(row["median"]) > 0 for row in rows)
+
+
+@pytest.mark.slow
+def test_profile_step_counts_the_head_flops_of_each_trainer(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(BENCH / "profile_step.py"), "--model", "tiny", "--batch", "2", "--seq-len", "64"]
+    result = subprocess.run(
+        [*command, "--json", str(tmp_path / "profile.json")], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    sft, sftmix = json.loads((tmp_path / "profile.json").read_text())
+    # FLOPs, not times, so exact: TRL's chunked head recomputes its logits in backward (logits twice, dH, dW), the
+    # fused SFTMix loss computes its gradients with the logits (logits, dH, dW), mixing included
+    assert sft["vocab_matmuls"]["units_of_2NDV"] == pytest.approx(4.0)
+    assert sftmix["vocab_matmuls"]["units_of_2NDV"] == pytest.approx(3.0)
+    assert "step" in result.stdout and sft["wall_seconds"] > 0

@@ -113,3 +113,33 @@ def test_bad_input_messages(tmp_path, llama_dir, data_file, capsys, monkeypatch)
     code, err = run("datamap", "--confidence", "out", "--top_n", "0")
     assert code == 1 and "`top_n` must be at least 1" in err
     assert main(["frobnicate"]) == 2 and "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+def test_missing_data_file_duplicates_and_content_parts(tmp_path, llama_dir, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # a missing local file is named as such, before any Hub call (HF_HUB_OFFLINE is not needed for this)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert main(["score", "--checkpoints", str(llama_dir), "--dataset_name", "data/my_data.jsonl"]) == 1
+    assert capsys.readouterr().err.startswith(
+        "sftmix score: error: Dataset 'data/my_data.jsonl' does not exist (looked for "
+    )
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    # chat messages with content parts and one duplicate conversation: the two copies share a derived id and are
+    # scored once; --drop_duplicates drops the copy first and gives the same records
+    pairs = list(dict.fromkeys(tiny.make_pairs(20)))[:6]  # six distinct conversations
+    rows = [
+        {"messages": [{"role": role, "content": [{"type": "text", "text": text}]} for role, text in zip(roles, pair)]}
+        for roles, pair in zip([("user", "assistant")] * 7, [*pairs, pairs[0]])
+    ]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    score = ["score", "--checkpoints", str(llama_dir), "--dataset_name", "chat.jsonl"]
+    assert main([*score, "--output_dir", "s"]) == 0
+    assert main([*score, "--output_dir", "dropped", "--drop_duplicates"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "s" / f"{llama_dir.name}.jsonl").read_text().splitlines()]
+    dropped = (tmp_path / "dropped" / f"{llama_dir.name}.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in dropped] == [r["id"] for r in records]
+    # ids derived from the messages as text: the same as the plain-text rows would get
+    plain = [{"messages": [{"role": r, "content": t} for r, t in zip(("user", "assistant"), p)]} for p in pairs]
+    assert [r["id"] for r in records] == [derive_example_id(row) for row in plain]
+    assert all(r["num_tokens"] > 0 and 0 < r["prob"] < 1 and 0 <= r["accuracy"] <= 1 for r in records)

@@ -20,9 +20,12 @@ def write_run(directory, ppl_by_checkpoint: dict[str, dict], dataset: str | None
     for name, ppl in ppl_by_checkpoint.items():
         records = []
         for example_id, value in ppl.items():
-            # a record whose nll gives back this ppl; None: no loss token
+            # a record whose nll gives back this ppl (over 3 tokens, 1 / ppl the probability of each, 2 of them
+            # top-1); None: no loss token
             record = (
-                make_record(example_id, 0.0, 0) if value is None else make_record(example_id, 3 * math.log(value), 3)
+                make_record(example_id, 0.0, 0)
+                if value is None
+                else make_record(example_id, 3 * math.log(value), 3, prob_sum=3 / value, top1_sum=2)
             )
             if value is not None and not math.isfinite(value):
                 record["ppl"] = value
@@ -43,16 +46,27 @@ def test_confidence_is_minus_mean_ppl_and_halves_are_equal(tmp_path):
     table = aggregate_scores([tmp_path])
     assert table.checkpoints == ["checkpoint-10", "checkpoint-20", "checkpoint-100"]
     data = table.dataset
-    assert data.column_names == ["id", "confidence", "variability", "half", "ppl"]
+    assert data.column_names == [
+        "id", "confidence", "variability", "half", "ppl",
+        "gold_prob", "gold_prob_std", "correctness", "prob", "accuracy", "num_tokens",
+    ]  # fmt: skip
     for row in data:
         ppl = np.array([PPL["checkpoint-10"][row["id"]], PPL["checkpoint-20"][row["id"]]])
         ppl = np.append(ppl, PPL["checkpoint-20"][row["id"]] + 1)
         assert row["ppl"] == pytest.approx(ppl.tolist())
         assert row["confidence"] == pytest.approx(-ppl.mean())
         assert row["variability"] == pytest.approx(math.sqrt(((ppl - ppl.mean()) ** 2).mean()))  # ddof = 0
+        # the cartography view: write_run's records have gold-token probability 1 / ppl, 2 of 3 tokens top-1
+        prob = 1 / ppl
+        assert row["prob"] == pytest.approx(prob.tolist()) and row["gold_prob"] == pytest.approx(prob.mean())
+        assert row["gold_prob_std"] == pytest.approx(math.sqrt(((prob - prob.mean()) ** 2).mean()))
+        assert row["correctness"] == pytest.approx(2 / 3) and row["num_tokens"] == 3
     half = dict(zip(data["id"], data["half"]))
     # mean ppl: d 1.83, c 3.0, e 3.33, a 3.67, b 7.33 -> d, c confident; a, b unconfident; e the median
     assert half == {"d": "confident", "c": "confident", "e": "remainder", "a": "unconfident", "b": "unconfident"}
+    # the threshold lies between the least confident confident example (c, -3.0) and the most confident unconfident
+    # one (a, -11 / 3)
+    assert table.summary()["confidence_threshold"] == pytest.approx((-3.0 - 11 / 3) / 2)
 
 
 def test_single_checkpoint_has_zero_variability_and_ties_split_by_id(tmp_path):
@@ -141,9 +155,20 @@ def test_data_map_png_and_report(tmp_path):
     runs = {f"checkpoint-{k}": {i: float(rng.lognormal(1.0, 0.6)) for i in examples["id"]} for k in (1, 2, 3)}
     write_run(tmp_path / "scores", runs)
     table = aggregate_scores([tmp_path / "scores"])
-    png, report = write_data_map(table.dataset, tmp_path / "out", examples=examples, top_n=3)
+    png, report = write_data_map(
+        table.dataset, tmp_path / "out", examples=examples, top_n=3, models=["/models/Tiny-LM"],
+        checkpoints=table.checkpoints, dataset_name="tiny-tasks",
+    )  # fmt: skip
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     text = report.read_text()
+    # what the report states besides the examples: model, data, K, the threshold, per-half and per-checkpoint values
+    assert "Model: Tiny-LM. Data: tiny-tasks. K = 3 checkpoint(s): checkpoint-1, checkpoint-2, checkpoint-3." in text
+    threshold = table.summary()["confidence_threshold"]
+    assert f"the split threshold is {threshold:.4g} (mean perplexity {-threshold:.4g})" in text
+    ppl = np.array(table.dataset["ppl"])
+    assert f"| checkpoint-2 | {ppl[:, 1].mean():.3f} |" in text
+    assert f"| {(1 / ppl[:, 1]).mean():.3f} | 0.667 |" in text  # gold-token probability and correctness at k = 2
+    assert "| confident | 20 |" in text and "| 3.0 / 3 |" in text  # response tokens: mean / median
     order = sorted(zip(table.dataset["confidence"], table.dataset["id"]), key=lambda pair: -pair[0])
     most, least = order[0][1], order[-1][1]
     prompt_of = dict(zip(examples["id"], examples["prompt"]))
@@ -154,9 +179,13 @@ def test_data_map_png_and_report(tmp_path):
 
 def test_report_truncates_long_instructions():
     table = Dataset.from_dict(
-        {"id": ["a"], "confidence": [-1.0], "variability": [0.0], "half": ["remainder"], "ppl": [[1.0]]}
-    )
+        {
+            "id": ["a"], "confidence": [-1.0], "variability": [0.0], "half": ["remainder"], "ppl": [[1.0]],
+            "gold_prob": [1.0], "gold_prob_std": [0.0], "correctness": [1.0], "prob": [[1.0]], "accuracy": [[1.0]],
+            "num_tokens": [4],
+        }
+    )  # fmt: skip
     examples = Dataset.from_dict({"id": ["a"], "messages": [[{"role": "user", "content": "word " * 100}]]})
     line = next(line for line in confidence_report(table, examples, width=40).splitlines() if line.startswith("| 1 |"))
-    instruction = line.split("|")[5].strip()
+    instruction = line.split("|")[8].strip()
     assert len(instruction) == 40 and instruction.endswith("…") and instruction.startswith("word word")

@@ -1,8 +1,16 @@
 import math
 
 import pytest
+from datasets import Dataset
 
-from sftmix_trl.data_utils import derive_example_id, split_by_confidence
+from sftmix_trl.data_utils import (
+    derive_example_id,
+    drop_duplicate_examples,
+    normalize_content_parts,
+    split_by_confidence,
+)
+
+import tiny
 
 
 def test_derived_id_is_stable_and_ignores_scores():
@@ -40,3 +48,40 @@ def test_duplicated_examples_share_an_id_and_are_split_by_row():
 def test_split_rejects_bad_scores(confidence, ids, message):
     with pytest.raises(ValueError, match=message):
         split_by_confidence(confidence, ids)
+
+
+def _as_parts(dataset: Dataset, key: str) -> Dataset:
+    """The messages of `dataset` with each content split into two text parts under `key` ("text" or "value")."""
+
+    def split(example):
+        return {
+            "messages": [
+                {**m, "content": [{"type": "text", key: m["content"][:3]}, {"type": "text", key: m["content"][3:]}]}
+                for m in example["messages"]
+            ]
+        }
+
+    return dataset.map(split)
+
+
+@pytest.mark.parametrize("key", ["text", "value"])  # OpenAI style; LlamaFactory's v1 files
+def test_content_parts_become_the_text_they_hold(key):
+    dataset = tiny.messages_dataset(6)
+    normalized = normalize_content_parts(_as_parts(dataset, key))
+    assert normalized["messages"] == dataset["messages"]
+    assert normalize_content_parts(dataset) is dataset  # plain text: untouched, not even mapped
+    evaluation = normalize_content_parts({"a": _as_parts(dataset, key), "b": dataset})
+    assert evaluation["a"]["messages"] == dataset["messages"]
+
+
+def test_content_parts_that_are_not_text_are_refused():
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "text": None}]}]}]
+    with pytest.raises(ValueError) as error:
+        normalize_content_parts(Dataset.from_list(rows))
+    assert str(error.value).startswith("Row 0, 'messages' message 0: content part 0 is 'image', not text")
+    assert "SFTMix trains text-only language models" in str(error.value)
+
+
+def test_duplicates_are_dropped_keeping_the_first():
+    dataset = Dataset.from_list([{"prompt": p, "completion": "x"} for p in ("a", "b", "a", "c", "b")])
+    assert drop_duplicate_examples(dataset)["prompt"] == ["a", "b", "c"]

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from sftmix_trl.assets import resolve_asset
 from sftmix_trl.config import SFTMixConfig
-from sftmix_trl.recipe import STAGE_DIRS, RecipeArguments, load_train_dataset, make_parser
+from sftmix_trl.recipe import STAGE_DIRS, RecipeArguments, load_train_dataset, parse_recipe_args
 
 import tiny
 
@@ -23,17 +24,21 @@ CONFIGS = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "accelerate_co
 def test_shipped_config_parses(config):
     # the GPU configs ask for bf16, which TrainingArguments refuses on a machine without a GPU unless told use_cpu
     overrides = [] if torch.cuda.is_available() else ["--use_cpu", "true"]
-    recipe, args, model_args = make_parser().parse_args_and_config(args=["--config", str(config), *overrides])
+    recipe, args, model_args = parse_recipe_args(["--config", str(config), *overrides])
     assert isinstance(recipe, RecipeArguments) and isinstance(args, SFTMixConfig)
     assert recipe.dataset_name and model_args.model_name_or_path
     assert args.mixup_alpha == 0.5 and args.mixup_coef == 0.2
 
 
-def test_unknown_config_field_fails(tmp_path):
+def test_unknown_fields_are_named_with_the_closest_known_ones(tmp_path):
     config = tmp_path / "bad.yaml"
-    config.write_text((REPO / "recipes/smollm2-135m/demo_cpu.yaml").read_text() + "\nwarmup_ratio: 0.1\n")
-    with pytest.raises(ValueError, match="warmup_ratio"):
-        make_parser().parse_args_and_config(args=["--config", str(config)])
+    config.write_text((REPO / "recipes/smollm2-135m/demo_cpu.yaml").read_text() + "\nmixup_alhpa: 0.3\n")
+    with pytest.raises(ValueError) as error:
+        parse_recipe_args(["--config", str(config), "--learnin_rate", "1e-5", "--use_cpu", "true"])
+    assert str(error.value).startswith(
+        f"Unknown recipe argument(s): 'mixup_alhpa' in {config} (did you mean 'mixup_alpha'?); 'learnin_rate' in the "
+        "command line (did you mean 'learning_rate'?)."
+    )
 
 
 def _launch(args: list[str], cwd: Path) -> str:
@@ -109,3 +114,147 @@ def test_duplicate_rows_share_an_id_unless_dropped(tmp_path):
     recipe.drop_duplicates = True
     dataset = load_train_dataset(recipe)
     assert [row["completion"][0]["content"] for row in dataset] == ["a", "b", "c"]
+
+
+def _recipe_args(model_dir: Path, run: Path, **fields) -> list[str]:
+    """Command-line arguments of a small single-process CPU recipe run; `fields` add or override flags."""
+    values = {
+        "model_name_or_path": str(model_dir),
+        "reference_num_checkpoints": "2",
+        "output_dir": str(run),
+        "use_cpu": "true",
+        "per_device_train_batch_size": "4",
+        "per_device_eval_batch_size": "8",
+        "num_train_epochs": "1",
+        "learning_rate": "3e-3",
+        "max_length": "64",
+        "save_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": "true",
+        **fields,
+    }
+    return [item for key, value in values.items() for item in (f"--{key}", str(value))]
+
+
+def _response_nll(records: list[dict]) -> float:
+    scored = [r for r in records if r["num_tokens"] > 0]
+    return sum(r["nll"] * r["num_tokens"] for r in scored) / sum(r["num_tokens"] for r in scored)
+
+
+@pytest.mark.slow
+def test_lora_runs_every_stage_and_adapters_are_evaluated_on_their_base(tmp_path, llama_dir, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from sftmix_trl.confidence.scoring import score_trainer
+    from sftmix_trl.recipe import main
+
+    tiny.prompt_completion_dataset(24).to_json(tmp_path / "train.jsonl")
+    heldout = tiny.prompt_completion_dataset(8, seed=7)
+    heldout.to_json(tmp_path / "heldout.jsonl")
+    run = tmp_path / "run"
+    main(
+        _recipe_args(
+            llama_dir, run, dataset_name=tmp_path / "train.jsonl", eval_dataset_name=tmp_path / "heldout.jsonl",
+            eval_dataset_format="auto", train_ntp_baseline="true", use_peft="true", lora_r="8", lora_alpha="16",
+        )
+    )  # fmt: skip
+    assert (
+        f"[sftmix] stage evaluate: sftmix ({run / 'sftmix'}) is a PEFT adapter; scoring it merged into its base model "
+        f"{llama_dir}"
+    ) in capsys.readouterr().out
+    for stage, folder in STAGE_DIRS.items():
+        assert (run / folder / "stage_done.json").is_file(), stage
+    # every trained stage holds an adapter, not a full model; the reference checkpoints keep no optimizer state
+    for folder in ("sftmix", "ntp"):
+        assert (run / folder / "adapter_model.safetensors").is_file() and not (run / folder / "config.json").exists()
+    checkpoints = sorted((run / "reference").glob("checkpoint-*"))
+    assert len(checkpoints) == 2 and all((c / "adapter_model.safetensors").is_file() for c in checkpoints)
+    assert not any((c / "optimizer.pt").exists() or (c / "scheduler.pt").exists() for c in checkpoints)
+
+    # the evaluation scored each adapter on its base: the same NLL as an independent, unmerged PeftModel gives
+    evaluation = {row["model"]: row["nll"] for row in json.loads((run / "evaluation/evaluation.json").read_text())}
+    assert set(evaluation) == {"base", "sftmix", "ntp"}
+    tokenizer = AutoTokenizer.from_pretrained(run / "sftmix")
+    for name in ("sftmix", "ntp"):
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), run / name)
+        args = SFTConfig(str(tmp_path / "check"), use_cpu=True, max_length=64, report_to="none", bf16=False)
+        trainer = SFTTrainer(model=adapted, args=args, train_dataset=heldout, processing_class=tokenizer)
+        assert evaluation[name] == pytest.approx(_response_nll(score_trainer(trainer, show_progress=False)), rel=1e-5)
+        assert evaluation[name] < evaluation["base"]  # the adapter was applied, and trained
+
+
+@pytest.mark.slow
+def test_ultrachat_recipe_runs_offline_on_llamafactory_messages(tmp_path, llama_dir):
+    from sftmix_trl.recipe import main
+
+    run = tmp_path / "run"
+    # the shipped offline config, at tiny scale: LlamaFactory's `messages` file, its content a list of text parts
+    config = REPO / "recipes/smollm2-135m/ultrachat_offline_cpu.yaml"
+    main(["--config", str(config), *_recipe_args(llama_dir, run, max_train_examples="16", max_length="512")])
+    for stage in ("reference", "score", "sftmix"):
+        assert (run / STAGE_DIRS[stage] / "stage_done.json").is_file(), stage
+    table = [json.loads(line) for line in (run / "confidence/confidence.jsonl").read_text().splitlines()]
+    assert len(table) == 16 and all(row["id"].endswith("-1") for row in table)  # one example per assistant turn
+    report = (run / "confidence/confidence_report.md").read_text()
+    rows = [json.loads(line) for line in Path(resolve_asset("asset:v1_sft_demo")).read_text().splitlines()]
+    user_turns = {row["messages"][0]["content"][0]["value"] for row in rows}
+    # the report shows the instructions as text, taken from the file's content parts
+    shown = [line.split("|")[8].strip() for line in report.splitlines() if line.startswith("| 1 |")]
+    assert shown and all(any(text.rstrip("…") in turn for turn in user_turns) for text in shown)
+
+
+def test_max_train_examples_draws_a_seeded_random_subset(tmp_path):
+    rows = [{"instruction": f"Say {n}.", "input": "", "output": str(n)} for n in range(40)]
+    (tmp_path / "alpaca.json").write_text(json.dumps(rows))
+
+    def drawn(seed: int) -> list[str]:
+        recipe = RecipeArguments(
+            dataset_name=str(tmp_path / "alpaca.json"), dataset_format="alpaca", max_train_examples=8, subset_seed=seed
+        )
+        return [int(row["completion"][0]["content"]) for row in load_train_dataset(recipe)]
+
+    first = drawn(42)
+    assert first == drawn(42) and first != drawn(7)  # seeded: the same draw every time, another seed another one
+    assert len(set(first)) == 8 and first == sorted(first) and first != list(range(8))  # in file order, not the head
+
+
+def test_missing_local_dataset_is_named_without_a_hub_call(tmp_path, monkeypatch, capsys):
+    import datasets
+
+    from sftmix_trl.recipe import main
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("load_dataset was called")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"Dataset 'data/my_data.jsonl' does not exist \(looked for /"):
+        load_train_dataset(RecipeArguments(dataset_name="data/my_data.jsonl"))
+    # the recipe's entry point: one message, no traceback, exit status 1
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model_name_or_path", "m", "--dataset_name", "data/my_data.jsonl", "--use_cpu", "true"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err
+    assert err.startswith("[sftmix] error: FileNotFoundError: Dataset 'data/my_data.jsonl' does not exist")
+    with pytest.raises(FileNotFoundError):  # --debug: the exception itself, with its traceback
+        main(["--model_name_or_path", "m", "--dataset_name", "data/my_data.jsonl", "--use_cpu", "true", "--debug"])
+
+
+def test_checkpoints_keep_resume_state_only_while_needed(tmp_path):
+    from transformers import TrainerState
+
+    from sftmix_trl.recipe import KeepResumeStateOfNewestCheckpoint
+
+    resume_files = ("optimizer.pt", "scheduler.pt", "rng_state.pth")
+    for step in (2, 4):
+        checkpoint = tmp_path / f"checkpoint-{step}"
+        checkpoint.mkdir()
+        for name in ("model.safetensors", "config.json", *resume_files):
+            (checkpoint / name).write_bytes(b"x")
+    args = SFTMixConfig(str(tmp_path), use_cpu=True, report_to="none")
+    KeepResumeStateOfNewestCheckpoint().on_save(args, TrainerState(global_step=4), None)
+    # the older checkpoint keeps its model only; the newest everything a resumed run needs
+    assert sorted(p.name for p in (tmp_path / "checkpoint-2").iterdir()) == ["config.json", "model.safetensors"]
+    assert all((tmp_path / "checkpoint-4" / name).is_file() for name in resume_files)

@@ -222,3 +222,16 @@ def test_a_model_path_is_loaded_as_sfttrainer_does(llama_dir, tmp_path):
     )
     assert trainer.model.config.vocab_size == len(trainer.processing_class)
     assert "sftmix" in trainer.model.model_tags
+
+
+def test_content_part_messages_train_as_their_text(tokenizer, tmp_path):
+    dataset = with_confidence(tiny.messages_dataset(8))
+    parts = dataset.map(
+        lambda example: {
+            "messages": [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in example["messages"]]
+        }
+    )
+    # SFTTrainer's chat template would fail on a list ("can only concatenate str"); SFTMixTrainer reads the text
+    with_parts, as_text = build(tokenizer, tmp_path, parts), build(tokenizer, tmp_path, dataset)
+    assert with_parts.train_dataset["input_ids"] == as_text.train_dataset["input_ids"]
+    assert with_parts.train_dataset["id"] == as_text.train_dataset["id"]
