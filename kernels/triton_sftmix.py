@@ -444,13 +444,19 @@ def _config(kernel: str, hidden: torch.Tensor, options: SFTMixLossOptions, num_p
     )
 
 
-def _common_args(hidden_slots, weight, layout: RowLayout, options: SFTMixLossOptions):
-    """Launch arguments both kernels take (the pair-tile bounds among them)."""
+def _common_args(hidden_slots, weight, bias, layout: RowLayout, options: SFTMixLossOptions):
+    """Launch arguments both kernels take: the inputs, the row layout and the pair-tile bounds."""
     if hidden_slots.dtype not in TRITON_DTYPES:
         raise TypeError(f"impl='triton' takes {TRITON_DTYPES} inputs, got {hidden_slots.dtype}; use impl='torch'.")
     num_slots, num_pairs = layout.rows.numel(), layout.num_pairs
     rest_half = (num_slots - 2 * num_pairs + 1) // 2
     return dict(
+        hidden_ptr=hidden_slots,
+        weight_ptr=weight,
+        bias_ptr=bias if bias is not None else weight,
+        ntp_targets_ptr=layout.ntp_targets,
+        lam_ptr=layout.mix_lambda.float(),
+        mix_targets_ptr=layout.mix_targets,
         num_slots=num_slots,
         num_pairs=num_pairs,
         num_pair_slots=num_pairs + rest_half,
@@ -463,6 +469,7 @@ def _common_args(hidden_slots, weight, layout: RowLayout, options: SFTMixLossOpt
         SOFTCAP=options.logit_softcap is not None,
         UPCAST=INTERPRET,
         DOT_PRECISION=dot_precision(hidden_slots.dtype),
+        HAS_BIAS=bias is not None,
     )
 
 
@@ -512,7 +519,7 @@ def _combine_lse(part_max, part_sum):
 
 def forward_launch(hidden_slots, weight, bias, layout: RowLayout, options: SFTMixLossOptions):
     """(KernelLaunch of the forward kernel, its output buffers): per-split partials of every slot and pair."""
-    args = _common_args(hidden_slots, weight, layout, options)
+    args = _common_args(hidden_slots, weight, bias, layout, options)
     config = _config("forward", hidden_slots, options, args["num_pair_slots"], weight)
     num_slots, num_pairs, vocab_size = args["num_slots"], args["num_pairs"], weight.shape[0]
     num_tiles = triton.cdiv(args["num_pair_slots"], config.block_m)
@@ -533,18 +540,7 @@ def forward_launch(hidden_slots, weight, bias, layout: RowLayout, options: SFTMi
         mix_target_ptr=torch.empty(splits, num_pairs, **new),
     )
     args.update(
-        hidden_ptr=hidden_slots,
-        weight_ptr=weight,
-        bias_ptr=bias if bias is not None else weight,
-        ntp_targets_ptr=layout.ntp_targets,
-        lam_ptr=layout.mix_lambda.float(),
-        mix_targets_ptr=layout.mix_targets,
-        vocab_size=vocab_size,
-        cols_per_split=cols_per_split,
-        num_tiles=num_tiles,
-        num_splits=splits,
-        HAS_BIAS=bias is not None,
-        **buffers,
+        vocab_size=vocab_size, cols_per_split=cols_per_split, num_tiles=num_tiles, num_splits=splits, **buffers
     )
     return KernelLaunch(_sftmix_forward_kernel, (num_tiles * splits,), config, args), buffers
 
@@ -611,65 +607,45 @@ def _accumulate_product(out, a, b):
     return out.add_(a @ b)
 
 
-def logit_grad_launch(
-    hidden_slots, weight, bias, layout, options, lse, mix_lse, ntp_row_scale, mix_scale, grad_logits, chunk_start
-):
+@dataclass
+class LogitGradInputs:
+    """What the gradient kernel reads beyond the inputs and the layout, all fp32: per slot the log-sum-exp and
+    dL/dNLL, per pair the log-sum-exp of z~ and dL/dl_mix, both scales divided by the call's ``grad_scale``."""
+
+    lse: torch.Tensor
+    mix_lse: torch.Tensor
+    ntp_row_scale: torch.Tensor
+    mix_scale: torch.Tensor
+
+
+def logit_grad_launch(hidden_slots, weight, bias, layout, options, inputs: LogitGradInputs, grad_logits, chunk_start):
     """KernelLaunch of the logit-gradient kernel for the columns [chunk_start, chunk_start + grad_logits.shape[1])."""
-    args = _common_args(hidden_slots, weight, layout, options)
+    args = _common_args(hidden_slots, weight, bias, layout, options)
     config = _config("logit_grad", hidden_slots, options, args["num_pair_slots"], weight)
     chunk_end = chunk_start + grad_logits.shape[1]
     num_tiles = triton.cdiv(args["num_pair_slots"], config.block_m)
     num_column_blocks = triton.cdiv(grad_logits.shape[1], config.block_v)
     args.update(
-        hidden_ptr=hidden_slots,
-        weight_ptr=weight,
-        bias_ptr=bias if bias is not None else weight,
-        ntp_targets_ptr=layout.ntp_targets,
-        lam_ptr=layout.mix_lambda.float(),
-        mix_targets_ptr=layout.mix_targets,
-        lse_ptr=lse,
-        mix_lse_ptr=mix_lse,
-        mix_scale_ptr=mix_scale,
-        ntp_row_scale_ptr=ntp_row_scale,
+        lse_ptr=inputs.lse,
+        mix_lse_ptr=inputs.mix_lse,
+        mix_scale_ptr=inputs.mix_scale,
+        ntp_row_scale_ptr=inputs.ntp_row_scale,
         grad_logits_ptr=grad_logits,
         chunk_start=chunk_start,
         chunk_end=chunk_end,
         stride_g=grad_logits.stride(0),
         num_tiles=num_tiles,
         num_column_blocks=num_column_blocks,
-        HAS_BIAS=bias is not None,
         GRAD_GROUP=GRAD_TILE_GROUP,
     )
     return KernelLaunch(_logit_grad_kernel, (num_tiles * num_column_blocks,), config, args)
 
 
-def _gradients(
-    hidden_slots,
-    weight,
-    bias,
-    layout,
-    options,
-    lse,
-    mix_lse,
-    ntp_scale,
-    ntp_row_scale,
-    mix_scale,
-    needs_grad,
-    num_rows,
-):
-    """((dH, dW, db) / grad_scale, grad_scale): dH (rows in input order) and db in fp32, dW in the input dtype.
-    ``ntp_row_scale`` (S,) is dL/dNLL of each slot: ``ntp_scale`` (0-dim, 1 / normalizer) on the slots with an NTP
-    term, 0 elsewhere."""
+def _gradients(hidden_slots, weight, bias, layout, options, inputs: LogitGradInputs, needs_grad, num_rows: int):
+    """(dH, dW, db) / grad_scale: dH (rows in input order) and db in fp32, dW in the input dtype."""
     need_hidden, need_weight, need_bias = needs_grad
     (vocab_size, hidden_size), num_slots = weight.shape, hidden_slots.shape[0]
     device, new = hidden_slots.device, dict(dtype=torch.float32, device=hidden_slots.device)
-    # divide both scales by the larger, so that |G| <= 2: no fp16 underflow of (softmax - y) / num_items
-    grad_scale = ntp_scale.float().reshape(())
-    if mix_scale.numel():
-        grad_scale = torch.maximum(grad_scale, mix_scale.float().max())
-    ntp_row_scale = (ntp_row_scale / grad_scale).contiguous()
-    mix_scale = (mix_scale.float() / grad_scale).contiguous()
-
     block_v = _config("logit_grad", hidden_slots, options, num_slots, weight).block_v
     chunk = grad_chunk_columns(num_slots, vocab_size, block_v, options.vocab_chunk)
     # G in the input dtype; fp32 under the interpreter, whose casts to bf16 truncate instead of rounding
@@ -681,19 +657,7 @@ def _gradients(
     for chunk_start in range(0, vocab_size, chunk):
         chunk_end = min(chunk_start + chunk, vocab_size)
         grad_logits = grad_logits_buffer[:, : chunk_end - chunk_start]
-        logit_grad_launch(
-            hidden_slots,
-            weight,
-            bias,
-            layout,
-            options,
-            lse,
-            mix_lse,
-            ntp_row_scale,
-            mix_scale,
-            grad_logits,
-            chunk_start,
-        )()
+        logit_grad_launch(hidden_slots, weight, bias, layout, options, inputs, grad_logits, chunk_start)()
         if need_weight:
             # dW[chunk] = G^T H
             _product_into(grad_weight[chunk_start:chunk_end], grad_logits.T, hidden_slots)
@@ -708,7 +672,7 @@ def _gradients(
     if need_hidden:
         # back from slot order to row order; a row in two slots (a repeated self-mixed row) gets both (one is 0)
         grad_hidden = torch.zeros(num_rows, hidden_size, **new).index_add_(0, layout.rows, grad_hidden_slots)
-    return (grad_hidden, grad_weight, grad_bias), grad_scale
+    return grad_hidden, grad_weight, grad_bias
 
 
 def loss_and_grads(hidden, weight, bias, layout, options, ntp_scale, mix_scale, needs_grad):
@@ -727,8 +691,15 @@ def loss_and_grads(hidden, weight, bias, layout, options, ntp_scale, mix_scale, 
         ntp_row_scale = ntp_row_scale * dft_weight
     if not any(needs_grad):
         return stats, (None, None, None), None
-    grads, grad_scale = _gradients(
-        hidden_slots, weight, bias, layout, options, lse, mix_lse, ntp_scale, ntp_row_scale, mix_scale, needs_grad,
-        hidden.shape[0],
-    )  # fmt: skip
+    # divide both scales by the larger, so that |G| <= 2: no fp16 underflow of (softmax - y) / num_items
+    grad_scale = ntp_scale.float().reshape(())
+    if mix_scale.numel():
+        grad_scale = torch.maximum(grad_scale, mix_scale.float().max())
+    inputs = LogitGradInputs(
+        lse=lse,
+        mix_lse=mix_lse,
+        ntp_row_scale=(ntp_row_scale / grad_scale).contiguous(),
+        mix_scale=(mix_scale.float() / grad_scale).contiguous(),
+    )
+    grads = _gradients(hidden_slots, weight, bias, layout, options, inputs, needs_grad, hidden.shape[0])
     return stats, grads, grad_scale

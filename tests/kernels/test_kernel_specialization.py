@@ -45,12 +45,12 @@ BIND = textwrap.dedent(
         options = SFTMixLossOptions(impl="triton")
         slots = hidden.index_select(0, layout.rows)
         forward, _ = triton_sftmix.forward_launch(slots, weight, None, layout, options)
-        lse = torch.zeros(layout.rows.numel())
-        mix = torch.zeros(num_pairs)
+        per_slot, per_pair = torch.zeros(layout.rows.numel()), torch.zeros(num_pairs)
+        inputs = triton_sftmix.LogitGradInputs(per_slot, per_pair, per_slot, per_pair)
         grad_logits = torch.empty(layout.rows.numel(), 128, dtype=torch.bfloat16)
         grads = [
             triton_sftmix.logit_grad_launch(
-                slots, weight, None, layout, options, lse, mix, torch.ones(layout.rows.numel()), mix, grad_logits[:, :width], start
+                slots, weight, None, layout, options, inputs, grad_logits[:, :width], start
             )
             for start, width in ((0, 128), (384, 112))
         ]
