@@ -650,13 +650,15 @@ def _gradients(hidden_slots, weight, bias, layout, options, inputs: LogitGradInp
     chunk = grad_chunk_columns(num_slots, vocab_size, block_v, options.vocab_chunk)
     # G in the input dtype; fp32 under the interpreter, whose casts to bf16 truncate instead of rounding
     grad_dtype = torch.float32 if INTERPRET and device.type == "cpu" else hidden_slots.dtype
-    grad_logits_buffer = torch.empty(num_slots, chunk, dtype=grad_dtype, device=device)
+    grad_logits_buffer = torch.empty(num_slots * chunk, dtype=grad_dtype, device=device)
     grad_hidden_slots = torch.zeros(num_slots, hidden_size, **new) if need_hidden else None
     grad_weight = torch.empty_like(weight) if need_weight else None
     grad_bias = torch.empty(vocab_size, **new) if need_bias else None
     for chunk_start in range(0, vocab_size, chunk):
         chunk_end = min(chunk_start + chunk, vocab_size)
-        grad_logits = grad_logits_buffer[:, : chunk_end - chunk_start]
+        width = chunk_end - chunk_start
+        # a contiguous (S, width) view of the buffer, also for a narrower last chunk: plain GEMM operands
+        grad_logits = grad_logits_buffer[: num_slots * width].view(num_slots, width)
         logit_grad_launch(hidden_slots, weight, bias, layout, options, inputs, grad_logits, chunk_start)()
         if need_weight:
             # dW[chunk] = G^T H
