@@ -21,7 +21,7 @@ from trl.models.utils import _ForwardRedirection
 from trl.trainer.utils import get_config_model_id, maybe_gather_lm_head_ctx
 
 from .config import SFTMixConfig
-from .data_utils import SCORE_COLUMNS, check_unique_ids, derive_example_id, split_by_confidence
+from .data_utils import SCORE_COLUMNS, check_unique_ids, derive_example_id, split_by_confidence, split_examples
 from .kernels import sftmix_linear_cross_entropy
 from .kernels.reference import head_logits
 from .sampler import BalancedPairSampler
@@ -371,7 +371,8 @@ class SFTMixTrainer(SFTTrainer):
                 "the confidence scores."
             )
         ids = [str(example_id) for example_id in list(dataset[self.args.id_column])]
-        split = split_by_confidence([confidence_by_id[example_id] for example_id in ids], ids)
+        confidences = [confidence_by_id[example_id] for example_id in ids]
+        split = split_examples(confidences, ids, self.args.split_by, self.args.seed)  # halves by confidence or random
         halves = [REMAINDER] * len(ids)
         for row in split.confident:
             halves[row] = CONFIDENT
