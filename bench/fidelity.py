@@ -223,13 +223,15 @@ def summarize(rows: list[dict]) -> str:
         if values:
             mean, half = interval(values)
             shown = ", ".join(f"{v:.4f}" for v in values)
-            lines.append(f"| {method} | {len(values)} | {mean:.4f} | ±{half:.4f} | {shown} |")
+            shown_half = f"±{half:.4f}" if math.isfinite(half) else "n/a (one run)"
+            lines.append(f"| {method} | {len(values)} | {mean:.4f} | {shown_half} | {shown} |")
     lines += ["", "| difference (paired by seed) | seeds | mean | 95% interval |", "|---|---:|---:|---:|"]
     for a, b in (("sftmix", "ntp"), ("random", "ntp"), ("sftmix", "random")):
         seeds = sorted({s for m, s in nll if m == a} & {s for m, s in nll if m == b})
         if seeds:
             mean, half = interval([nll[a, s] - nll[b, s] for s in seeds])
-            lines.append(f"| {a} - {b} | {len(seeds)} | {mean:+.4f} | [{mean - half:+.4f}, {mean + half:+.4f}] |")
+            shown = f"[{mean - half:+.4f}, {mean + half:+.4f}]" if math.isfinite(half) else "n/a (one seed)"
+            lines.append(f"| {a} - {b} | {len(seeds)} | {mean:+.4f} | {shown} |")
     return "\n".join(lines)
 
 
