@@ -67,6 +67,7 @@ def parse_args(argv=None):
     parser.add_argument("--learning_rate", type=float, default=5e-5)
     parser.add_argument("--reference_checkpoints", type=int, default=3, help="K")
     parser.add_argument("--generate", action="store_true", help="write the best seeds' answers and stop")
+    parser.add_argument("--summarize", action="store_true", help="rewrite the summary table from the CSV and stop")
     parser.add_argument("--generate_prompts", type=int, default=8, help="MT-Bench and AlpacaEval prompts each")
     parser.add_argument("--max_new_tokens", type=int, default=256)
     return parser.parse_args(argv)
@@ -240,8 +241,9 @@ def write_summary(csv_path: Path, args, wall_seconds: float) -> None:
     header = [
         "# SFTMix vs NTP, repeated (bench/fidelity.py)",
         "",
-        f"Command: `nice -n 19 .venv/bin/python bench/fidelity.py {' '.join(sys.argv[1:])}`",
-        f"Machine: {rows[0]['device'] if rows else device_label()}; this run's wall time so far {wall_seconds / 60:.1f} min",
+        f"Command: `nice -n 19 .venv/bin/python bench/fidelity.py {' '.join(a for a in sys.argv[1:] if a != '--summarize')}`",
+        f"Machine: {rows[0]['device'] if rows else device_label()}"
+        + (f"; wall time so far {wall_seconds / 60:.1f} min" if wall_seconds is not None else ""),
         f"SmolLM2-135M-Instruct, {args.train_rows} distinct Alpaca rows, {args.epochs:g} epoch(s), batch "
         f"{args.batch_size}, lr {args.learning_rate:g} cosine, max_length {args.max_length}, K = "
         f"{args.reference_checkpoints}; held-out: response NLL of {args.eval_rows} AlpacaEval reference outputs "
@@ -291,6 +293,9 @@ def main(argv=None) -> None:
     csv_path = Path(args.csv)
     if args.generate:
         generate_best(args, run_dir, csv_path)
+        return
+    if args.summarize:
+        write_summary(csv_path, args, wall_seconds=None)
         return
     from sftmix_trl.assets import smollm2_path
 
