@@ -26,6 +26,7 @@ the best seed of each method (lowest NLL) to a handful of MT-Bench and AlpacaEva
 import argparse
 import csv
 import datetime
+import json
 import math
 import platform
 import statistics
@@ -326,6 +327,10 @@ def main(argv=None) -> None:
         print(f"[fidelity] {method} seed {seed}: NLL {nll:.5f} ({time.perf_counter() - start:.0f} s)", flush=True)
 
     confidence_file = run_reference(args, model, train, run_dir)
+    # every method trains on the rows the reference could score (a row whose prompt fills max_length has no response
+    # token left to train on, and SFTTrainer drops it anyway)
+    scored = {json.loads(line)["id"] for line in confidence_file.read_text().splitlines()}
+    train = train.filter(lambda row: row["id"] in scored)
     print(f"[fidelity] reference and confidence done ({time.perf_counter() - start:.0f} s)", flush=True)
     methods = args.methods.split(",")
     for seed in range(args.seeds):
