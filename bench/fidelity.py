@@ -50,6 +50,7 @@ FIELDS = [
     "device",
     "date",
 ]
+MIN_RESPONSE_TOKENS = 16
 # two-sided 95% quantiles of Student's t by degrees of freedom (an interval over a handful of seeds)
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -60,7 +61,7 @@ def parse_args(argv=None):
     parser.add_argument("--csv", default=str(RESULTS / f"fidelity-cpu-{datetime.date.today()}.csv"))
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..S-1 of each method")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from sftmix,ntp,random")
-    parser.add_argument("--train_rows", type=int, default=128)
+    parser.add_argument("--train_rows", type=int, default=128, help="a multiple of --batch_size: equal step counts")
     parser.add_argument("--eval_rows", type=int, default=400)
     parser.add_argument("--max_length", type=int, default=160)
     parser.add_argument("--batch_size", type=int, default=8)
@@ -89,23 +90,34 @@ def device_label() -> str:
     return f"{cpu}, {cores} cores, torch {torch.__version__}, no GPU" if not torch.cuda.is_available() else cpu
 
 
-def load_data(args):
+def load_data(args, model: str):
+    """The first `train_rows` distinct Alpaca rows and the first `eval_rows` AlpacaEval rows whose chat-templated
+    prompt leaves at least `MIN_RESPONSE_TOKENS` response tokens within `max_length` (a row without any would be
+    dropped by SFTTrainer, and the methods' step counts would differ)."""
     from datasets import load_dataset
+    from transformers import AutoTokenizer
 
     from sftmix_trl.assets import alpaca_demo_path, alpacaeval_path
     from sftmix_trl.confidence import add_example_ids
     from sftmix_trl.recipe import _drop_duplicates
     from sftmix_trl.transforms import alpaca_to_prompt_completion
 
-    train = _drop_duplicates(
-        alpaca_to_prompt_completion(load_dataset("json", data_files=str(alpaca_demo_path()), split="train"))
-    )
-    if len(train) < args.train_rows:
-        raise ValueError(f"Only {len(train)} distinct Alpaca rows, fewer than --train_rows {args.train_rows}.")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+
+    def fits(row):
+        prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=True, add_generation_prompt=True)["input_ids"]
+        return len(prompt) <= args.max_length - MIN_RESPONSE_TOKENS
+
+    def first(dataset, count, name):
+        dataset = _drop_duplicates(dataset).filter(fits)
+        if len(dataset) < count:
+            raise ValueError(f"Only {len(dataset)} {name} rows fit max_length {args.max_length}, fewer than {count}.")
+        return add_example_ids(dataset.select(range(count)))
+
+    train = alpaca_to_prompt_completion(load_dataset("json", data_files=str(alpaca_demo_path()), split="train"))
     held_out = load_dataset("json", data_files=str(alpacaeval_path()), split="train")
     held_out = alpaca_to_prompt_completion(held_out.select_columns(["instruction", "output"]))
-    held_out = _drop_duplicates(held_out).select(range(args.eval_rows))
-    return add_example_ids(train.select(range(args.train_rows))), add_example_ids(held_out)
+    return first(train, args.train_rows, "Alpaca"), first(held_out, args.eval_rows, "AlpacaEval")
 
 
 def training_config(args, output_dir: Path, seed: int, **overrides):
@@ -290,6 +302,11 @@ def generate_best(args, run_dir: Path, csv_path: Path) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.train_rows % args.batch_size:
+        raise ValueError(
+            "--train_rows must be a multiple of --batch_size, so that SFTMix (whole paired micro-batches) "
+            "and NTP take the same number of steps."
+        )
     run_dir = Path(args.output_dir)
     csv_path = Path(args.csv)
     if args.generate:
@@ -302,7 +319,7 @@ def main(argv=None) -> None:
 
     start = time.perf_counter()
     model = str(smollm2_path())
-    train, held_out = load_data(args)
+    train, held_out = load_data(args, model)
     device = device_label()
     done = {(r["method"], r["seed"]) for r in read_rows(csv_path)}
 
