@@ -269,11 +269,11 @@ def write_summary(csv_path: Path, args, wall_seconds: float) -> None:
 def generate_best(args, run_dir: Path, csv_path: Path) -> None:
     """The answers of each method's best seed (and the base model) to the first MT-Bench and AlpacaEval prompts."""
     from sftmix_trl.assets import smollm2_path
-    from sftmix_trl.generate import generate_alpacaeval, generate_mtbench, load_alpacaeval, load_mtbench
+    from sftmix_trl.generate import ChatGenerator, generate_alpacaeval, generate_mtbench, load_alpacaeval, load_mtbench
 
     rows = read_rows(csv_path)
     models = {"smollm2-135m-base": str(smollm2_path())}
-    for method in METHODS:
+    for method in args.methods.split(","):
         candidates = [r for r in rows if r["method"] == method]
         if candidates:
             best = min(candidates, key=lambda r: float(r["nll"]))
@@ -284,20 +284,9 @@ def generate_best(args, run_dir: Path, csv_path: Path) -> None:
     questions = load_mtbench()[: args.generate_prompts]
     instructions = load_alpacaeval()[: args.generate_prompts]
     for name, path in models.items():
-        generate_mtbench(
-            path,
-            questions,
-            answers_dir / "mt_bench" / f"{name}.jsonl",
-            model_id=name,
-            max_new_tokens=args.max_new_tokens,
-        )
-        generate_alpacaeval(
-            path,
-            instructions,
-            answers_dir / "alpaca_eval" / f"{name}.json",
-            generator=name,
-            max_new_tokens=args.max_new_tokens,
-        )
+        chat = ChatGenerator(path, batch_size=args.generate_prompts, max_new_tokens=args.max_new_tokens)
+        generate_mtbench(chat, questions, answers_dir / "mt_bench" / f"{name}.jsonl", model_id=name)
+        generate_alpacaeval(chat, instructions, answers_dir / "alpaca_eval" / f"{name}.json", generator=name)
 
 
 def main(argv=None) -> None:
