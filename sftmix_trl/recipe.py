@@ -401,6 +401,9 @@ class Recipe:
     def run_evaluate(self) -> None:
         """The base model and every trained model on what the recipe asks for: the held-out response NLL, answers
         to the instruction-following benchmarks for their judges, the lm-evaluation-harness tasks."""
+        # the main process writes the baseline's done file after the others have passed its barrier: wait for it, so
+        # that every process evaluates the same models
+        self.state.wait_for_everyone()
         models = {"base": self.model, "sftmix": str(self.stage_dir("sftmix"))}
         if self.stage_dir("baseline").joinpath(DONE_FILE).is_file():
             models["ntp"] = str(self.stage_dir("baseline"))
