@@ -28,6 +28,7 @@ import csv
 import datetime
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -78,7 +79,7 @@ def parse_args(argv=None):
 def device_label() -> str:
     import torch
 
-    cores = len(__import__("os").sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0))
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -87,7 +88,8 @@ def device_label() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {cores} cores, torch {torch.__version__}, no GPU" if not torch.cuda.is_available() else cpu
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {cores} cores, torch {torch.__version__}, {gpu}"
 
 
 def load_data(args, model: str):
@@ -121,12 +123,15 @@ def load_data(args, model: str):
 
 
 def training_config(args, output_dir: Path, seed: int, **overrides):
+    """fp32 everywhere; on CPU unless a GPU is there (then the Triton loss)."""
+    import torch
+
     from sftmix_trl import SFTMixConfig
 
     return SFTMixConfig(
         output_dir=str(output_dir),
         seed=seed,
-        use_cpu=True,
+        use_cpu=not torch.cuda.is_available(),
         bf16=False,
         max_length=args.max_length,
         per_device_train_batch_size=args.batch_size,
@@ -138,7 +143,7 @@ def training_config(args, output_dir: Path, seed: int, **overrides):
         logging_steps=4,
         save_strategy="no",
         report_to="none",
-        loss_impl="torch",
+        loss_impl="auto",
         activation_checkpointing=False,
         **overrides,
     )
