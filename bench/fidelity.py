@@ -268,7 +268,7 @@ def write_summary(csv_path: Path, args, wall_seconds: float) -> None:
         "(lower is better).",
         "",
     ]
-    csv_path.with_suffix(".md").write_text("\n".join(header) + summarize(rows) + "\n")
+    csv_path.with_suffix(".md").write_text("\n".join(header) + "\n" + summarize(rows) + "\n")
 
 
 def generate_best(args, run_dir: Path, csv_path: Path) -> None:
