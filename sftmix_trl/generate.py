@@ -80,11 +80,14 @@ class ChatGenerator:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=dtype).to(device).eval()
+        # checkpoints saved by a trainer carry `use_cache=False` (set for training); decoding needs the KV cache
+        self.model.config.use_cache = True
         self.batch_size = batch_size
         # the model's own generation config, with the caller's overrides
         self.generation_config = self.model.generation_config
         self.generation_config.max_new_tokens = max_new_tokens
         self.generation_config.pad_token_id = self.tokenizer.pad_token_id
+        self.generation_config.use_cache = True
         if do_sample is not None:
             self.generation_config.do_sample = do_sample
         if temperature is not None:

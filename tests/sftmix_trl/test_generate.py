@@ -139,3 +139,19 @@ def test_bad_inputs_are_refused(tmp_path, tokenizer, llama_dir):
     tokenizer_copy.save_pretrained(no_template)
     with pytest.raises(ValueError, match="has no chat template"):
         ChatGenerator(str(no_template))
+
+
+def test_a_trainer_checkpoint_decodes_with_the_kv_cache(llama_dir, tmp_path, chat):
+    # trainers save `use_cache=False`; without the cache every new token would recompute the whole sequence
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    model.config.use_cache = False
+    model.save_pretrained(tmp_path / "trained")
+    AutoTokenizer.from_pretrained(llama_dir).save_pretrained(tmp_path / "trained")
+    trained = ChatGenerator(
+        str(tmp_path / "trained"), batch_size=2, max_new_tokens=6, do_sample=False, dtype="float32"
+    )
+    assert trained.model.config.use_cache and trained.generation_config.use_cache
+    conversations = [[{"role": "user", "content": row["instruction"]}] for row in INSTRUCTIONS]
+    assert trained.answer(conversations) == chat.answer(conversations)
