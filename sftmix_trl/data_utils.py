@@ -203,3 +203,21 @@ def load_raw_dataset(name: str, config: str | None = None, split: str = "train")
             raise ValueError(f"Cannot read {path}: expected one of {sorted(DATA_FILE_BUILDERS)}.")
         return load_dataset(DATA_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
     return load_dataset(str(path) if path.is_dir() else name, name=config, split=split)
+
+
+SPLIT_METHODS = ("confidence", "random")
+
+
+def split_examples(confidence: Sequence[float], ids: Sequence, split_by: str = "confidence", seed: int = 0):
+    """The two halves SFTMix pairs: by confidence (`split_by_confidence`), or, for the paper's ablation of the split,
+    at random with the same sizes (`split_by="random"`). The random halves rank rows by the SHA-1 of `seed` and the
+    row's id, so they are the same on every rank and for any row order, and change with the seed only. The scores are
+    validated either way, so that both splits cover the same examples."""
+    split = split_by_confidence(confidence, ids)
+    if split_by == "confidence":
+        return split
+    if split_by != "random":
+        raise ValueError(f"`split_by` must be one of {SPLIT_METHODS}, got {split_by!r}.")
+    order = sorted(range(len(ids)), key=lambda i: hashlib.sha1(f"{seed}\0{ids[i]}".encode()).hexdigest())
+    half = len(split.confident)
+    return ConfidenceSplit(confident=order[:half], unconfident=order[half : 2 * half], remainder=order[2 * half :])

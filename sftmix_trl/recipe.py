@@ -41,7 +41,13 @@ from .confidence import ConfidenceCallback, add_example_ids, aggregate_scores, r
 from .confidence.datamap import write_data_map
 from .confidence.offline import adapter_base
 from .config import SFTMixConfig
-from .data_utils import drop_duplicate_examples, load_raw_dataset, normalize_content_parts, random_subset
+from .data_utils import (
+    drop_duplicate_examples,
+    load_raw_dataset,
+    normalize_content_parts,
+    random_subset,
+)
+from .generate import BENCHMARKS
 from .trainer import SFTMixTrainer
 from .transforms import alpaca_to_prompt_completion, expand_multiturn
 
@@ -105,6 +111,25 @@ class RecipeArguments(ScriptArguments):
             Also train an NTP-only twin of the SFTMix model (same model, data, batch and epochs) for comparison.
         asset_cache_dir (`str`, *optional*):
             Where `asset:` names are fetched to; defaults to `~/.cache/sftmix-trl`.
+        generate_benchmarks (`list[str]`, *optional*, defaults to `[]`):
+            Benchmarks the `evaluate` stage answers with every model (the base and each trained one), in the format
+            the benchmark's judge reads: `mt_bench` (-> `evaluation/mt_bench/model_answer/<model>.jsonl`) and
+            `alpaca_eval` (-> `evaluation/alpaca_eval/<model>.json`). See [`sftmix_trl.generate`].
+        generate_max_prompts (`int`, *optional*):
+            Answer only the first this many prompts of each benchmark.
+        generate_max_new_tokens (`int`, *optional*, defaults to `1024`):
+            Longest answer, in tokens, per turn.
+        generate_batch_size (`int`, *optional*, defaults to `8`):
+            Prompts generated together.
+        lm_eval_tasks (`list[str]`, *optional*, defaults to `[]`):
+            lm-evaluation-harness tasks the `evaluate` stage runs on every model (needs the `lm_eval` extra), e.g.
+            the paper's healthcare suite `medqa_4options pubmedqa medmcqa` -> `evaluation/lm_eval/<model>.json`.
+        lm_eval_num_fewshot (`int`, *optional*, defaults to `3`):
+            Shots per lm-evaluation-harness task (the paper's healthcare evaluation is three-shot).
+        lm_eval_limit (`int`, *optional*):
+            Evaluate only the first this many examples of each task.
+        lm_eval_include_path (`str`, *optional*):
+            A folder of extra lm-evaluation-harness task YAML files (local tasks).
     """
 
     dataset_format: str = field(
@@ -150,12 +175,35 @@ class RecipeArguments(ScriptArguments):
     asset_cache_dir: str | None = field(
         default=None, metadata={"help": "Where `asset:` names are fetched to; defaults to `~/.cache/sftmix-trl`."}
     )
+    generate_benchmarks: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Benchmarks every model answers in the evaluate stage: mt_bench, alpaca_eval."},
+    )
+    generate_max_prompts: int | None = field(
+        default=None, metadata={"help": "Answer only the first this many prompts of each benchmark."}
+    )
+    generate_max_new_tokens: int = field(default=1024, metadata={"help": "Longest answer, in tokens, per turn."})
+    generate_batch_size: int = field(default=8, metadata={"help": "Prompts generated together."})
+    lm_eval_tasks: list[str] = field(
+        default_factory=list,
+        metadata={"help": "lm-evaluation-harness tasks run on every model, e.g. medqa_4options pubmedqa medmcqa."},
+    )
+    lm_eval_num_fewshot: int = field(default=3, metadata={"help": "Shots per lm-evaluation-harness task."})
+    lm_eval_limit: int | None = field(
+        default=None, metadata={"help": "Evaluate only the first this many examples of each task."}
+    )
+    lm_eval_include_path: str | None = field(
+        default=None, metadata={"help": "A folder of extra lm-evaluation-harness task YAML files."}
+    )
 
     def __post_init__(self):
         if self.dataset_format not in DATASET_FORMATS or self.eval_dataset_format not in DATASET_FORMATS:
             raise ValueError(f"Dataset formats must be one of {DATASET_FORMATS}.")
         if self.stage not in (*STAGES, "all"):
             raise ValueError(f"`stage` must be one of {(*STAGES, 'all')}, got {self.stage!r}.")
+        unknown = sorted(set(self.generate_benchmarks) - set(BENCHMARKS))
+        if unknown:
+            raise ValueError(f"Unknown `generate_benchmarks` {unknown}: choose from {list(BENCHMARKS)}.")
         if self.reference_num_checkpoints < 1:
             raise ValueError(
                 f"`reference_num_checkpoints` (K) must be at least 1, got {self.reference_num_checkpoints}."
@@ -358,7 +406,7 @@ class Recipe:
         stages = ["reference", "score", "sftmix"]
         if self.recipe.train_ntp_baseline:
             stages.append("baseline")
-        if self.recipe.eval_dataset_name is not None:
+        if self.recipe.eval_dataset_name or self.recipe.generate_benchmarks or self.recipe.lm_eval_tasks:
             stages.append("evaluate")
         return stages
 
@@ -442,14 +490,66 @@ class Recipe:
         self._train(trainer, "baseline")
 
     def run_evaluate(self) -> None:
-        """Held-out response NLL (token-weighted mean over the response tokens) of the base model and every trained
-        model, printed side by side and written to evaluation/evaluation.{json,md}."""
-        output_dir = self.stage_dir("evaluate")
-        with self.state.main_process_first():
-            eval_dataset = load_eval_dataset(self.recipe)
+        """The base model and every trained model on what the recipe asks for: the held-out response NLL, answers
+        to the instruction-following benchmarks for their judges, the lm-evaluation-harness tasks."""
+        # the main process writes the baseline's done file after the others have passed its barrier: wait for it, so
+        # that every process evaluates the same models
+        self.state.wait_for_everyone()
         models = {"base": self.model, "sftmix": str(self.stage_dir("sftmix"))}
         if self.stage_dir("baseline").joinpath(DONE_FILE).is_file():
             models["ntp"] = str(self.stage_dir("baseline"))
+        self.stage_dir("evaluate").mkdir(parents=True, exist_ok=True)
+        if self.recipe.eval_dataset_name:
+            self.evaluate_nll(models)
+        if self.state.is_main_process and self.recipe.generate_benchmarks:
+            self.evaluate_generation(models)
+        if self.state.is_main_process and self.recipe.lm_eval_tasks:
+            self.evaluate_lm_eval(models)
+        self._mark_done("evaluate")
+
+    def evaluate_generation(self, models: dict[str, str]) -> None:
+        """Each model's answers, resumable, in the judges' formats under evaluation/ (judge commands: README)."""
+        from .generate import ChatGenerator, generate_alpacaeval, generate_mtbench, load_alpacaeval, load_mtbench
+
+        output_dir = self.stage_dir("evaluate")
+        benchmarks = self.recipe.generate_benchmarks
+        limit = self.recipe.generate_max_prompts
+        questions = load_mtbench(resolve_asset("mt_bench", self.recipe.asset_cache_dir))[:limit]
+        instructions = load_alpacaeval(resolve_asset("alpacaeval", self.recipe.asset_cache_dir))[:limit]
+        for label, path in models.items():
+            chat = ChatGenerator(
+                path,
+                batch_size=self.recipe.generate_batch_size,
+                max_new_tokens=self.recipe.generate_max_new_tokens,
+                device=str(self.args.device),
+            )
+            if "mt_bench" in benchmarks:
+                answers = output_dir / "mt_bench" / "model_answer" / f"{label}.jsonl"
+                generate_mtbench(chat, questions, answers, model_id=label)
+            if "alpaca_eval" in benchmarks:
+                generate_alpacaeval(chat, instructions, output_dir / "alpaca_eval" / f"{label}.json", generator=label)
+
+    def evaluate_lm_eval(self, models: dict[str, str]) -> None:
+        """lm-evaluation-harness on each model, one results file per model (a finished one is kept)."""
+        from .harness import run_lm_eval
+
+        for label, path in models.items():
+            run_lm_eval(
+                path,
+                self.recipe.lm_eval_tasks,
+                self.stage_dir("evaluate") / "lm_eval" / f"{label}.json",
+                num_fewshot=self.recipe.lm_eval_num_fewshot,
+                limit=self.recipe.lm_eval_limit,
+                include_path=self.recipe.lm_eval_include_path,
+                device=str(self.args.device),
+            )
+
+    def evaluate_nll(self, models: dict[str, str]) -> None:
+        """Held-out response NLL (token-weighted mean over the response tokens) of each model, printed side by side
+        and written to evaluation/evaluation.{json,md}."""
+        output_dir = self.stage_dir("evaluate")
+        with self.state.main_process_first():
+            eval_dataset = load_eval_dataset(self.recipe)
         args = sft_config_from(self.args, output_dir=str(output_dir), report_to="none", push_to_hub=False)
         for label, path in models.items():
             if adapter_base(path) is not None:
@@ -473,7 +573,6 @@ class Recipe:
             table = format_evaluation(rows, self.recipe.eval_dataset_name)
             (output_dir / "evaluation.md").write_text(table + "\n")
             (output_dir / "evaluation.json").write_text(json.dumps(rows, indent=2) + "\n")
-        self._mark_done("evaluate")
 
     def print_outputs(self) -> None:
         """The run folder's contents, then the evaluation table: last, so that it is what a run (or a re-run that

@@ -37,6 +37,7 @@ from .data_utils import (
     derive_example_id,
     normalize_content_parts,
     split_by_confidence,
+    split_examples,
 )
 from .kernels import sftmix_linear_cross_entropy
 from .kernels.reference import head_logits
@@ -460,7 +461,13 @@ class SFTMixTrainer(SFTTrainer):
                 "confidence scores: keep the columns of the dataset when preparing it."
             )
         rows = table[ROW_COLUMN]
-        split = split_by_confidence([self._row_confidence[r] for r in rows], [self._row_ids[r] for r in rows])
+        # the halves: by confidence, or at random with the same sizes (`split_by`, the paper's ablation)
+        split = split_examples(
+            [self._row_confidence[r] for r in rows],
+            [self._row_ids[r] for r in rows],
+            self.args.split_by,
+            self.args.seed,
+        )
         halves = [REMAINDER] * len(rows)
         for row in split.confident:
             halves[row] = CONFIDENT

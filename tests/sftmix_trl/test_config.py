@@ -35,6 +35,7 @@ def test_every_field_is_documented_in_the_docstring_and_the_help():
         "confidence_column",
         "id_column",
         "confidence_scores_path",
+        "split_by",
     }
     for f in SFTMIX_FIELDS:
         assert f"        {f.name} (`" in SFTMixConfig.__doc__, f.name

@@ -1,0 +1,40 @@
+"""bench/fidelity.py's statistics: the per-method means and the paired differences with their 95% t intervals,
+against the formulas worked by hand; a partial CSV (a run still going) is summarized from what has landed."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "fidelity.py"
+spec = importlib.util.spec_from_file_location("fidelity", SCRIPT)
+fidelity = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(fidelity)
+
+
+def rows(values: dict[tuple[str, str], float]) -> list[dict]:
+    return [{"method": m, "seed": s, "nll": str(v)} for (m, s), v in values.items()]
+
+
+def test_interval_is_the_t_interval_of_the_mean():
+    mean, half = fidelity.interval([1.0, 2.0, 4.0])
+    # mean 7/3, sample sd sqrt(((−4/3)^2 + (−1/3)^2 + (5/3)^2) / 2) = sqrt(7/3), t(0.975, 2) = 4.303
+    assert mean == pytest.approx(7 / 3)
+    assert half == pytest.approx(4.303 * math.sqrt(7 / 3) / math.sqrt(3))
+    assert math.isnan(fidelity.interval([1.0])[1])
+
+
+def test_differences_are_paired_by_seed():
+    values = {("sftmix", "0"): 1.80, ("sftmix", "1"): 1.90, ("sftmix", "2"): 1.70}
+    values |= {("ntp", "0"): 1.85, ("ntp", "1"): 1.92, ("ntp", "2"): 1.78}
+    values |= {("random", "0"): 1.83, ("base", "-"): 2.00}
+    table = fidelity.summarize(rows(values))
+    # sftmix - ntp per seed: -0.05, -0.02, -0.08: mean -0.05, sd 0.03, half-width 4.303 * 0.03 / sqrt(3)
+    half = 4.303 * 0.03 / math.sqrt(3)
+    assert f"| sftmix - ntp | 3 | -0.0500 | [{-0.05 - half:+.4f}, {-0.05 + half:+.4f}] |" in table
+    # one seed of random so far: its differences have no interval yet, but are shown
+    assert "| random - ntp | 1 | -0.0200 | n/a (one seed) |" in table
+    assert "| sftmix - random | 1 | -0.0300 |" in table
+    assert "| base | 1 | 2.0000 | n/a (one run) | 2.0000 |" in table
+    assert "| ntp | 3 | 1.8500 |" in table
