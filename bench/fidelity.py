@@ -101,7 +101,7 @@ def load_data(args, model: str):
 
     from sftmix_trl.assets import alpaca_demo_path, alpacaeval_path
     from sftmix_trl.confidence import add_example_ids
-    from sftmix_trl.recipe import _drop_duplicates
+    from sftmix_trl.data_utils import drop_duplicate_examples
     from sftmix_trl.transforms import alpaca_to_prompt_completion
 
     tokenizer = AutoTokenizer.from_pretrained(model)
@@ -111,7 +111,7 @@ def load_data(args, model: str):
         return len(prompt) <= args.max_length - MIN_RESPONSE_TOKENS
 
     def first(dataset, count, name):
-        dataset = _drop_duplicates(dataset).filter(fits)
+        dataset = drop_duplicate_examples(dataset).filter(fits)
         if len(dataset) < count:
             raise ValueError(f"Only {len(dataset)} {name} rows fit max_length {args.max_length}, fewer than {count}.")
         return add_example_ids(dataset.select(range(count)))
