@@ -1,11 +1,17 @@
 """bench/fidelity.py's statistics: the per-method means and the paired differences with their 95% t intervals,
-against the formulas worked by hand; a partial CSV (a run still going) is summarized from what has landed."""
+against the formulas worked by hand; a partial CSV (a run still going) is summarized from what has landed. Its data:
+distinct training rows, and only rows whose prompt leaves room for a response."""
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
 import pytest
+
+import sftmix_trl.assets
+
+import tiny
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "fidelity.py"
 spec = importlib.util.spec_from_file_location("fidelity", SCRIPT)
@@ -38,3 +44,24 @@ def test_differences_are_paired_by_seed():
     assert "| sftmix - random | 1 | -0.0300 |" in table
     assert "| base | 1 | 2.0000 | n/a (one run) | 2.0000 |" in table
     assert "| ntp | 3 | 1.8500 |" in table
+
+
+def test_load_data_keeps_distinct_rows_that_leave_room_for_a_response(tmp_path, monkeypatch, llama_dir):
+    pairs = list(dict.fromkeys(tiny.make_pairs(64)))[:12]  # distinct
+    alpaca = [{"instruction": p, "input": "", "output": r} for p, r in pairs]
+    alpaca.insert(1, dict(alpaca[0]))  # an exact duplicate: dropped
+    alpaca.insert(2, {"instruction": "long " * 200, "input": "", "output": "x"})  # no room for a response: dropped
+    held_out = [{"instruction": p, "output": r, "generator": "ref", "dataset": "tiny"} for p, r in pairs]
+    for name, data in (("alpaca.json", alpaca), ("alpacaeval.json", held_out)):
+        (tmp_path / name).write_text(json.dumps(data))
+    monkeypatch.setattr(sftmix_trl.assets, "alpaca_demo_path", lambda: tmp_path / "alpaca.json")
+    monkeypatch.setattr(sftmix_trl.assets, "alpacaeval_path", lambda: tmp_path / "alpacaeval.json")
+    args = fidelity.parse_args(["--train_rows", "8", "--eval_rows", "4", "--max_length", "64"])
+
+    train, evaluation = fidelity.load_data(args, str(llama_dir))
+
+    assert [row["prompt"][0]["content"] for row in train] == [p for p, _ in pairs[:8]]
+    assert len(set(train["id"])) == 8
+    assert [row["completion"][0]["content"] for row in evaluation] == [r for _, r in pairs[:4]]
+    with pytest.raises(ValueError, match="Only 12 Alpaca rows fit max_length 64, fewer than 16"):
+        fidelity.load_data(fidelity.parse_args(["--train_rows", "16", "--max_length", "64"]), str(llama_dir))
