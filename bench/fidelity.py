@@ -20,7 +20,9 @@ over the examples, truncated at `--max_length` like training); lower is better.
 One CSV row per finished run is appended to `--csv` as it lands (so a partial run is usable and a rerun skips what is
 done), and after each the summary table (the mean NLL of each method, and the mean over seeds of each paired
 difference with a 95% t interval) is rewritten to the `.md` beside it. `--generate` afterwards writes the answers of
-the best seed of each method (lowest NLL) to a handful of MT-Bench and AlpacaEval prompts, in the judges' formats.
+the best seed of each method (lowest NLL) to a handful of MT-Bench and AlpacaEval prompts, in the judges' formats
+(MT-Bench's to bench/results/fidelity-answers/mt_bench, AlpacaEval's to <output_dir>/answers/alpaca_eval: they quote
+AlpacaEval's non-commercial instructions, so they stay out of the repository).
 """
 
 import argparse
@@ -272,7 +274,9 @@ def write_summary(csv_path: Path, args, wall_seconds: float) -> None:
 
 
 def generate_best(args, run_dir: Path, csv_path: Path) -> None:
-    """The answers of each method's best seed (and the base model) to the first MT-Bench and AlpacaEval prompts."""
+    """The answers of each method's best seed (and the base model) to the first MT-Bench and AlpacaEval prompts: the
+    MT-Bench answers beside the results (its questions are FastChat's, Apache-2.0), the AlpacaEval outputs under the
+    run directory (they repeat AlpacaEval's instructions, whose licence is non-commercial: never committed)."""
     from sftmix_trl.assets import smollm2_path
     from sftmix_trl.generate import ChatGenerator, generate_alpacaeval, generate_mtbench, load_alpacaeval, load_mtbench
 
@@ -285,13 +289,12 @@ def generate_best(args, run_dir: Path, csv_path: Path) -> None:
             models[f"smollm2-135m-{method}-seed{best['seed']}"] = str(
                 run_dir / f"{method}-seed{best['seed']}" / "model"
             )
-    answers_dir = RESULTS / "fidelity-answers"
     questions = load_mtbench()[: args.generate_prompts]
     instructions = load_alpacaeval()[: args.generate_prompts]
     for name, path in models.items():
         chat = ChatGenerator(path, batch_size=args.generate_prompts, max_new_tokens=args.max_new_tokens)
-        generate_mtbench(chat, questions, answers_dir / "mt_bench" / f"{name}.jsonl", model_id=name)
-        generate_alpacaeval(chat, instructions, answers_dir / "alpaca_eval" / f"{name}.json", generator=name)
+        generate_mtbench(chat, questions, RESULTS / "fidelity-answers" / "mt_bench" / f"{name}.jsonl", model_id=name)
+        generate_alpacaeval(chat, instructions, run_dir / "answers" / "alpaca_eval" / f"{name}.json", generator=name)
 
 
 def main(argv=None) -> None:
