@@ -263,7 +263,11 @@ def write_summary(csv_path: Path, args, wall_seconds: float) -> None:
         "",
         f"Command: `nice -n 19 .venv/bin/python bench/fidelity.py {' '.join(a for a in sys.argv[1:] if a != '--summarize')}`",
         f"Machine: {rows[0]['device'] if rows else device_label()}"
-        + (f"; wall time so far {wall_seconds / 60:.1f} min" if wall_seconds is not None else ""),
+        + (
+            f"; wall time of this invocation {wall_seconds / 60:.1f} min (it skips the rows already in the CSV)"
+            if wall_seconds is not None
+            else ""
+        ),
         f"SmolLM2-135M-Instruct, {args.train_rows} distinct Alpaca rows, {args.epochs:g} epoch(s), batch "
         f"{args.batch_size}, lr {args.learning_rate:g} cosine, max_length {args.max_length}, K = "
         f"{args.reference_checkpoints}; held-out: response NLL of {args.eval_rows} AlpacaEval reference outputs "
