@@ -1,6 +1,7 @@
 """A repeated comparison of SFTMix with NTP on SmolLM2-135M-Instruct: several seeds of each, and a random split.
 
-    nice -n 19 .venv/bin/python bench/fidelity.py --seeds 3 > runs/fidelity.log 2>&1 &
+    nice -n 19 .venv/bin/python bench/fidelity.py > runs/fidelity.log 2>&1 &
+    nice -n 19 .venv/bin/python bench/fidelity.py --generate --generate_prompts 80
 
 What runs, all on CPU in fp32, under `--output_dir` (default runs/fidelity):
 
@@ -62,11 +63,11 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="runs/fidelity")
     parser.add_argument("--csv", default=str(RESULTS / f"fidelity-cpu-{datetime.date.today()}.csv"))
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..S-1 of each method")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds 0..S-1 of each method")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from sftmix,ntp,random")
-    parser.add_argument("--train_rows", type=int, default=128, help="a multiple of --batch_size: equal step counts")
+    parser.add_argument("--train_rows", type=int, default=160, help="a multiple of --batch_size: equal step counts")
     parser.add_argument("--eval_rows", type=int, default=400)
-    parser.add_argument("--max_length", type=int, default=160)
+    parser.add_argument("--max_length", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--learning_rate", type=float, default=5e-5)
@@ -74,6 +75,7 @@ def parse_args(argv=None):
     parser.add_argument("--generate", action="store_true", help="write the best seeds' answers and stop")
     parser.add_argument("--summarize", action="store_true", help="rewrite the summary table from the CSV and stop")
     parser.add_argument("--generate_prompts", type=int, default=8, help="MT-Bench and AlpacaEval prompts each")
+    parser.add_argument("--generate_batch_size", type=int, default=8)
     parser.add_argument("--max_new_tokens", type=int, default=256)
     return parser.parse_args(argv)
 
@@ -296,7 +298,7 @@ def generate_best(args, run_dir: Path, csv_path: Path) -> None:
     questions = load_mtbench()[: args.generate_prompts]
     instructions = load_alpacaeval()[: args.generate_prompts]
     for name, path in models.items():
-        chat = ChatGenerator(path, batch_size=args.generate_prompts, max_new_tokens=args.max_new_tokens)
+        chat = ChatGenerator(path, batch_size=args.generate_batch_size, max_new_tokens=args.max_new_tokens)
         generate_mtbench(chat, questions, RESULTS / "fidelity-answers" / "mt_bench" / f"{name}.jsonl", model_id=name)
         generate_alpacaeval(chat, instructions, run_dir / "answers" / "alpaca_eval" / f"{name}.json", generator=name)
 
