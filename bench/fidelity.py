@@ -75,7 +75,7 @@ def parse_args(argv=None):
     parser.add_argument("--generate", action="store_true", help="write the best seeds' answers and stop")
     parser.add_argument("--summarize", action="store_true", help="rewrite the summary table from the CSV and stop")
     parser.add_argument("--generate_prompts", type=int, default=8, help="MT-Bench and AlpacaEval prompts each")
-    parser.add_argument("--generate_batch_size", type=int, default=8)
+    parser.add_argument("--generate_batch_size", type=int, default=8, help="prompts decoded together")
     parser.add_argument("--max_new_tokens", type=int, default=256)
     return parser.parse_args(argv)
 
