@@ -1,21 +1,63 @@
-"""Chunked PyTorch implementation of the SFTMix loss, with the gradients computed in the same pass.
+"""Chunked PyTorch implementation of the SFTMix loss (``impl="torch"``): CPU, and CUDA / other devices without Triton.
 
-Rows are visited chunk by chunk in the slots of `layout.RowLayout`, reordered so that every chunk is a contiguous
-range (`_chunk_plan`): first chunks of mixed pairs (the p rows of some pairs, then the q rows of the same pairs),
-then chunks of unpaired rows. Only one chunk of logits is alive at a time, in buffers reused from chunk to chunk.
-Each chunk's logits are computed once; from them come the loss terms, the metrics and, when a gradient is needed,
-the logit gradient G for an upstream gradient of 1, in which the mixup gradient of pair k rides on its p and q rows
+Never more than one chunk of logits is alive. A chunk's size is set by a memory budget, ``options.chunk_bytes``
+(bytes of one chunk of logits in the accumulation dtype; default 2**26 on CPU, 2**29 elsewhere), not by a cache.
+Two schedules share the forward over row chunks (`_row_chunks`) and differ in where the gradients come from.
+
+Forward (both). Rows are visited in row chunks of the slots of `layout.RowLayout`, reordered so that every chunk is a
+contiguous range (`_chunk_plan`): first chunks of mixed pairs (the p rows of some pairs, then the q rows of the same
+pairs), then chunks of unpaired rows, C = budget / (4 V) rows each (a power of two). Each chunk's logits give the
+loss terms, the metrics and the per-row log-sum-exps; z~_k = lam z_p + (1 - lam) z_q mixes the raw logits.
+
+The logit gradient G for an upstream gradient of 1, in which the mixup gradient of pair k rides on its p and q rows
 by linearity,
 
     G_p = ntp_scale * (softmax(z_p) - e_{t_p}) + lam * g_k,   G_q = ntp_scale * (...) + (1 - lam) * g_k,
     g_k = mix_scale_k * (softmax(z~_k) - y~_k),
 
-which gives dH = G W, dW += G^T H and db += sum G: three passes over the head (logits, dH, dW) and nothing left for
-backward but scaling by the upstream gradient. All math in fp32 (fp64 for fp64 inputs), the matrix products included:
-bf16 / fp16 inputs are upcast once per call (an fp32 copy of W, 4 V D bytes), so that the logits are not rounded to
-the input dtype (as the Triton kernels' fp32 accumulators are not), and the gradients are returned in fp32, to be
-cast once after that scaling.
+gives dH = G W, dW = G^T H and db = sum_n G, so backward only scales by the upstream gradient.
+
+"one pass" (CPU; any device without an fp32-output GEMM for low-precision inputs). G of each row chunk comes from
+its logits in the same pass: dH[chunk] = G W, dW += G^T H[chunk], db += sum G. All math in fp32: bf16 / fp16
+inputs are upcast once per call (an fp32 copy of W, 4 V D bytes), which is what is fast on CPU; the gradients are
+fp32, cast once after the upstream scaling. 6 N D V FLOPs, but the whole fp32 dW is read and written per chunk.
+
+"recompute" (CUDA and other accelerators). Products in the input dtype with fp32 output (``torch.mm(...,
+out_dtype=torch.float32)``): no fp32 copy of W. Forward keeps, per slot, lse(z) and dL/dNLL, per pair lse(z~).
+The gradients follow in vocabulary chunks of Vc = budget / (4 S) columns over all S slots: recompute
+Z = H W[chunk]^T (S x Vc, fp32), form G from the saved log-sum-exps (fp32, divided by grad_scale = max of the row
+scales, so an fp16 G cannot underflow), round it once to the input dtype, then
+
+    dW[chunk] = G^T H     written once, in the input dtype (fp32 accumulation inside the GEMM)
+    dH       += G W[chunk] fp32 output: an S x D read-modify-write per vocabulary chunk (D / V of dW's)
+    db[chunk] = sum_n G   fp32.
+
+Cost at the Llama-3-8B head (N = 8,192, D = 4,096, V = 128,256, bf16, P = N / 4, default budget 2**29 bytes:
+C = 1,024 rows, Vc = 16,384 columns, V / Vc = 8 vocabulary chunks), products at an estimated 80% of an H100's
+989 TFLOP/s, memory at 3.35 TB/s (estimates, no GPU measurement):
+
+    FLOPs: 2 N D V forward + 6 N D V backward (recompute, dW, dH) = 8 N D V = 34.4 TFLOP         ~43 ms
+    HBM, products: W read once per row chunk in forward ((N / C) 2 V D = 8.4 GB) and twice in backward
+        (4 V D = 2.1 GB); dW written once (2 V D = 1.05 GB); dH's read-modify-write (V / Vc) 8 N D = 2.1 GB
+    HBM, eager elementwise passes over fp32 logits (each pass reads and / or writes 4 bytes per logit): forward
+        ~9 per row plus ~9 per mixed pair, backward ~10.5 per row plus ~15 per pair (GEMM output, z - lse, exp,
+        scale, the cast to bf16, db, the products' reads of G; lerp, exp, scale and two addcmul for z~):
+        ~(11.25 + 14.25) 4 N V = ~102 N V bytes = ~107 GB                                            ~32 ms
+    extra memory: forward 2.5 C V fp32 (logits, their exps, the mixed half) = 1.3 GB; backward S Vc fp32 + P Vc
+        fp32 + S Vc bf16 (G) = 0.9 GB, plus dH (S D fp32, twice while a GEMM writes the next) 0.27 GB and H in
+        slot order (S D bf16) 67 MB. No V x D buffer beyond the returned dW.
+
+The alternative, the one-pass schedule with input-dtype products and few large row chunks, costs 6 N D V (~33 ms)
+but an fp32 dW (4 V D = 2.1 GB extra) read and written once per row chunk after the first: (N / C - 1) 8 V D + 4 V D
+bytes = 31.5 GB (~9.4 ms) at this budget, 14.7 GB (~4.4 ms) at 2**30 bytes, 63 GB (~19 ms) at 2**28; the recompute
+costs 2 N D V (~11 ms) plus ~10 N V bytes (~3 ms) whatever the budget, since its per-chunk traffic (dH) is D / V of
+dW's. Their times are within ~10% of each other at the default budget; recompute holds 2.1 GB less and can take a
+smaller budget at no cost, so it is the CUDA schedule. On CPU, where the products dominate and the extra product
+would cost a third more, the one-pass schedule stays.
 """
+
+import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -23,12 +65,74 @@ from .layout import RowLayout
 from .options import SFTMixLossOptions
 from .outputs import SlotStats
 
-LOGITS_PER_CHUNK = 1 << 24
+CPU_CHUNK_BYTES = 1 << 26  # 2**24 fp32 logits: 256 rows of a 49k vocabulary (128 is markedly slower, 512 no faster)
+DEVICE_CHUNK_BYTES = 1 << 29  # 512 MiB: 1,024 rows of a 128k vocabulary, 16,384 columns of 8,192 rows
+COLUMN_ALIGN = 128  # vocabulary chunks of whole 128-column GEMM tiles
 
 
-def default_chunk_rows(vocab_size: int) -> int:
-    """The largest power of two >= 2 rows whose logits fit in LOGITS_PER_CHUNK."""
-    return 1 << max(1, (LOGITS_PER_CHUNK // max(vocab_size, 1)).bit_length() - 1)
+def default_chunk_bytes(device: torch.device) -> int:
+    return CPU_CHUNK_BYTES if device.type == "cpu" else DEVICE_CHUNK_BYTES
+
+
+def chunk_rows_for(budget: int, vocab_size: int, itemsize: int = 4) -> int:
+    """The largest power of two >= 2 rows whose logits (``itemsize`` bytes each) fit in ``budget`` bytes."""
+    return 1 << max(1, (budget // (itemsize * max(vocab_size, 1))).bit_length() - 1)
+
+
+def chunk_columns_for(budget: int, num_slots: int, vocab_size: int, itemsize: int = 4) -> int:
+    """Vocabulary columns whose logits over ``num_slots`` rows fit in ``budget`` bytes: a multiple of COLUMN_ALIGN
+    where the budget allows, at least 1, at most the vocabulary."""
+    columns = budget // (itemsize * max(num_slots, 1))
+    if columns >= COLUMN_ALIGN:
+        columns -= columns % COLUMN_ALIGN
+    return min(max(columns, 1), vocab_size)
+
+
+@functools.cache
+def _has_fp32_out_gemm(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether torch has ``mm`` / ``addmm`` with ``out_dtype=torch.float32`` for ``dtype`` inputs on this device."""
+    try:
+        ones = torch.ones(16, 16, dtype=dtype, device=device_type)
+        torch.mm(ones, ones, out_dtype=torch.float32, out=torch.empty(16, 16, device=device_type))
+        torch.addmm(torch.zeros(16, 16, device=device_type), ones, ones, out_dtype=torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return True
+
+
+def recomputes_by_vocabulary(device: torch.device, dtype: torch.dtype) -> bool:
+    """The schedule: "recompute" off the CPU where the products can stay in the input dtype, else "one pass"."""
+    if device.type == "cpu":
+        return False
+    return dtype == torch.promote_types(dtype, torch.float32) or _has_fp32_out_gemm(device.type, dtype)
+
+
+def _product_into(out, a, b):
+    """out <- a @ b, accumulated in fp32 at least: one GEMM (with ``out_dtype`` for low-precision operands), or,
+    where torch has no such GEMM (CPU tests of the recompute schedule), the product of upcast operands."""
+    if a.dtype == out.dtype:
+        return torch.mm(a, b, out=out)
+    if _has_fp32_out_gemm(out.device.type, a.dtype):
+        return torch.mm(a, b, out_dtype=out.dtype, out=out)
+    return torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
+
+
+def _accumulate_product(acc, a, b):
+    """Returns acc + a @ b, the partial product never rounded below ``acc``'s dtype."""
+    if a.dtype == acc.dtype:
+        return acc.addmm_(a, b)
+    if _has_fp32_out_gemm(acc.device.type, a.dtype):
+        return torch.addmm(acc, a, b, out_dtype=acc.dtype)
+    return acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def _logits_into(out, hidden_rows, weight, bias):
+    """out <- h W^T + b."""
+    if bias is None:
+        return _product_into(out, hidden_rows, weight.T)
+    if hidden_rows.dtype == out.dtype:
+        return torch.addmm(bias, hidden_rows, weight.T, out=out)
+    return _product_into(out, hidden_rows, weight.T).add_(bias)
 
 
 def _chunk_plan(layout: RowLayout, chunk_rows: int):
@@ -51,13 +155,6 @@ def _chunk_plan(layout: RowLayout, chunk_rows: int):
         (start, min(start + chunk_rows, num_slots), None) for start in range(2 * num_pairs, num_slots, chunk_rows)
     ]
     return torch.cat(order), chunks
-
-
-def _logits_into(out, hidden_rows, weight, bias):
-    """out <- h W^T + b."""
-    if bias is None:
-        return torch.mm(hidden_rows, weight.T, out=out)
-    return torch.addmm(bias, hidden_rows, weight.T, out=out)
 
 
 def _softcap_(logits, softcap):
@@ -99,6 +196,108 @@ def _soft_ce_grad_(logits, lse, columns, col_weights, row_scale, dcap):
     return grad.mul_(row_scale[:, None])
 
 
+@dataclass
+class _RowChunk:
+    """One forward row chunk at positions [start, stop) of the chunk plan, after its losses: capped logits (the
+    buffer), their lse and soft-cap derivative, targets as (columns, weights), dL/dNLL per row; for a pair chunk
+    (``pairs`` a slice) the same for z~ over its ``half`` pairs, and their lambdas (half, 1)."""
+
+    start: int
+    stop: int
+    logits: torch.Tensor
+    lse: torch.Tensor
+    dcap: torch.Tensor | None
+    columns: torch.Tensor
+    col_weights: torch.Tensor
+    ntp_row_scale: torch.Tensor | None
+    pairs: slice | None = None
+    half: int = 0
+    lam: torch.Tensor | None = None
+    mixed: torch.Tensor | None = None
+    mix_lse: torch.Tensor | None = None
+    mix_dcap: torch.Tensor | None = None
+    mix_columns: torch.Tensor | None = None
+    mix_col_weights: torch.Tensor | None = None
+
+
+def _row_chunks(hidden_rows, weight, bias, layout, options, order, chunks, chunk_rows, stats, ntp_scale):
+    """The forward: fills ``stats`` chunk by chunk and yields each chunk (`_RowChunk`, its buffers reused by the
+    next one). ``hidden_rows`` are in chunk-plan order; ``ntp_scale`` None skips the per-row dL/dNLL."""
+    acc_dtype, device = stats.nll.dtype, stats.nll.device
+    softcap, ignore_index = options.logit_softcap, options.ignore_index
+    num_pairs, vocab_size = layout.num_pairs, weight.shape[0]
+    ntp_targets = layout.ntp_targets[order]
+    valid = ntp_targets != ignore_index
+    ntp_columns = torch.where(valid, ntp_targets, 0)[:, None]
+    ntp_weights = valid.to(acc_dtype)[:, None]
+    ntp_row_scale = ntp_weights[:, 0] * ntp_scale if ntp_scale is not None else None
+    mix_lambda = layout.mix_lambda.to(acc_dtype)[:, None]
+    mix_weights = torch.cat([mix_lambda, 1 - mix_lambda], dim=1)
+
+    new = dict(dtype=acc_dtype, device=device)
+    logits_buffer = torch.empty(chunk_rows, vocab_size, **new)
+    exps_buffer = torch.empty(chunk_rows, vocab_size, **new)
+    mixed_buffer = torch.empty(min(chunk_rows // 2, num_pairs), vocab_size, **new)
+    for start, stop, pairs in chunks:
+        logits = _logits_into(logits_buffer[: stop - start], hidden_rows[start:stop], weight, bias)
+        chunk = _RowChunk(start, stop, logits, None, None, ntp_columns[start:stop], ntp_weights[start:stop], None)
+        if pairs is not None:
+            # z~ = lam z_p + (1 - lam) z_q, on the raw logits: any soft cap comes after mixing
+            chunk.pairs, chunk.half, chunk.lam = pairs, (stop - start) // 2, mix_lambda[pairs]
+            chunk.mixed = torch.lerp(
+                logits[chunk.half :], logits[: chunk.half], chunk.lam, out=mixed_buffer[: chunk.half]
+            )
+        exps = exps_buffer[: stop - start]
+        nll, chunk.lse, argmax, sum_exp, chunk.dcap = _soft_ce(logits, exps, chunk.columns, chunk.col_weights, softcap)
+        slots = order[start:stop]
+        chunk.ntp_row_scale = ntp_row_scale[start:stop] if ntp_row_scale is not None else None
+        if options.dft:
+            # DFT: each next-token term times the row's own target probability p_n = exp(-nll_n), held constant,
+            # so its loss is p_n nll_n and its logit gradient p_n (softmax(z_n) - e_t) / normalizer
+            dft_weight = torch.where(valid[start:stop], torch.exp(-nll), 0.0)
+            nll = nll * dft_weight
+            if chunk.ntp_row_scale is not None:
+                chunk.ntp_row_scale = chunk.ntp_row_scale * dft_weight
+        stats.nll[slots] = torch.where(valid[start:stop], nll, 0.0)
+        stats.correct[slots] = argmax == ntp_targets[start:stop]
+        # entropy = lse(z) - sum_v softmax(z)_v z_v, softmax(z)_v = exp(z_v - max z) / sum_exp
+        stats.entropy[slots] = chunk.lse - torch.bmm(exps[:, None, :], logits[:, :, None]).flatten() / sum_exp
+        if pairs is not None:
+            chunk.mix_columns, chunk.mix_col_weights = layout.mix_targets[pairs], mix_weights[pairs]
+            stats.mix_nll[pairs], chunk.mix_lse, _, _, chunk.mix_dcap = _soft_ce(
+                chunk.mixed, exps[: chunk.half], chunk.mix_columns, chunk.mix_col_weights, softcap
+            )
+        yield chunk
+
+
+def _chunk_logit_grad(chunk: _RowChunk, mix_scale):
+    """G of a row chunk, in place of its logits; the mixup gradient rides on the p and q rows."""
+    grad = _soft_ce_grad_(chunk.logits, chunk.lse, chunk.columns, chunk.col_weights, chunk.ntp_row_scale, chunk.dcap)
+    if chunk.pairs is not None:
+        mixed_grad = _soft_ce_grad_(
+            chunk.mixed,
+            chunk.mix_lse,
+            chunk.mix_columns,
+            chunk.mix_col_weights,
+            mix_scale[chunk.pairs],
+            chunk.mix_dcap,
+        )
+        # dz~/dz_p = lam, dz~/dz_q = 1 - lam
+        grad[: chunk.half].addcmul_(mixed_grad, chunk.lam)
+        grad[chunk.half :].addcmul_(mixed_grad, 1 - chunk.lam)
+    return grad
+
+
+def _new_stats(num_slots, num_pairs, dtype, device):
+    new = dict(dtype=dtype, device=device)
+    return SlotStats(
+        nll=torch.empty(num_slots, **new),
+        correct=torch.empty(num_slots, dtype=torch.bool, device=device),
+        entropy=torch.empty(num_slots, **new),
+        mix_nll=torch.empty(num_pairs, **new),
+    )
+
+
 def loss_and_grads(
     hidden,
     weight,
@@ -109,78 +308,46 @@ def loss_and_grads(
     mix_scale,
     needs_grad,
 ):
-    """(SlotStats, (dH, dW, db), None) for an upstream gradient of 1: ``ntp_scale`` (0-dim) = 1 / normalizer,
-    ``mix_scale`` (P,) = mu * w_k. The gradients are in the accumulation dtype; each is None unless its flag in
-    ``needs_grad`` (hidden, weight, bias) is set. The last element is the backends' ``grad_scale`` (none here)."""
+    """(SlotStats, (dH, dW, db) / grad_scale, grad_scale) for an upstream gradient of 1: ``ntp_scale`` (0-dim) =
+    1 / normalizer, ``mix_scale`` (P,) = mu * w_k. Each gradient is None unless its flag in ``needs_grad`` (hidden,
+    weight, bias) is set. One pass: gradients in the accumulation dtype, grad_scale None (1). Recompute: dW in the
+    input dtype, dH and db in fp32, grad_scale a 0-dim tensor (None without gradients)."""
+    acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
+    budget = options.chunk_bytes or default_chunk_bytes(hidden.device)
+    num_slots = layout.rows.numel()
+    chunk_rows = options.chunk_rows or chunk_rows_for(budget, weight.shape[0], acc_dtype.itemsize)
+    chunk_rows = min(chunk_rows, max(num_slots, 2))
+    schedule = _recompute if recomputes_by_vocabulary(hidden.device, hidden.dtype) else _one_pass
+    return schedule(hidden, weight, bias, layout, options, ntp_scale, mix_scale, needs_grad, chunk_rows, budget)
+
+
+def _one_pass(hidden, weight, bias, layout, options, ntp_scale, mix_scale, needs_grad, chunk_rows, _budget):
+    """The one-pass schedule (module docstring): fp32 copies of low-precision inputs, G per row chunk."""
     acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
     need_hidden, need_weight, need_bias = needs_grad
     need_logit_grad = any(needs_grad)
-    softcap, ignore_index = options.logit_softcap, options.ignore_index
     num_slots, num_pairs, vocab_size = layout.rows.numel(), layout.num_pairs, weight.shape[0]
-    chunk_rows = min(options.chunk_rows or default_chunk_rows(vocab_size), max(num_slots, 2))
-
     order, chunks = _chunk_plan(layout, chunk_rows)
     rows = layout.rows[order]
     # fp32 copies of bf16 / fp16 inputs (no copy for fp32 / fp64 ones)
     hidden_rows = hidden[rows].to(acc_dtype)
     weight, bias = weight.to(acc_dtype), bias.to(acc_dtype) if bias is not None else None
-    ntp_targets = layout.ntp_targets[order]
-    valid = ntp_targets != ignore_index
-    ntp_columns = torch.where(valid, ntp_targets, 0)[:, None]
-    ntp_weights = valid.to(acc_dtype)[:, None]
-    mix_lambda = layout.mix_lambda.to(acc_dtype)[:, None]
-    mix_weights = torch.cat([mix_lambda, 1 - mix_lambda], dim=1)
-
+    stats = _new_stats(num_slots, num_pairs, acc_dtype, hidden.device)
     new = dict(dtype=acc_dtype, device=hidden.device)
-    stats = SlotStats(
-        nll=torch.empty(num_slots, **new),
-        correct=torch.empty(num_slots, dtype=torch.bool, device=hidden.device),
-        entropy=torch.empty(num_slots, **new),
-        mix_nll=torch.empty(num_pairs, **new),
-    )
-    logits_buffer = torch.empty(chunk_rows, vocab_size, **new)
-    exps_buffer = torch.empty(chunk_rows, vocab_size, **new)
-    mixed_buffer = torch.empty(min(chunk_rows // 2, num_pairs), vocab_size, **new)
     if need_logit_grad:
-        ntp_row_scale = ntp_weights[:, 0] * ntp_scale
         grad_hidden_rows = torch.empty(hidden_rows.shape, **new) if need_hidden else None
         # dW: the first chunk's product overwrites the uninitialized buffer (addmm with beta = 0 ignores it)
         grad_weight = (torch.empty if chunks else torch.zeros)(weight.shape, **new) if need_weight else None
         grad_bias = torch.zeros(vocab_size, **new) if need_bias else None
 
-    for start, stop, pairs in chunks:
-        logits = _logits_into(logits_buffer[: stop - start], hidden_rows[start:stop], weight, bias)
-        if pairs is not None:
-            # z~ = lam z_p + (1 - lam) z_q, on the raw logits: any soft cap comes after mixing
-            half, lam = (stop - start) // 2, mix_lambda[pairs]
-            mixed = torch.lerp(logits[half:], logits[:half], lam, out=mixed_buffer[:half])
-        exps = exps_buffer[: stop - start]
-        columns, col_weights = ntp_columns[start:stop], ntp_weights[start:stop]
-        nll, lse, argmax, sum_exp, dcap = _soft_ce(logits, exps, columns, col_weights, softcap)
-        slots = order[start:stop]
-        ntp_scale_rows = ntp_row_scale[start:stop] if need_logit_grad else None
-        if options.dft:
-            # DFT: each next-token term times the row's own target probability p_n = exp(-nll_n), held constant,
-            # so its loss is p_n nll_n and its logit gradient p_n (softmax(z_n) - e_t) / normalizer
-            dft_weight = torch.where(valid[start:stop], torch.exp(-nll), 0.0)
-            nll = nll * dft_weight
-            ntp_scale_rows = ntp_scale_rows * dft_weight if need_logit_grad else None
-        stats.nll[slots] = torch.where(valid[start:stop], nll, 0.0)
-        stats.correct[slots] = argmax == ntp_targets[start:stop]
-        # entropy = lse(z) - sum_v softmax(z)_v z_v, softmax(z)_v = exp(z_v - max z) / sum_exp
-        stats.entropy[slots] = lse - torch.bmm(exps[:, None, :], logits[:, :, None]).flatten() / sum_exp
-        if need_logit_grad:
-            grad = _soft_ce_grad_(logits, lse, columns, col_weights, ntp_scale_rows, dcap)
-        if pairs is not None:
-            mix_columns, mix_col_weights = layout.mix_targets[pairs], mix_weights[pairs]
-            stats.mix_nll[pairs], mix_lse, _, _, mix_dcap = _soft_ce(
-                mixed, exps[:half], mix_columns, mix_col_weights, softcap
-            )
-            if need_logit_grad:
-                mixed_grad = _soft_ce_grad_(mixed, mix_lse, mix_columns, mix_col_weights, mix_scale[pairs], mix_dcap)
-                # dz~/dz_p = lam, dz~/dz_q = 1 - lam
-                grad[:half].addcmul_(mixed_grad, lam)
-                grad[half:].addcmul_(mixed_grad, 1 - lam)
+    row_chunks = _row_chunks(
+        hidden_rows, weight, bias, layout, options, order, chunks, chunk_rows, stats,
+        ntp_scale if need_logit_grad else None,
+    )  # fmt: skip
+    for chunk in row_chunks:
+        if not need_logit_grad:
+            continue
+        grad, start, stop = _chunk_logit_grad(chunk, mix_scale), chunk.start, chunk.stop
         if need_hidden:
             torch.mm(grad, weight, out=grad_hidden_rows[start:stop])
         if need_weight:
@@ -193,3 +360,113 @@ def loss_and_grads(
     # rows[i] may repeat only for a self-mixed row whose second slot carries no gradient: adding is exact
     grad_hidden = torch.zeros(hidden.shape, **new).index_add_(0, rows, grad_hidden_rows) if need_hidden else None
     return stats, (grad_hidden, grad_weight, grad_bias), None
+
+
+def _recompute(hidden, weight, bias, layout, options, ntp_scale, mix_scale, needs_grad, chunk_rows, budget):
+    """The recompute schedule (module docstring): products in the input dtype, G per vocabulary chunk."""
+    acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
+    num_slots, num_pairs, device = layout.rows.numel(), layout.num_pairs, hidden.device
+    order, chunks = _chunk_plan(layout, chunk_rows)
+    stats = _new_stats(num_slots, num_pairs, acc_dtype, device)
+    bias_acc = bias.to(acc_dtype) if bias is not None else None
+    need_logit_grad = any(needs_grad)
+    # what the backward reads, in slot order: lse(z) and dL/dNLL per slot, lse(z~) per pair
+    new = dict(dtype=acc_dtype, device=device)
+    lse, ntp_row_scale, mix_lse = (torch.empty(n, **new) for n in (num_slots, num_slots, num_pairs))
+    row_chunks = _row_chunks(
+        hidden.index_select(0, layout.rows[order]), weight, bias_acc, layout, options, order, chunks, chunk_rows,
+        stats, ntp_scale if need_logit_grad else None,
+    )  # fmt: skip
+    for chunk in row_chunks:
+        if need_logit_grad:
+            slots = order[chunk.start : chunk.stop]
+            lse[slots], ntp_row_scale[slots] = chunk.lse, chunk.ntp_row_scale
+            if chunk.pairs is not None:
+                mix_lse[chunk.pairs] = chunk.mix_lse
+    del row_chunks  # frees the forward's buffers
+    if not need_logit_grad:
+        return stats, (None, None, None), None
+    # divide both scales by the larger, so that |G| <= 2: no fp16 underflow of (softmax - y) / num_items
+    grad_scale = ntp_scale.to(acc_dtype).reshape(())
+    if num_pairs:
+        grad_scale = torch.maximum(grad_scale, mix_scale.max())
+    saved = _SavedForward(lse, ntp_row_scale / grad_scale, mix_lse, mix_scale / grad_scale)
+    grads = _vocabulary_backward(hidden, weight, bias_acc, layout, options, saved, needs_grad, budget)
+    return stats, grads, grad_scale
+
+
+@dataclass
+class _SavedForward:
+    """Per slot lse(z) and dL/dNLL, per pair lse(z~) and dL/dl_mix (both scales divided by grad_scale)."""
+
+    lse: torch.Tensor
+    ntp_row_scale: torch.Tensor
+    mix_lse: torch.Tensor
+    mix_scale: torch.Tensor
+
+
+def _vocabulary_backward(hidden, weight, bias, layout, options, saved: _SavedForward, needs_grad, budget):
+    """(dH, dW, db) / grad_scale by vocabulary chunks over all slots: dW[chunk] written once in the input dtype."""
+    need_hidden, need_weight, need_bias = needs_grad
+    acc_dtype, input_dtype, device = saved.lse.dtype, hidden.dtype, hidden.device
+    (vocab_size, hidden_size), num_slots, num_pairs = weight.shape, layout.rows.numel(), layout.num_pairs
+    columns = chunk_columns_for(budget, num_slots, vocab_size, acc_dtype.itemsize)
+    new = dict(dtype=acc_dtype, device=device)
+    hidden_slots = hidden.index_select(0, layout.rows)
+    valid = layout.ntp_targets != options.ignore_index
+    mix_lambda = layout.mix_lambda.to(acc_dtype)[:, None]
+    mix_weights = torch.cat([mix_lambda, 1 - mix_lambda], dim=1)
+    # flat buffers: a narrower last chunk is a contiguous prefix, plain GEMM operands
+    logits_buffer = torch.empty(num_slots * columns, **new)
+    mixed_buffer = torch.empty(num_pairs * columns, **new)
+    low_grad_buffer = torch.empty(num_slots * columns, dtype=input_dtype, device=device)
+    grad_hidden_slots = torch.zeros(num_slots, hidden_size, **new) if need_hidden else None
+    grad_weight = torch.empty_like(weight) if need_weight else None
+    grad_bias = torch.empty(vocab_size, **new) if need_bias else None
+
+    for first in range(0, vocab_size, columns):
+        last = min(first + columns, vocab_size)
+        width = last - first
+        logits = logits_buffer[: num_slots * width].view(num_slots, width)
+        _logits_into(logits, hidden_slots, weight[first:last], bias[first:last] if bias is not None else None)
+        # each row's target columns, relative to the chunk, with weight 0 where the target lies outside it
+        ntp_columns, ntp_weights = _columns_in_chunk(layout.ntp_targets[:, None], valid[:, None], first, last)
+        if num_pairs:
+            mixed = mixed_buffer[: num_pairs * width].view(num_pairs, width)
+            # z~ = lam z_p + (1 - lam) z_q (slots k and P + k), before any soft cap
+            torch.lerp(logits[num_pairs : 2 * num_pairs], logits[:num_pairs], mix_lambda, out=mixed)
+        dcap = _softcap_(logits, options.logit_softcap)
+        grad = _soft_ce_grad_(logits, saved.lse, ntp_columns, ntp_weights.to(acc_dtype), saved.ntp_row_scale, dcap)
+        if num_pairs:
+            mix_columns, in_chunk = _columns_in_chunk(layout.mix_targets, True, first, last)
+            mix_dcap = _softcap_(mixed, options.logit_softcap)
+            mixed_grad = _soft_ce_grad_(
+                mixed, saved.mix_lse, mix_columns, mix_weights * in_chunk, saved.mix_scale, mix_dcap
+            )
+            # dz~/dz_p = lam, dz~/dz_q = 1 - lam
+            grad[:num_pairs].addcmul_(mixed_grad, mix_lambda)
+            grad[num_pairs : 2 * num_pairs].addcmul_(mixed_grad, 1 - mix_lambda)
+        if need_bias:
+            # db[chunk] = sum_n G, from the fp32 G
+            torch.sum(grad, dim=0, out=grad_bias[first:last])
+        if input_dtype != acc_dtype:
+            # G rounded once to the input dtype, the products' operand
+            grad = low_grad_buffer[: num_slots * width].view(num_slots, width).copy_(grad)
+        if need_weight:
+            # dW[chunk] = G^T H, written once
+            torch.mm(grad.T, hidden_slots, out=grad_weight[first:last])
+        if need_hidden:
+            # dH += G W[chunk], fp32 output
+            grad_hidden_slots = _accumulate_product(grad_hidden_slots, grad, weight[first:last])
+    del logits_buffer, mixed_buffer, low_grad_buffer
+    grad_hidden = None
+    if need_hidden:
+        # back from slot order to row order; a row in two slots (a repeated self-mixed row) gets both (one is 0)
+        grad_hidden = torch.zeros(hidden.shape, **new).index_add_(0, layout.rows, grad_hidden_slots)
+    return grad_hidden, grad_weight, grad_bias
+
+
+def _columns_in_chunk(targets, valid, first, last):
+    """(columns relative to the chunk [first, last), 0 where outside, and whether each target lies inside)."""
+    inside = (targets >= first) & (targets < last) & valid
+    return torch.where(inside, targets - first, 0), inside

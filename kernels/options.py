@@ -32,9 +32,15 @@ class SFTMixLossOptions:
             one host sync per call; shape / dtype / device checks are free and always run. Switch off only where
             the caller guarantees these properties: a violation then gives wrong numbers or a device fault.
         chunk_rows (`int` or `None`, *optional*, defaults to `None`):
-            Rows per chunk of the torch implementation (a mixed pair counts two rows); its reused buffers hold
-            2.5 x chunk_rows x V floats (logits, their exps, the mixed logits). `None` picks about 2**24 logits per
-            chunk (256 rows for a 49k vocabulary: on CPU, 128 is markedly slower and 512 barely faster).
+            Rows per forward chunk of the torch implementation (a mixed pair counts two rows); its reused buffers
+            hold 2.5 x chunk_rows x V floats (logits, their exps, the mixed logits). `None`: the largest power of two
+            whose logits fit in `chunk_bytes`.
+        chunk_bytes (`int` or `None`, *optional*, defaults to `None`):
+            Torch: memory budget of one chunk of logits (fp32; fp64 for fp64 inputs), in bytes: it sets the rows
+            of a forward chunk (unless `chunk_rows` is given) and, on CUDA, the vocabulary columns of a backward
+            chunk over all rows. `None`: 2**26 on CPU (2**24 logits, 256 rows of a 49k vocabulary; on CPU 128 rows
+            are markedly slower and 512 barely faster), 2**29 elsewhere (1,024 rows of a 128k vocabulary, 16,384
+            columns at 8,192 rows; peak extra memory about 2.5x the budget). See `kernels/chunked.py`.
         block_pairs (`int` or `None`, *optional*, defaults to `None`):
             Triton: row slots per program on each side of a pair tile (power of two, >= 16). `None` picks one.
         block_v (`int` or `None`, *optional*, defaults to `None`):
@@ -68,6 +74,9 @@ class SFTMixLossOptions:
     chunk_rows: int | None = field(
         default=None, metadata={"help": "Rows of logits the torch implementation holds at once; None: automatic."}
     )
+    chunk_bytes: int | None = field(
+        default=None, metadata={"help": "Torch: bytes of one chunk of logits; None: 2**26 on CPU, 2**29 elsewhere."}
+    )
     block_pairs: int | None = field(
         default=None, metadata={"help": "Triton row slots per side of a pair tile (power of two >= 16)."}
     )
@@ -92,6 +101,8 @@ class SFTMixLossOptions:
             raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}.")
         if self.chunk_rows is not None and self.chunk_rows < 2:
             raise ValueError(f"chunk_rows must be None or >= 2, got {self.chunk_rows}.")
+        if self.chunk_bytes is not None and self.chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be None or >= 1, got {self.chunk_bytes}.")
         if self.vocab_chunk is not None and self.vocab_chunk < 1:
             raise ValueError(f"vocab_chunk must be None or >= 1, got {self.vocab_chunk}.")
         if self.v_splits is not None and self.v_splits < 1:
