@@ -18,7 +18,7 @@ from torch.autograd.function import once_differentiable
 from .layout import build_row_layout
 from .outputs import reduce_metrics
 
-BACKENDS = {"torch": ".chunked", "triton": ".triton_sftmix"}
+BACKENDS = {"torch": ".chunked", "triton": ".triton_sftmix", "rowchunk": ".triton_rowchunk"}
 
 
 def backend_module(impl: str):

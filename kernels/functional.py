@@ -20,16 +20,20 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """``auto`` -> triton for CUDA tensors (when Triton is installed), torch otherwise; checks that triton can run."""
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
+    """``auto`` -> for CUDA tensors with Triton installed, rowchunk for bf16 / fp16 (the cost model's fastest) and
+    triton for fp32 (tf32x3 tensor cores; cuBLAS would run fp32 without them); torch otherwise. Checks that the
+    Triton backends can run."""
     if impl == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if impl == "triton":
+        if device.type == "cuda" and triton_available():
+            return "rowchunk" if dtype in (torch.bfloat16, torch.float16) else "triton"
+        return "torch"
+    if impl in ("triton", "rowchunk"):
         if not triton_available():
-            raise RuntimeError("impl='triton' needs the triton package; install it or use impl='torch'.")
+            raise RuntimeError(f"impl={impl!r} needs the triton package; install it or use impl='torch'.")
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError(
-                f"impl='triton' needs CUDA tensors (got {device.type}); use impl='torch', or set TRITON_INTERPRET=1 "
+                f"impl={impl!r} needs CUDA tensors (got {device.type}); use impl='torch', or set TRITON_INTERPRET=1 "
                 "before importing sftmix_trl.kernels to run the kernels under Triton's CPU interpreter."
             )
     return impl
@@ -105,7 +109,7 @@ def sftmix_linear_cross_entropy(
             validate=validate,
         )
     check_metadata(hidden, weight, targets, mix_index, mix_lambda, mix_weight, bias, ntp_normalizer, ntp_mask)
-    resolved = resolve_impl(options.impl, hidden.device)
+    resolved = resolve_impl(options.impl, hidden.device, hidden.dtype)
     if options.validate:
         check_data(hidden, weight, targets, mix_index, mix_lambda, mix_weight, ntp_normalizer, options.ignore_index)
     normalizer = resolve_normalizer(ntp_normalizer, targets, options.ignore_index, ntp_mask)

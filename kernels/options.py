@@ -3,7 +3,7 @@
 import math
 from dataclasses import dataclass, field
 
-IMPLS = ("auto", "triton", "torch", "reference")
+IMPLS = ("auto", "rowchunk", "triton", "torch", "reference")
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,11 @@ class SFTMixLossOptions:
             probability ``p_n = exp(-(lse(z_n) - z_n[t_n]))``, held constant (no gradient through the weight). The
             mixup term is unchanged.
         impl (`str`, *optional*, defaults to `"auto"`):
-            `"triton"` (fused Triton kernels), `"torch"` (chunked PyTorch), `"reference"` (dense eager PyTorch), or
-            `"auto"`: triton for CUDA tensors when Triton is installed, torch otherwise.
+            `"rowchunk"` (row chunks: cuBLAS products and one Triton element-wise pass per chunk, 6 N D V FLOPs),
+            `"triton"` (fused Triton kernels, 8 N D V FLOPs, no logits in memory), `"torch"` (chunked PyTorch),
+            `"reference"` (dense eager PyTorch), or `"auto"`: for CUDA tensors with Triton installed, rowchunk for
+            bf16 / fp16 inputs and triton for fp32 ones (tf32x3 tensor cores instead of cuBLAS's fp32); torch
+            otherwise. bench/kernel_model.py puts rowchunk fastest for bf16 at every benchmark head.
         validate (`bool`, *optional*, defaults to `True`):
             Check the data of the inputs (targets inside the vocabulary, mixed rows in range, valid and in at most
             one mixed position, finite lambdas in [0, 1], finite weights, positive normalizer). These checks cost
@@ -54,6 +57,12 @@ class SFTMixLossOptions:
             Triton: vocabulary columns per chunk of the backward (rounded down to a multiple of the vocabulary block);
             its logit-gradient buffer holds N x vocab_chunk values in the input dtype. `None` picks the most that fit
             in 2**26 values (8,192 columns at N = 8,192: 128 MiB in bf16).
+        memory_budget (`int` or `None`, *optional*, defaults to `None`):
+            Rowchunk: bytes it may allocate beyond the inputs and the returned gradients: the fp32 dH (4 N D), one
+            chunk's fp32 logits and hidden rows (about 4 V bytes a row) and, when it leaves room for a chunk of at
+            least min(N, 1,024) rows, an fp32 V x D accumulator of dW (bf16 / fp16 inputs; else dW accumulates in
+            the input dtype, rounded once per chunk). `None`: the batch's logits in the input dtype, N x V x
+            itemsize (a tenth of the eager reference's 20 N V bytes at bf16).
     """
 
     mixup_coef: float = field(default=0.2, metadata={"help": "Weight mu of the mixup term in the loss."})
@@ -89,6 +98,9 @@ class SFTMixLossOptions:
     vocab_chunk: int | None = field(
         default=None, metadata={"help": "Triton vocabulary columns per backward chunk; None: automatic."}
     )
+    memory_budget: int | None = field(
+        default=None, metadata={"help": "Rowchunk working-memory bytes (chunk logits, fp32 dW); None: N V itemsize."}
+    )
 
     def __post_init__(self):
         if not math.isfinite(self.mixup_coef) or self.mixup_coef < 0:
@@ -105,6 +117,8 @@ class SFTMixLossOptions:
             raise ValueError(f"chunk_bytes must be None or >= 1, got {self.chunk_bytes}.")
         if self.vocab_chunk is not None and self.vocab_chunk < 1:
             raise ValueError(f"vocab_chunk must be None or >= 1, got {self.vocab_chunk}.")
+        if self.memory_budget is not None and self.memory_budget < 1:
+            raise ValueError(f"memory_budget must be None or >= 1, got {self.memory_budget}.")
         if self.v_splits is not None and self.v_splits < 1:
             raise ValueError(f"v_splits must be None or >= 1, got {self.v_splits}.")
         for name in ("block_pairs", "block_v", "block_d"):

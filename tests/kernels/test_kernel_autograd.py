@@ -10,12 +10,12 @@ from kernel_oracle import fp64_oracle
 
 from sftmix_trl.kernels import SFTMixLossOptions, sftmix_linear_cross_entropy
 
-FUSED = ["torch", "triton"]
+FUSED = ["torch", "triton", "rowchunk"]
 OUTPUTS = ("loss", "ntp_loss", "mixup_loss", "num_tokens", "num_correct", "entropy")
 
 
 def _skip_unavailable(impl):
-    if impl == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+    if impl in ("triton", "rowchunk") and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("triton on CPU needs TRITON_INTERPRET=1 (set by conftest only when there is no CUDA)")
 
 

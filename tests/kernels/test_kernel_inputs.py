@@ -139,11 +139,16 @@ def test_triton_refuses_fp64_and_names_the_alternative():
 
 
 def test_impl_resolution(monkeypatch):
-    assert resolve_impl("auto", torch.device("cpu")) == "torch"
-    assert resolve_impl("reference", torch.device("cpu")) == "reference"
+    assert resolve_impl("auto", torch.device("cpu"), torch.bfloat16) == "torch"
+    assert resolve_impl("reference", torch.device("cpu"), torch.float32) == "reference"
+    # on CUDA, the cost model's choice for half inputs, the tf32x3 kernels for fp32 (resolution only: no GPU needed)
+    assert resolve_impl("auto", torch.device("cuda"), torch.bfloat16) == "rowchunk"
+    assert resolve_impl("auto", torch.device("cuda"), torch.float16) == "rowchunk"
+    assert resolve_impl("auto", torch.device("cuda"), torch.float32) == "triton"
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        resolve_impl("triton", torch.device("cpu"))
+    for impl in ("triton", "rowchunk"):
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            resolve_impl(impl, torch.device("cpu"), torch.float32)
 
 
 @pytest.mark.gpu

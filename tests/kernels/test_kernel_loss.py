@@ -12,7 +12,8 @@ from kernel_oracle import fp64_oracle, h_mix_oracle
 
 from sftmix_trl.kernels import SFTMixLinearCrossEntropy, sftmix_linear_cross_entropy
 
-IMPLS = ["reference", "torch", "triton"]
+IMPLS = ["reference", "torch", "triton", "rowchunk"]
+FUSED = ["torch", "triton", "rowchunk"]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 TENSOR_KEYS = ("loss", "ntp_loss", "mixup_loss", "grad_hidden", "grad_weight", "grad_bias")
 
@@ -38,7 +39,7 @@ CASES = {
 
 
 def _skip_unavailable(impl, device):
-    if impl == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if impl in ("triton", "rowchunk") and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("triton on CPU needs TRITON_INTERPRET=1 (set by conftest only when there is no CUDA)")
 
 
@@ -71,7 +72,7 @@ def test_fp32_matches_fp64_formula(case_name, impl, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", FUSED)
 @pytest.mark.parametrize("case_name", ["odd_shapes", "peaked", "softcap"])
 def test_bf16_no_worse_than_pytorch_bf16(case_name, impl, device):
     """bf16 inputs: each error against fp64 at most 1.5x the dense PyTorch bf16 one, plus a little."""
@@ -87,7 +88,7 @@ def test_bf16_no_worse_than_pytorch_bf16(case_name, impl, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", FUSED)
 def test_logit_space_mixing_equals_autograd_through_h_mix(impl, device):
     """z~ = lam z_p + (1 - lam) z_q is exact: loss and grads equal the naive route through materialized h_mix."""
     _skip_unavailable(impl, device)
@@ -100,18 +101,19 @@ def test_logit_space_mixing_equals_autograd_through_h_mix(impl, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", FUSED)
 def test_chunking_and_tiling_do_not_change_the_result(impl, device):
     """Small chunks / blocks, several vocabulary splits and backward chunks (many programs, partial tiles, a partial
     last chunk) give the same numbers."""
     _skip_unavailable(impl, device)
     case = make_case(seed=11, num_rows=70, num_pairs=20, vocab_size=75)
     oracle = fp64_oracle(case)
-    options = (
-        dict(chunk_rows=6)
-        if impl == "torch"
-        else dict(block_pairs=16, block_v=16, block_d=16, v_splits=3, vocab_chunk=32)
-    )
+    options = {
+        "torch": dict(chunk_rows=6),
+        "triton": dict(block_pairs=16, block_v=16, block_d=16, v_splits=3, vocab_chunk=32),
+        # 6 rows of fp32 logits a chunk: 12 chunks, the pairs spread over them, partial vocabulary blocks
+        "rowchunk": dict(memory_budget=6 * 75 * 4, block_pairs=16, block_v=16),
+    }[impl]
     result = run_impl(case, impl, torch.float32, device, **options)
     _assert_metrics(result, oracle)
     errors = _errors(result, oracle)
@@ -127,7 +129,7 @@ def test_chunking_and_tiling_do_not_change_the_result(impl, device):
     ignore_fraction=st.floats(0.0, 0.9),
     ntp_mask_fraction=st.one_of(st.none(), st.floats(0.0, 1.0)),
     seed=st.integers(0, 2**16),
-    impl=st.sampled_from(["torch", "triton"]),
+    impl=st.sampled_from(FUSED),
 )
 def test_random_shapes_masks_and_lambdas(
     num_rows, hidden_size, vocab_size, pair_fraction, ignore_fraction, ntp_mask_fraction, seed, impl
@@ -171,7 +173,7 @@ def test_no_valid_rows_gives_zero_loss_and_zero_grads():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", FUSED)
 def test_no_host_sync_in_the_loss_path(impl):
     """With validate=False (the trainer's setting) forward and backward never synchronize with the host."""
     case = make_case(seed=4)
@@ -215,7 +217,7 @@ def _dft_formula(case):
     return {"loss": loss.detach(), "grad_hidden": hidden.grad, "grad_weight": weight.grad, "grad_bias": bias.grad}
 
 
-@pytest.mark.parametrize("impl", ["reference", "torch", "triton", "auto"])
+@pytest.mark.parametrize("impl", ["reference", *FUSED, "auto"])
 @pytest.mark.parametrize("peaked", [False, True])
 def test_dft_weights_each_next_token_term_by_its_detached_probability(impl, peaked):
     _skip_unavailable(impl, "cpu")

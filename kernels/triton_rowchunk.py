@@ -1,0 +1,414 @@
+"""Row-chunked SFTMix loss for CUDA: every matrix product on cuBLAS, one Triton element-wise pass per chunk.
+
+The rows are visited in a few large chunks (`plan_chunks`, `chunk_order`). A chunk holds whole mixed pairs (the p
+rows of some pairs, then the q rows of the same pairs) and a share of the unpaired rows, in the slot layout of
+`layout.RowLayout` restricted to the chunk, so the pair tiles of `triton_sftmix._pair_tile` apply to it unchanged
+and z~ = lam z_p + (1 - lam) z_q never needs another chunk. Per chunk of R rows:
+
+    Z    = H_c W^T               cuBLAS, input dtype in, fp32 out (logits never rounded to bf16)     2 R D V FLOPs
+    G   <- _rowchunk_kernel(Z)    Triton, one program per pair tile: pass 1 over the vocabulary, the online
+                                  log-sum-exp and metrics of both rows and of z~; pass 2, the logit gradient in fp32
+                                  (target corrections before any rounding), stored in the input dtype over Z's own
+                                  bytes (row r of G lies inside row r of Z, behind the columns already read)
+    dH_c = G W                    cuBLAS, fp32 out                                                    2 R D V
+    dW  += G^T H_c                cuBLAS, fp32 accumulation inside the product                         2 R D V
+    db  += sum_rows G
+
+so 6 N D V FLOPs, the floor, all at cuBLAS rate; the rest is memory-bound: Z written once in fp32 and read twice,
+G written once and read by the two products. As in the other fused backends the gradients come out of the forward
+(the loss is a scalar: backward scales them), and the mixup gradient rides on G of both rows of a pair.
+
+dW across chunks (`plan_chunks`): an fp32 V x D accumulator when it fits in the memory budget beside a chunk of at
+least MIN_GEMM_ROWS rows (its read-modify-write, 8 V D bytes per chunk, then hides under the chunk's 2 R D V FLOPs);
+otherwise the product accumulates in the input-dtype dW itself (cuBLAS beta = 1: each chunk's sum is formed in fp32
+and rounded once), over the fewest chunks the budget allows (3 at the Llama-3-8B and Qwen2.5-7B heads at the default
+budget, so dW is rounded three times instead of once). fp32 inputs accumulate in the fp32 dW they return. The default budget is the batch's logits in the
+input dtype, N V itemsize bytes (a tenth of the eager reference's 20 N V bytes at bf16), for everything the path
+allocates beyond the inputs and the returned gradients: the fp32 dH, the chunk's logits and hidden rows, and the
+fp32 dW accumulator when there is one.
+"""
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import RowLayout
+from .options import SFTMixLossOptions
+from .outputs import SlotStats
+from .triton_sftmix import TRITON_DTYPES, _ntp_block, _online_update, _pair_tile, _soft_ce_grad, _softcap
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# the smallest chunk at which the fp32 dW accumulator's read-modify-write (8 V D bytes) hides under the chunk's
+# 2 R D V FLOPs on an H100 (R >= 4 x 790 TFLOP/s / 3 TB/s ~ 1,050); smaller chunks accumulate in the input dtype
+MIN_GEMM_ROWS = 1024
+LOGIT_BYTES = 4  # Z is fp32
+_VARYING = ["num_slots", "num_pairs", "num_pair_slots", "rest_half", "slot_start", "pair_start"]
+
+
+@dataclass(frozen=True)
+class ElementwiseConfig:
+    """Launch configuration of the element-wise kernel: pair slots per side, vocabulary block, warps."""
+
+    block_m: int
+    block_v: int
+    num_warps: int
+
+    def __str__(self) -> str:
+        return f"m{self.block_m}-v{self.block_v}-w{self.num_warps}"
+
+
+# Memory-bound streaming over two rows' logits: 2 x 8 rows x 512 fp32 per load in 8 warps (64 B per thread and
+# tile); the same on every architecture. Chosen from `python bench/kernel_compile.py` (no spills).
+ELEMENTWISE_CONFIG = ElementwiseConfig(8, 512, 8)
+
+
+@triton.jit
+def _load_logits(logits_ptr, bias_ptr, slot, ok, cols, col_ok, stride_z, HAS_BIAS: tl.constexpr):
+    """fp32 logits (BLOCK_M, BLOCK_V) of the chunk rows ``slot`` (+ bias)."""
+    z = tl.load(
+        logits_ptr + slot[:, None].to(tl.int64) * stride_z + cols[None, :],
+        mask=ok[:, None] & col_ok[None, :],
+        other=0.0,
+    )
+    if HAS_BIAS:
+        z += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return z
+
+
+@triton.jit(do_not_specialize=_VARYING)
+def _rowchunk_kernel(
+    logits_ptr,
+    grad_ptr,
+    bias_ptr,
+    ntp_targets_ptr,
+    ntp_row_scale_ptr,
+    lam_ptr,
+    mix_targets_ptr,
+    mix_scale_ptr,
+    lse_ptr,
+    target_logit_ptr,
+    entropy_ptr,
+    argmax_ptr,
+    mix_lse_ptr,
+    mix_target_ptr,
+    num_slots,
+    num_pairs,
+    num_pair_slots,
+    rest_half,
+    slot_start,
+    pair_start,
+    vocab_size,
+    stride_z,
+    stride_g,
+    ignore_index,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    DFT: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Statistics of the chunk's slots and pairs (at slot_start + slot, pair_start + k) and, with WRITE_GRAD, G."""
+    pid = tl.program_id(0)
+    ntp_targets_ptr += slot_start
+    k, is_pair, slot_a, slot_b, ok_a, ok_b, target_a, target_b = _pair_tile(
+        pid, ntp_targets_ptr, num_slots, num_pairs, num_pair_slots, rest_half, ignore_index, BLOCK_M
+    )
+    tile_has_pair = pid * BLOCK_M < num_pairs
+    lam = tl.load(lam_ptr + pair_start + k, mask=is_pair, other=1.0)
+    target_p = tl.load(mix_targets_ptr + 2 * (pair_start + k), mask=is_pair, other=0)
+    target_q = tl.load(mix_targets_ptr + 2 * (pair_start + k) + 1, mask=is_pair, other=0)
+
+    # pass 1: online max / sum exp(z - max) / sum exp(z - max) z / target logit / argmax per row, lse of z~ per pair
+    zeros = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    max_a, sum_a, zsum_a, tgt_a = zeros - float("inf"), zeros, zeros, zeros
+    max_b, sum_b, zsum_b, tgt_b = zeros - float("inf"), zeros, zeros, zeros
+    arg_a = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    arg_b = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    max_t, sum_t, tgt_t = zeros - float("inf"), zeros, zeros
+    for block_start in range(0, vocab_size, BLOCK_V):
+        cols = block_start + tl.arange(0, BLOCK_V)
+        col_ok = cols < vocab_size
+        z_a = _load_logits(logits_ptr, bias_ptr, slot_a, ok_a, cols, col_ok, stride_z, HAS_BIAS)
+        z_b = _load_logits(logits_ptr, bias_ptr, slot_b, ok_b, cols, col_ok, stride_z, HAS_BIAS)
+        if tile_has_pair:
+            # z~ = lam z_p + (1 - lam) z_q on raw logits; the soft cap comes after mixing
+            z_t = _softcap(lam[:, None] * z_a + (1.0 - lam[:, None]) * z_b, softcap, SOFTCAP)
+            z_t = tl.where(col_ok[None, :], z_t, float("-inf"))
+            max_t, sum_t, _, _ = _online_update(z_t, max_t, sum_t)
+            # lam z~[t_p] + (1 - lam) z~[t_q]
+            soft_target = tl.where(cols[None, :] == target_p[:, None], lam[:, None], 0.0) + tl.where(
+                cols[None, :] == target_q[:, None], 1.0 - lam[:, None], 0.0
+            )
+            tgt_t += tl.sum(soft_target * tl.where(col_ok[None, :], z_t, 0.0), 1)
+        max_a, sum_a, zsum_a, tgt_a, arg_a = _ntp_block(
+            _softcap(z_a, softcap, SOFTCAP), cols, col_ok, target_a, max_a, sum_a, zsum_a, tgt_a, arg_a, vocab_size
+        )
+        max_b, sum_b, zsum_b, tgt_b, arg_b = _ntp_block(
+            _softcap(z_b, softcap, SOFTCAP), cols, col_ok, target_b, max_b, sum_b, zsum_b, tgt_b, arg_b, vocab_size
+        )
+
+    # lse = max + log sum exp(z - max); entropy = lse - sum softmax(z) z; masked rows get lse = +inf (G = 0)
+    lse_a = tl.where(ok_a, max_a + tl.log(tl.where(ok_a, sum_a, 1.0)), float("inf"))
+    lse_b = tl.where(ok_b, max_b + tl.log(tl.where(ok_b, sum_b, 1.0)), float("inf"))
+    tl.store(lse_ptr + slot_start + slot_a, lse_a, mask=ok_a)
+    tl.store(lse_ptr + slot_start + slot_b, lse_b, mask=ok_b)
+    tl.store(target_logit_ptr + slot_start + slot_a, tgt_a, mask=ok_a)
+    tl.store(target_logit_ptr + slot_start + slot_b, tgt_b, mask=ok_b)
+    tl.store(entropy_ptr + slot_start + slot_a, lse_a - zsum_a / sum_a, mask=ok_a)
+    tl.store(entropy_ptr + slot_start + slot_b, lse_b - zsum_b / sum_b, mask=ok_b)
+    tl.store(argmax_ptr + slot_start + slot_a, arg_a, mask=ok_a)
+    tl.store(argmax_ptr + slot_start + slot_b, arg_b, mask=ok_b)
+    mix_lse = tl.where(is_pair, max_t + tl.log(tl.where(is_pair, sum_t, 1.0)), float("inf"))
+    if tile_has_pair:
+        tl.store(mix_lse_ptr + pair_start + k, mix_lse, mask=is_pair)
+        tl.store(mix_target_ptr + pair_start + k, tgt_t, mask=is_pair)
+
+    if WRITE_GRAD:
+        # dL/dNLL of each slot (0 without an NTP term); DFT: times the slot's own p = exp(-nll), held constant
+        scale_a = tl.load(ntp_row_scale_ptr + slot_start + slot_a, mask=ok_a, other=0.0)
+        scale_b = tl.load(ntp_row_scale_ptr + slot_start + slot_b, mask=ok_b, other=0.0)
+        if DFT:
+            scale_a = tl.where(scale_a != 0.0, scale_a * tl.exp(tgt_a - lse_a), 0.0)
+            scale_b = tl.where(scale_b != 0.0, scale_b * tl.exp(tgt_b - lse_b), 0.0)
+        mix_scale = tl.load(mix_scale_ptr + pair_start + k, mask=is_pair, other=0.0)
+        no_weight = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        one_weight = no_weight + 1.0
+        out_dtype = grad_ptr.dtype.element_ty
+        # pass 2: G in fp32, rounded only at the store. G's row r lies inside Z's row r, at or before the columns of
+        # this block (itemsize(G) <= 4): the program has read all it overwrites, and no other program reads it.
+        for block_start in range(0, vocab_size, BLOCK_V):
+            cols = block_start + tl.arange(0, BLOCK_V)
+            col_ok = cols < vocab_size
+            z_a = _load_logits(logits_ptr, bias_ptr, slot_a, ok_a, cols, col_ok, stride_z, HAS_BIAS)
+            z_b = _load_logits(logits_ptr, bias_ptr, slot_b, ok_b, cols, col_ok, stride_z, HAS_BIAS)
+            grad_a = _soft_ce_grad(z_a, lse_a, one_weight, target_a, no_weight, target_a, scale_a, cols, col_ok,
+                                   softcap, SOFTCAP)  # fmt: skip
+            grad_b = _soft_ce_grad(z_b, lse_b, one_weight, target_b, no_weight, target_b, scale_b, cols, col_ok,
+                                   softcap, SOFTCAP)  # fmt: skip
+            if tile_has_pair:
+                # mixup part rides on both rows: dz~/dz_p = lam, dz~/dz_q = 1 - lam
+                z_t = lam[:, None] * z_a + (1.0 - lam[:, None]) * z_b
+                grad_t = _soft_ce_grad(z_t, mix_lse, lam, target_p, 1.0 - lam, target_q, mix_scale, cols, col_ok,
+                                       softcap, SOFTCAP)  # fmt: skip
+                grad_a += lam[:, None] * grad_t
+                grad_b += (1.0 - lam[:, None]) * grad_t
+            out_a = grad_ptr + slot_a[:, None].to(tl.int64) * stride_g + cols[None, :]
+            out_b = grad_ptr + slot_b[:, None].to(tl.int64) * stride_g + cols[None, :]
+            tl.store(out_a, grad_a.to(out_dtype), mask=ok_a[:, None] & col_ok[None, :])
+            tl.store(out_b, grad_b.to(out_dtype), mask=ok_b[:, None] & col_ok[None, :])
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """How many rows a chunk holds at most, how many chunks, and whether dW accumulates in an fp32 buffer."""
+
+    rows: int
+    num_chunks: int
+    fp32_weight_grad: bool
+
+
+def default_memory_budget(num_rows: int, vocab_size: int, dtype: torch.dtype) -> int:
+    """The batch's logits in the input dtype, N V itemsize bytes (a tenth of eager's 20 N V at bf16)."""
+    return num_rows * vocab_size * dtype.itemsize
+
+
+def plan_chunks(num_slots, hidden_size, vocab_size, dtype, budget, need_weight) -> ChunkPlan:
+    """Chunk rows from the memory budget, which holds the fp32 dH (4 N D bytes), a chunk's fp32 logits and hidden
+    rows (4 V + (itemsize + 4) D bytes a row) and, for half inputs needing dW, an fp32 V x D dW accumulator when it
+    leaves room for min(N, MIN_GEMM_ROWS) rows; else dW accumulates in the input dtype and the chunk gets the
+    room. At least one pair (2 rows) per chunk, at most all rows."""
+    row_bytes = LOGIT_BYTES * vocab_size + (dtype.itemsize + 4) * hidden_size
+    room = budget - 4 * num_slots * hidden_size
+    accumulator = LOGIT_BYTES * vocab_size * hidden_size if need_weight and dtype.itemsize < 4 else 0
+    fp32_weight_grad = dtype.itemsize >= 4
+    rows = room // row_bytes
+    if accumulator and (room - accumulator) // row_bytes >= min(num_slots, MIN_GEMM_ROWS):
+        fp32_weight_grad, rows = True, (room - accumulator) // row_bytes
+    rows = int(min(max(rows, 2), max(num_slots, 1)))
+    return ChunkPlan(rows, math.ceil(num_slots / rows) if num_slots else 0, fp32_weight_grad)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Positions [start, stop) of the chunk order: pairs [pair_start, pair_start + num_pairs), their p rows, their
+    q rows, then the unpaired rows."""
+
+    start: int
+    stop: int
+    pair_start: int
+    num_pairs: int
+
+
+def chunk_order(layout: RowLayout, num_chunks: int):
+    """(order, chunks): slot ``order[i]`` sits at position i; pairs and unpaired rows spread evenly over the chunks.
+    Built from device aranges (no host-to-device copy, no sync)."""
+    num_pairs, num_slots, device = layout.num_pairs, layout.rows.numel(), layout.rows.device
+    num_rest = num_slots - 2 * num_pairs
+    order, chunks, start = [], [], 0
+    for index in range(num_chunks):
+        k0, k1 = num_pairs * index // num_chunks, num_pairs * (index + 1) // num_chunks
+        r0, r1 = num_rest * index // num_chunks, num_rest * (index + 1) // num_chunks
+        pairs = torch.arange(k0, k1, device=device)
+        order += [pairs, pairs + num_pairs, torch.arange(2 * num_pairs + r0, 2 * num_pairs + r1, device=device)]
+        stop = start + 2 * (k1 - k0) + r1 - r0
+        chunks.append(Chunk(start, stop, k0, k1 - k0))
+        start = stop
+    return torch.cat(order) if order else layout.rows.new_empty(0), chunks
+
+
+def _gemm(out, a, b, accumulate=False):
+    """out <- a @ b (+ out with ``accumulate``): one GEMM, fp32 accumulation, rounded once into ``out``'s dtype
+    (``out_dtype`` GEMMs on CUDA); CPU tensors of another dtype (interpreter tests) go through fp32 copies."""
+    if a.dtype == b.dtype == out.dtype:
+        return torch.addmm(out, a, b, out=out) if accumulate else torch.mm(a, b, out=out)
+    if out.device.type != "cpu" and a.dtype == b.dtype:
+        if accumulate:
+            return torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+        return torch.mm(a, b, out_dtype=out.dtype, out=out)
+    product = a.to(torch.float32) @ b.to(torch.float32)
+    return out.add_(product) if accumulate else out.copy_(product)
+
+
+def _launch(kernel_args, config: ElementwiseConfig, num_pair_slots, device):
+    if device.type != "meta" and num_pair_slots:
+        grid = (triton.cdiv(num_pair_slots, config.block_m),)
+        _rowchunk_kernel[grid](**kernel_args, BLOCK_M=config.block_m, BLOCK_V=config.block_v,
+                               num_warps=config.num_warps)  # fmt: skip
+
+
+def elementwise_config(options: SFTMixLossOptions, vocab_size: int) -> ElementwiseConfig:
+    """ELEMENTWISE_CONFIG on a GPU; in the interpreter a block as wide as the vocabulary (up to 256), each
+    program-loop step costing milliseconds there. ``block_pairs`` / ``block_v`` override."""
+    config = ELEMENTWISE_CONFIG
+    if INTERPRET:
+        config = ElementwiseConfig(16, min(max(triton.next_power_of_2(vocab_size), 16), 256), 4)
+    return ElementwiseConfig(options.block_pairs or config.block_m, options.block_v or config.block_v,
+                             config.num_warps)  # fmt: skip
+
+
+def loss_and_grads(hidden, weight, bias, layout: RowLayout, options, ntp_scale, mix_scale, needs_grad):
+    """(SlotStats, (dH, dW, db) / grad_scale, grad_scale), as `triton_sftmix.loss_and_grads`: dH and db in fp32,
+    dW in fp32 (fp32 inputs, or the budget's fp32 accumulator) or in the input dtype."""
+    if hidden.dtype not in TRITON_DTYPES:
+        raise TypeError(f"impl='rowchunk' takes {TRITON_DTYPES} inputs, got {hidden.dtype}; use impl='torch'.")
+    need_hidden, need_weight, need_bias = needs_grad
+    need_grad = any(needs_grad)
+    (vocab_size, hidden_size), num_slots, device = weight.shape, layout.rows.numel(), hidden.device
+    budget = options.memory_budget or default_memory_budget(hidden.shape[0], vocab_size, hidden.dtype)
+    plan = plan_chunks(num_slots, hidden_size, vocab_size, hidden.dtype, budget, need_weight)
+    order, chunks = chunk_order(layout, plan.num_chunks)
+    # the row of each position and the per-slot inputs in chunk order: every chunk a contiguous range
+    rows = layout.rows[order]
+    ntp_targets = layout.ntp_targets[order]
+    ntp_row_scale = torch.where(ntp_targets != options.ignore_index, ntp_scale.float(), 0.0)
+    grad_scale = None
+    if need_grad:
+        # divide both scales by the larger, so that |G| <= 2: no fp16 underflow of (softmax - y) / num_items
+        grad_scale = ntp_scale.float().reshape(())
+        if mix_scale.numel():
+            grad_scale = torch.maximum(grad_scale, mix_scale.float().max())
+        ntp_row_scale = ntp_row_scale / grad_scale
+        mix_scale = mix_scale.float() / grad_scale
+
+    new = dict(dtype=torch.float32, device=device)
+    out = dict(
+        lse_ptr=torch.empty(num_slots, **new),
+        target_logit_ptr=torch.empty(num_slots, **new),
+        entropy_ptr=torch.empty(num_slots, **new),
+        argmax_ptr=torch.empty(num_slots, dtype=torch.int32, device=device),
+        mix_lse_ptr=torch.empty(layout.num_pairs, **new),
+        mix_target_ptr=torch.empty(layout.num_pairs, **new),
+    )
+    max_rows = max((chunk.stop - chunk.start for chunk in chunks), default=0)
+    logits_buffer = torch.empty(max_rows * vocab_size, **new)
+    # G over Z's bytes, in the input dtype; fp32 under the interpreter (whose casts to bf16 truncate)
+    grad_dtype = torch.float32 if INTERPRET and device.type == "cpu" else hidden.dtype
+    per_logit = LOGIT_BYTES // grad_dtype.itemsize
+    # a chunk's hidden rows and its dH (fp32), reused; dH in row order (a row in two slots, a repeated self-mixed
+    # row, gets both: one is 0)
+    hidden_buffer = hidden.new_empty(max_rows * hidden_size)
+    grad_hidden_buffer = torch.empty(max_rows * hidden_size, **new) if need_hidden else None
+    grad_hidden = torch.zeros(hidden.shape, **new) if need_hidden else None
+    weight_dtype = torch.float32 if plan.fp32_weight_grad else hidden.dtype
+    # the first chunk's product overwrites dW; zeros only when there is no chunk
+    new_weight = torch.empty if chunks else torch.zeros
+    grad_weight = new_weight(weight.shape, dtype=weight_dtype, device=device) if need_weight else None
+    grad_bias = torch.zeros(vocab_size, **new) if need_bias else None
+    config = elementwise_config(options, vocab_size)
+    kernel_args = dict(
+        bias_ptr=bias if bias is not None else ntp_targets,
+        ntp_targets_ptr=ntp_targets,
+        ntp_row_scale_ptr=ntp_row_scale.contiguous(),
+        lam_ptr=layout.mix_lambda.float().contiguous(),
+        mix_targets_ptr=layout.mix_targets.contiguous(),
+        mix_scale_ptr=mix_scale.float().contiguous(),
+        vocab_size=vocab_size,
+        stride_z=vocab_size,
+        stride_g=vocab_size * per_logit,
+        ignore_index=options.ignore_index,
+        softcap=float(options.logit_softcap or 1.0),
+        HAS_BIAS=bias is not None,
+        SOFTCAP=options.logit_softcap is not None,
+        DFT=options.dft,
+        WRITE_GRAD=need_grad,
+        **out,
+    )
+    for index, chunk in enumerate(chunks):
+        num_rows = chunk.stop - chunk.start
+        logits = logits_buffer[: num_rows * vocab_size].view(num_rows, vocab_size)
+        chunk_rows = rows[chunk.start : chunk.stop]
+        chunk_hidden = torch.index_select(
+            hidden, 0, chunk_rows, out=hidden_buffer[: num_rows * hidden_size].view(num_rows, hidden_size)
+        )
+        # Z = H_c W^T, fp32
+        _gemm(logits, chunk_hidden, weight.T)
+        rest_half = (num_rows - 2 * chunk.num_pairs + 1) // 2
+        grad = logits.view(grad_dtype)[:, :vocab_size]
+        kernel_args.update(
+            logits_ptr=logits,
+            grad_ptr=grad,
+            num_slots=num_rows,
+            num_pairs=chunk.num_pairs,
+            num_pair_slots=chunk.num_pairs + rest_half,
+            rest_half=rest_half,
+            slot_start=chunk.start,
+            pair_start=chunk.pair_start,
+        )
+        _launch(kernel_args, config, chunk.num_pairs + rest_half, device)
+        if need_hidden:
+            # dH_c = G W, fp32, added into the chunk's rows
+            chunk_grad_hidden = grad_hidden_buffer[: num_rows * hidden_size].view(num_rows, hidden_size)
+            grad_hidden.index_add_(0, chunk_rows, _gemm(chunk_grad_hidden, grad, weight))
+        if need_weight:
+            # dW += G^T H_c (the first chunk overwrites)
+            _gemm(grad_weight, grad.T, chunk_hidden, accumulate=index > 0)
+        if need_bias:
+            grad_bias += grad.sum(dim=0, dtype=torch.float32)
+    del logits_buffer, hidden_buffer, grad_hidden_buffer, kernel_args
+
+    lse, target_logit = _to_slots(out["lse_ptr"], order), _to_slots(out["target_logit_ptr"], order)
+    valid = layout.ntp_targets != options.ignore_index
+    nll = torch.where(valid, lse - target_logit, 0.0)
+    if options.dft:
+        # DFT: the next-token term weighted by the slot's own p = exp(-nll) (the kernel weighted G the same way)
+        nll = nll * torch.exp(-nll)
+    stats = SlotStats(
+        nll=nll,
+        correct=_to_slots(out["argmax_ptr"], order) == layout.ntp_targets,
+        entropy=_to_slots(out["entropy_ptr"], order),
+        mix_nll=out["mix_lse_ptr"] - out["mix_target_ptr"],
+    )
+    if not need_grad:
+        return stats, (None, None, None), None
+    return stats, (grad_hidden, grad_weight, grad_bias), grad_scale
+
+
+def _to_slots(values, order):
+    """Per-position values (chunk order) back to slot order."""
+    return torch.empty_like(values).index_copy_(0, order, values)
