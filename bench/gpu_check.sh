@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-shot GPU check of the fused SFTMix loss (issue #11): the `gpu`-marked kernel tests and the kernel benchmark at
-# the Llama-3-8B and Gemma-2-2B heads (bf16, N = 8192: triton, triton_nomix, torch, reference, compile, liger when
+# the Llama-3-8B and Gemma-2-2B heads (bf16, N = 8192: rowchunk, rowchunk_nomix, triton, torch, reference, compile, liger when
 # installed), on a CUDA machine that has only torch, triton and pytest (no TRL, datasets or transformers needed), in
 # under 6 minutes.
 #
@@ -16,7 +16,7 @@
 # Steps, most valuable first, each under its own timeout cut to what is left of the budget (GPU_CHECK_BUDGET_S,
 # default 340 s); a step with under 20 s left is skipped and says so:
 #   1. environment (GPU, driver, python, torch, triton) and the package import check
-#   2. kernel benchmark, each head: triton, triton_nomix, torch, reference (+ liger), --check (relative errors)
+#   2. kernel benchmark, each head: rowchunk, rowchunk_nomix, triton, torch, reference (+ liger), --check (relative errors)
 #   3. the `gpu`-marked tests in tests/kernels (--dry-run: collection only, there is no GPU)
 #   4. kernel benchmark, each head: torch.compile of the reference (compile warm-up inside the step's timeout)
 #   5. summary (bench/gpu_check_summary.py): issue #11's bars on the measured rows, beside the cost model
@@ -161,7 +161,7 @@ wants environment && run_step environment 60 "$PYTHON" -P -c "$ENVIRONMENT_PY"
 if wants bench; then
     for head in "${HEAD_ARGS[@]}"; do
         run_step "bench-$head" 110 "$PYTHON" bench/kernel.py --shapes "$head" "${BENCH_ARGS[@]}" \
-            --impls triton triton_nomix torch liger reference --check
+            --impls rowchunk rowchunk_nomix triton torch liger reference --check
     done
 fi
 wants tests && run_step gpu-tests 100 "$PYTHON" -P -c "$PYTEST_PY" "${TEST_ARGS[@]}"

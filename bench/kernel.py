@@ -9,7 +9,7 @@ Gemma-2-2B, the last with its logit soft cap 30.0, which every implementation ap
 
 Rows: `reference` (dense eager PyTorch, the tests' oracle twin, materializes h_mix and a third logits tensor),
 `compile` (torch.compile of that reference), `torch` (chunked), `triton`, `triton_nomix` (same kernel, P = 0: what
-mixing costs), `liger` (Liger-Kernel's fused linear cross-entropy for NTP plus the naive dense mixup term; only
+mixing costs), `rowchunk` and `rowchunk_nomix` (row chunks on cuBLAS, `auto`'s choice on CUDA for bf16), `liger` (Liger-Kernel's fused linear cross-entropy for NTP plus the naive dense mixup term; only
 where liger_kernel is installed). Half the rows sit in mixed pairs by default (P = N / 4 pairs, `--mix-fraction`).
 
 Modes: `fwd` (forward with grad-requiring inputs), `bwd` (backward alone, after an untimed forward), `full`
@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from kernel_model import HEADS  # (hidden size, vocabulary, logit soft cap)
 
-IMPLS = ("reference", "compile", "torch", "triton", "triton_nomix", "liger")
+IMPLS = ("reference", "compile", "torch", "triton", "triton_nomix", "rowchunk", "rowchunk_nomix", "liger")
 MODES = ("fwd", "bwd", "full")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FIELDS = ("kernel", "impl", "mode", "metric", "unit", "N", "D", "V", "dtype", "median", "p20", "p80", "device", "date")
@@ -88,11 +88,11 @@ def loss_function(impl, inputs):
 
     args = [inputs[k] for k in ("hidden", "weight", "targets", "mix_index", "mix_lambda", "mix_weight")]
     normalizer, softcap = inputs["ntp_normalizer"], inputs["logit_softcap"]
-    if impl in ("reference", "torch", "triton", "triton_nomix"):
-        if impl == "triton_nomix":
+    if impl in ("reference", "torch", "triton", "triton_nomix", "rowchunk", "rowchunk_nomix"):
+        if impl.endswith("_nomix"):
             args[3:] = [args[3][:0], args[4][:0], args[5][:0]]
-        name = "triton" if impl == "triton_nomix" else impl
-        if name == "triton" and args[0].device.type != "cuda":
+        name = impl.removesuffix("_nomix")
+        if name in ("triton", "rowchunk") and args[0].device.type != "cuda":
             return None
 
         def run():

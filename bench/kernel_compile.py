@@ -30,30 +30,40 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-from sftmix_trl.kernels import triton_sftmix
-from sftmix_trl.kernels.triton_sftmix import KERNEL_NAMES, TileConfig
+from sftmix_trl.kernels import triton_rowchunk, triton_sftmix
+from sftmix_trl.kernels.triton_rowchunk import ElementwiseConfig
+from sftmix_trl.kernels.triton_sftmix import TileConfig
 
 ARCHS = {"sm_80": 80, "sm_90a": 90}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # per-block shared memory limits (opt-in maximum): A100 163 KB, H100 / H200 227 KB
 SHARED_LIMITS = {"sm_80": 163 * 1024, "sm_90a": 227 * 1024}
-KERNELS = {"forward": triton_sftmix._sftmix_forward_kernel, "logit_grad": triton_sftmix._logit_grad_kernel}
+KERNELS = {
+    "forward": triton_sftmix._sftmix_forward_kernel,
+    "logit_grad": triton_sftmix._logit_grad_kernel,
+    "rowchunk": triton_rowchunk._rowchunk_kernel,
+}
+KERNEL_NAMES = tuple(KERNELS)
+# the kernels whose products run in Triton (`tl.dot`); rowchunk's element-wise pass has none (cuBLAS does them)
+MMA_KERNELS = {"forward", "logit_grad"}
 # pointer element types; "{dtype}" is the input dtype
 POINTER_TYPES = {
     "hidden_ptr": "{dtype}",
     "weight_ptr": "{dtype}",
     "bias_ptr": "{dtype}",
     "grad_logits_ptr": "{dtype}",
+    "grad_ptr": "{dtype}",
+    "argmax_ptr": "i32",
     "ntp_targets_ptr": "i64",
     "mix_targets_ptr": "i64",
     "part_arg_ptr": "i32",
 }
 FLOAT_SCALARS = {"softcap"}
 # the integers of a Llama-3-8B head launch (D = 4096, V = 128256; G chunk 8192 columns): all divisible by 16
-HINTED_INTEGERS = {"hidden_size", "vocab_size", "stride_h", "stride_w", "stride_g"}
+HINTED_INTEGERS = {"hidden_size", "vocab_size", "stride_h", "stride_w", "stride_g", "stride_z"}
 VARIANTS = {"plain": dict(HAS_BIAS=False, SOFTCAP=False), "bias+softcap": dict(HAS_BIAS=True, SOFTCAP=True)}
 FIELDS = ("kernel", "arch", "dtype", "config", "variant", "registers", "spill_bytes", "shared_bytes", "mma")
-FIELDS += ("atomics", "fences")
+FIELDS += ("atomics", "fences", "mma_expected")
 
 
 def _triton_bin(name: str) -> str:
@@ -66,7 +76,7 @@ def _ptxas() -> str:
     return blackwell if os.path.exists(blackwell) else _triton_bin("ptxas")
 
 
-def signature(kernel, dtype_name: str, config: TileConfig, variant: dict):
+def signature(kernel, dtype_name: str, config, variant: dict):
     """(signature, constexprs, attrs) of an ASTSource for ``kernel``."""
     dtype = dtype_name
     specialized = set(kernel.do_not_specialize)
@@ -76,8 +86,11 @@ def signature(kernel, dtype_name: str, config: TileConfig, variant: dict):
         DOT_PRECISION=triton_sftmix.dot_precision(DTYPES[dtype_name]),
         BLOCK_M=config.block_m,
         BLOCK_V=config.block_v,
-        BLOCK_D=config.block_d,
+        BLOCK_D=getattr(config, "block_d", None),
         GRAD_GROUP=triton_sftmix.GRAD_TILE_GROUP,
+        # rowchunk: the gradient pass included (the heavier code); DFT only rescales two vectors
+        WRITE_GRAD=True,
+        DFT=False,
         **variant,
     )
     for index, param in enumerate(kernel.params):
@@ -108,7 +121,7 @@ def _sass_counts(sass: str) -> dict:
     return dict(mma=mma, atomics=atomics, fences=fences)
 
 
-def compile_row(kernel_name: str, arch: str, dtype_name: str, config: TileConfig, variant_name: str, dump=None):
+def compile_row(kernel_name: str, arch: str, dtype_name: str, config, variant_name: str, dump=None):
     """One report row: compile, then read ptxas -v and the SASS."""
     kernel = KERNELS[kernel_name]
     sig, constexprs, attrs = signature(kernel, dtype_name, config, VARIANTS[variant_name])
@@ -134,6 +147,7 @@ def compile_row(kernel_name: str, arch: str, dtype_name: str, config: TileConfig
     row["spill_bytes"] = int(spills.group(1)) + int(spills.group(2))
     row["shared_bytes"] = int(compiled.metadata.shared)
     row.update(_sass_counts(sass))
+    row["mma_expected"] = kernel_name in MMA_KERNELS
     if dump is not None:
         Path(dump, ptx_name(row)).write_text(compiled.asm["ptx"])
     return {field: row[field] for field in FIELDS}
@@ -150,15 +164,19 @@ def dispatcher_configs():
     for kernel_name in KERNEL_NAMES:
         for arch in ARCHS:
             for dtype_name, dtype in DTYPES.items():
-                config = triton_sftmix.tile_config(kernel_name, "sm_90" if arch == "sm_90a" else "sm_80", dtype)
+                if kernel_name == "rowchunk":
+                    config = triton_rowchunk.ELEMENTWISE_CONFIG
+                else:
+                    config = triton_sftmix.tile_config(kernel_name, "sm_90" if arch == "sm_90a" else "sm_80", dtype)
                 yield kernel_name, arch, dtype_name, config
 
 
-def parse_config(text: str) -> TileConfig:
-    """'m64-v128-d64-w8-s3' -> TileConfig."""
+def parse_config(text: str, kernel_name: str = "forward"):
+    """'m64-v128-d64-w8-s3' -> TileConfig; for rowchunk 'm8-v512-w8-s3' -> ElementwiseConfig."""
     values = dict(re.findall(r"([mvdws])(\d+)", text))
     keys = dict(m="block_m", v="block_v", d="block_d", w="num_warps", s="num_stages")
-    return TileConfig(**{keys[k]: int(v) for k, v in values.items()})
+    config = {keys[k]: int(v) for k, v in values.items()}
+    return ElementwiseConfig(**config) if kernel_name == "rowchunk" else TileConfig(**config)
 
 
 def problems(row: dict) -> list[str]:
@@ -168,7 +186,7 @@ def problems(row: dict) -> list[str]:
         found.append(f"{row['spill_bytes']} spill bytes")
     if row["shared_bytes"] > SHARED_LIMITS[row["arch"]]:
         found.append(f"shared {row['shared_bytes']} > {SHARED_LIMITS[row['arch']]}")
-    if row["mma"] == "none":
+    if row["mma_expected"] and row["mma"] == "none":
         found.append("no tensor-core MMA")
     if row["fences"]:
         found.append(f"{row['fences']} fences")
@@ -196,7 +214,7 @@ def main(argv=None):
         args.dump.mkdir(parents=True, exist_ok=True)
     if args.configs:
         launches = [
-            (k, a, d, parse_config(c))
+            (k, a, d, parse_config(c, k))
             for k in args.kernels
             for a in args.archs
             for d in args.dtypes

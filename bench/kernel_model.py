@@ -79,6 +79,8 @@ HEADS = {
 }
 TOKENS = (1024, 2048, 4096, 8192, 16384)
 BAR = 2.2  # issue #11: the Llama-3-8B head at N = 8192 within 2.2x of the 6 N D V floor
+CCE_BAR = 1.5  # issue #21: the chosen design within 1.5x of the floor at <= 0.1x eager's extra memory
+DENSITIES = (0.05, 0.25, 0.5)  # live-tile shares the filtering row is priced at (bench/grad_density.py measures)
 BF16 = 2  # bytes per element of the inputs
 FP32 = 4
 GB = 1e9
@@ -95,6 +97,7 @@ class Device:
     bandwidth: float  # HBM bytes/s
     l2_bytes: float
     memory_bytes: float
+    fp32_flops: float = 67 * TERA  # fp32 without tensor cores (torch's default: no TF32 in matmuls)
     sms: int = 132
     clock_hz: float = 1.98e9
     exp_per_sm_clock: int = 16
@@ -368,7 +371,7 @@ def design_cost(head, N, device_name, assumptions=Assumptions()):
     extra = max(sum(forward_extra.values()), sum(backward_extra.values()))
     parts = {f"{name} (forward)": value for name, value in forward_extra.items()}
     parts.update({f"{name} (backward)": value for name, value in backward_extra.items()})
-    return Cost("design", head, device_name, N, D, V, P, phases, extra, parts, 0, a)
+    return Cost("triton", head, device_name, N, D, V, P, phases, extra, parts, 0, a)
 
 
 def _merge(phases):
@@ -386,6 +389,128 @@ def _merge(phases):
         into.launches += phase.launches
         into.l2_bytes += phase.l2_bytes
     return list(merged.values())
+
+
+# kernels/triton_rowchunk.py's plan (tests/bench/test_kernel_model.py checks the two agree)
+MIN_GEMM_ROWS = 1024
+
+
+def rowchunk_plan(N, D, V, budget=None, itemsize=BF16):
+    """(rows per chunk, chunks, fp32 dW accumulator) as `triton_rowchunk.plan_chunks` at the default budget
+    N V itemsize: an fp32 V x D dW when it leaves room for min(N, MIN_GEMM_ROWS) rows of fp32 logits."""
+    budget = N * V * itemsize if budget is None else budget
+    row_bytes, accumulator = FP32 * V + (itemsize + FP32) * D, FP32 * V * D
+    room = budget - FP32 * N * D  # the fp32 dH
+    rows, fp32 = room // row_bytes, False
+    if (room - accumulator) // row_bytes >= min(N, MIN_GEMM_ROWS):
+        rows, fp32 = (room - accumulator) // row_bytes, True
+    rows = int(min(max(rows, 2), N))
+    return rows, math.ceil(N / rows), fp32
+
+
+def rowchunk_cost(head, N, device_name, assumptions=Assumptions()):
+    """`kernels/triton_rowchunk.py`: per row chunk cuBLAS Z = H W^T (fp32 out), one Triton element-wise pass (two
+    reads of Z, G written once in bf16 over Z's bytes), cuBLAS dH = G W (fp32 out) and dW += G^T H."""
+    D, V, softcap = HEADS[head]
+    device, a = DEVICES[device_name], assumptions
+    P = num_pairs(N, a)
+    rows, chunks, fp32_dw = rowchunk_plan(N, D, V)
+    rows = math.ceil(N / chunks)  # the rows spread evenly over the chunks (`triton_rowchunk.chunk_order`)
+    # per chunk: its hidden rows gathered, its fp32 dH added into row order (index_add)
+    phases = [elementwise("gather H, scatter dH (torch)", 2 * N * D * BF16 + 3 * N * D * FP32, device, a,
+                          launches=2 * chunks)]  # fmt: skip
+    per_chunk = []
+    for index in range(chunks):
+        R = min(rows, N - index * rows)
+        P_c = P * R // N  # pairs spread evenly over the chunks
+        per_chunk.append(gemm("Z = H W^T (cuBLAS, fp32 out)", R, V, D, (R * D + V * D) * BF16 + R * V * FP32,
+                              device, a))  # fmt: skip
+        # pass 1: exp per logit and per z~ element, online statistics; pass 2: exp again, G, mixup part
+        elements, mixed = R * V, P_c * V
+        cap = (elements + mixed) if softcap else 0
+        exps = 2 * (elements + mixed + cap)
+        ops = elements * (a.forward_ops + a.gradient_ops) + 2 * mixed * a.mixed_ops + 2 * cap * a.softcap_ops
+        compute_s = exps / device.exp_rate + ops / device.alu_rate
+        dram = R * V * (2 * FP32 + BF16) + (R + P_c) * 6 * FP32
+        per_chunk.append(Phase("stats + G (Triton, element-wise)", 0.0, dram, compute_s, _dram_s(dram, device, a)))
+        per_chunk.append(gemm("dH = G W (cuBLAS, fp32 out)", R, D, V, (R * V + V * D) * BF16 + R * D * FP32,
+                              device, a))  # fmt: skip
+        # dW: read-modify-write of the accumulator after the first chunk (fp32, or bf16 in the output itself)
+        acc = FP32 if fp32_dw else BF16
+        dw_bytes = (R * V + R * D) * BF16 + V * D * acc * (1 if index == 0 else 2)
+        per_chunk.append(gemm("dW += G^T H (cuBLAS)", V, D, R, dw_bytes, device, a))
+    phases += _merge(per_chunk)
+    dw_finish = V * D * (FP32 + BF16) if fp32_dw else 2 * V * D * BF16
+    phases.append(elementwise("backward: dW scale/cast, dH cast", dw_finish + N * D * (FP32 + BF16), device, a,
+                              launches=2))  # fmt: skip
+    forward_extra = {
+        "one chunk of fp32 logits (G over them)": rows * V * FP32,
+        "the chunk's hidden rows and fp32 dH": rows * D * (BF16 + FP32),
+        "fp32 dW accumulator": V * D * FP32 if fp32_dw else 0,
+        "fp32 dH": N * D * FP32,
+        "stats": (N + P) * FP32 * 6,
+    }
+    backward_extra = {"fp32 dH": N * D * FP32, "fp32 dW beside its cast": V * D * FP32 * fp32_dw}
+    extra = max(sum(forward_extra.values()), sum(backward_extra.values()))
+    parts = {f"{name} (forward)": value for name, value in forward_extra.items()}
+    parts.update({f"{name} (backward)": value for name, value in backward_extra.items()})
+    return Cost("rowchunk", head, device_name, N, D, V, P, phases, extra, parts, 0, a)
+
+
+def filter_cost(head, N, device_name, assumptions=Assumptions(), density=0.25):
+    """Gradient filtering on the Triton design: the gradient kernel also writes a (64-row x 128-column) tile mask
+    (a tile is live when any |G| >= the threshold) and only live tiles of G; dW and dH become block-sparse Triton
+    products (each output block owned by one program walking the live tiles of its column / row, no atomics) at the
+    fused kernels' efficiency, their FLOPs and G reads times ``density`` (the live-tile share). Load imbalance
+    between programs and the mask's own cost are not priced (optimistic)."""
+    a = assumptions
+    D, V, softcap = HEADS[head]
+    device = DEVICES[device_name]
+    base = design_cost(head, N, device_name, a)
+    keep = [p for p in base.phases if not p.name.startswith(("dW", "dH +=", "dH accumulate"))]
+    for index, phase in enumerate(keep):
+        if phase.name == "G kernel (Triton)":
+            # only the live tiles of G are written
+            written = N * V * BF16 * (1 - density)
+            keep[index] = dataclasses.replace(phase, dram_bytes=phase.dram_bytes - written,
+                                              memory_s=_dram_s(phase.dram_bytes - written, device, a))  # fmt: skip
+    flops = 2 * N * D * V * density
+    rate = device.peak_flops * a.triton_mma_efficiency
+    dw_bytes = N * V * BF16 * density + N * D * BF16 * math.ceil(V / a.block_v) * density + V * D * BF16
+    dh_bytes = N * V * BF16 * density + V * D * BF16 + N * D * FP32
+    for name, dram in (("dW = G^T H (block-sparse Triton)", dw_bytes), ("dH = G W (block-sparse Triton)", dh_bytes)):
+        keep.insert(-2, Phase(name, flops, dram, flops / rate, _dram_s(dram, device, a)))
+    return Cost(f"filter@{density:g}", head, device_name, N, D, V, base.P, keep, base.extra_bytes,
+                base.extra_parts, 0, a)  # fmt: skip
+
+
+def torch_cost(head, N, device_name, assumptions=Assumptions()):
+    """`kernels/chunked.py` as of this model (built for CPU caches): an fp32 copy of W, fp32 GEMMs (no tensor cores
+    under torch's default allow_tf32=False), chunks of 2**24 / V rows (a power of two), ~20 fp32 passes over each
+    chunk's logits, and a read-modify-write of the whole fp32 dW per chunk."""
+    D, V, softcap = HEADS[head]
+    device, a = DEVICES[device_name], assumptions
+    P = num_pairs(N, a)
+    rows = 1 << max(1, (2**24 // V).bit_length() - 1)
+    chunks = math.ceil(N / rows)
+    rate = device.fp32_flops * a.gemm_efficiency
+    phases = [elementwise("fp32 copies of H and W", (N * D + V * D) * (BF16 + FP32), device, a, launches=2)]
+    flops = 6 * N * D * V
+    dram = chunks * (3 * V * D * FP32 + 2 * V * D * FP32) + 3 * N * V * FP32
+    phases.append(Phase("logits, dH, dW (fp32 GEMMs)", flops, dram, flops / rate, _dram_s(dram, device, a),
+                        launches=3 * chunks))  # fmt: skip
+    # the logit passes: max, z - max into the exps buffer, exp, sum, entropy, z - lse, exp, scatter, scale (~18 x 4
+    # bytes a logit read or written), the mixed rows' lerp, soft CE and gradient (~22 x 4 on P of N rows)
+    passes = (18 * N + (22 + 6 * bool(softcap)) * P) * V * FP32
+    phases.append(elementwise("logit passes (torch)", passes, device, a, launches=14 * chunks))
+    phases.append(elementwise("casts of the fp32 gradients", (V * D + N * D) * (FP32 + BF16), device, a, launches=2))
+    extra = (V * D + N * D) * FP32 * 2 + 2.5 * rows * V * FP32
+    parts = {
+        "fp32 W and dW": 2 * V * D * FP32,
+        "fp32 H and dH": 2 * N * D * FP32,
+        "chunk buffers": 2.5 * rows * V * FP32,
+    }
+    return Cost("torch", head, device_name, N, D, V, P, phases, extra, parts, 0, a)
 
 
 def eager_peak_bytes(N, D, V, P, softcap):
@@ -447,30 +572,47 @@ def assumption_lines(a: Assumptions):
 
 
 COLUMNS = ("device", "head", "N", "impl", "flops_ndv", "tflop", "hbm_gb", "atomics", "extra_gb", "time_ms")
-COLUMNS += ("floor_ms", "x_floor", "compute_bound_share", "fits")
+COLUMNS += ("floor_ms", "x_floor", "compute_bound_share", "fits", "extra_vs_eager", "mix_vs_nomix")
+# the priced implementations: (label, cost function); "filter" is priced once per density
+COSTS = {"triton": design_cost, "rowchunk": rowchunk_cost, "torch": torch_cost, "eager": eager_cost}
 
 
-def model_rows(heads, tokens, assumptions=Assumptions()):
+def model_rows(heads, tokens, assumptions=Assumptions(), densities=DENSITIES):
+    """Every priced implementation at every device, head and N, with its extra memory over eager's and its time
+    with mixing (P = N/4) over its time without (P = 0)."""
+    nomix = dataclasses.replace(assumptions, mix_fraction=0.0)
     rows = []
     for device in DEVICES:
         for head in heads:
             for N in tokens:
-                for cost in (design_cost(head, N, device, assumptions), eager_cost(head, N, device, assumptions)):
-                    rows.append(cost.row())
+                costs = {name: (cost(head, N, device, assumptions), cost(head, N, device, nomix))
+                         for name, cost in COSTS.items()}  # fmt: skip
+                for density in densities:
+                    costs[f"filter@{density:g}"] = tuple(
+                        filter_cost(head, N, device, a, density) for a in (assumptions, nomix)
+                    )
+                eager_extra = costs["eager"][0].extra_bytes
+                for cost, without_mixing in costs.values():
+                    row = cost.row()
+                    row["extra_vs_eager"] = round(cost.extra_bytes / eager_extra, 4)
+                    row["mix_vs_nomix"] = round(cost.time_s / without_mixing.time_s, 3)
+                    rows.append(row)
     return rows
 
 
 def print_table(rows, assumptions):
     for line in assumption_lines(assumptions):
         print("# " + line)
-    header = f"{'device':>6} {'head':>13} {'N':>6} {'impl':>6} {'FLOPs/NDV':>9} {'TFLOP':>7} {'HBM GB':>8} "
-    header += f"{'atomics':>7} {'extra GB':>9} {'est ms':>8} {'floor ms':>8} {'x floor':>7} {'fits':>5}"
+    header = f"{'device':>6} {'head':>13} {'N':>6} {'impl':>12} {'FLOPs/NDV':>9} {'TFLOP':>7} {'HBM GB':>8} "
+    header += f"{'atomics':>7} {'extra GB':>9} {'x eager':>7} {'est ms':>8} {'floor ms':>8} {'x floor':>7} "
+    header += f"{'mix/nomix':>9} {'fits':>5}"
     print(header)
     for row in rows:
         print(
-            f"{row['device']:>6} {row['head']:>13} {row['N']:>6} {row['impl']:>6} {row['flops_ndv']:>9.3f} "
+            f"{row['device']:>6} {row['head']:>13} {row['N']:>6} {row['impl']:>12} {row['flops_ndv']:>9.3f} "
             f"{row['tflop']:>7.2f} {row['hbm_gb']:>8.2f} {row['atomics']:>7} {row['extra_gb']:>9.3f} "
-            f"{row['time_ms']:>8.2f} {row['floor_ms']:>8.2f} {row['x_floor']:>7.2f} {'yes' if row['fits'] else 'NO':>5}"
+            f"{row['extra_vs_eager']:>7.3f} {row['time_ms']:>8.2f} {row['floor_ms']:>8.2f} {row['x_floor']:>7.2f} "
+            f"{row['mix_vs_nomix']:>9.3f} {'yes' if row['fits'] else 'NO':>5}"
         )
 
 
@@ -505,6 +647,9 @@ def break_even_efficiency(head, N, device_name, bar, assumptions=Assumptions()):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--heads", nargs="+", choices=list(HEADS), default=list(HEADS))
+    parser.add_argument(
+        "--densities", nargs="*", type=float, default=list(DENSITIES), help="live-tile shares for the filtering rows"
+    )
     parser.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
     parser.add_argument("--json", action="store_true", help="print the rows as one JSON list instead of a table")
     parser.add_argument("--csv", default=None, help="also write the rows as CSV to this path")
@@ -530,7 +675,7 @@ def main(argv=None):
         gradient_group=None if args.tile_fastest else Assumptions.gradient_group,
         fused_accumulate=not args.bf16_accumulate,
     )
-    rows = model_rows(args.heads, args.tokens, assumptions)
+    rows = model_rows(args.heads, args.tokens, assumptions, args.densities)
     if args.csv:
         with open(args.csv, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -541,12 +686,20 @@ def main(argv=None):
         print()
         return
     print_table(rows, assumptions)
+    for row in rows:
+        if row["impl"] == "rowchunk" and row["N"] == 8192:
+            ok = row["x_floor"] <= CCE_BAR and row["extra_vs_eager"] <= 0.1
+            print(
+                f"# {row['device']}, {row['head']}, N=8192: rowchunk {row['time_ms']:.1f} ms = {row['x_floor']:.2f}x "
+                f"the floor at {row['extra_vs_eager']:.3f}x eager's extra memory, mixing {row['mix_vs_nomix']:.3f}x "
+                f"no mixing ({'within' if ok else 'OUTSIDE'} issue #21's {CCE_BAR}x / 0.1x bar)"
+            )
     for device in DEVICES:
         cost = design_cost("llama-3-8b", 8192, device, assumptions)
         ratio = cost.time_s / cost.floor_s(DEVICES[device])
         needed = break_even_efficiency("llama-3-8b", 8192, device, BAR, assumptions)
         print(
-            f"# {device}, llama-3-8b, N=8192: design {1e3 * cost.time_s:.1f} ms = {ratio:.2f}x the 6NDV floor "
+            f"# {device}, llama-3-8b, N=8192: triton {1e3 * cost.time_s:.1f} ms = {ratio:.2f}x the 6NDV floor "
             f"({'within' if ratio <= BAR else 'OUTSIDE'} issue #11's {BAR}x bar); it holds while the fused kernels "
             f"reach >= {needed:.0%} of peak"
         )
@@ -554,8 +707,8 @@ def main(argv=None):
         for device in DEVICES:
             for head in args.heads:
                 for N in args.tokens:
-                    print_breakdown(design_cost(head, N, device, assumptions))
-                    print_breakdown(eager_cost(head, N, device, assumptions))
+                    for cost in COSTS.values():
+                        print_breakdown(cost(head, N, device, assumptions))
 
 
 if __name__ == "__main__":

@@ -51,19 +51,20 @@ _VARYING = ["num_slots", "num_pairs", "num_pair_slots", "rest_half", "slot_start
 
 @dataclass(frozen=True)
 class ElementwiseConfig:
-    """Launch configuration of the element-wise kernel: pair slots per side, vocabulary block, warps."""
+    """Launch configuration of the element-wise kernel: pair slots per side, vocabulary block, warps, stages."""
 
     block_m: int
     block_v: int
     num_warps: int
+    num_stages: int
 
     def __str__(self) -> str:
-        return f"m{self.block_m}-v{self.block_v}-w{self.num_warps}"
+        return f"m{self.block_m}-v{self.block_v}-w{self.num_warps}-s{self.num_stages}"
 
 
 # Memory-bound streaming over two rows' logits: 2 x 8 rows x 512 fp32 per load in 8 warps (64 B per thread and
 # tile); the same on every architecture. Chosen from `python bench/kernel_compile.py` (no spills).
-ELEMENTWISE_CONFIG = ElementwiseConfig(8, 512, 8)
+ELEMENTWISE_CONFIG = ElementwiseConfig(8, 512, 8, 3)
 
 
 @triton.jit
@@ -279,7 +280,7 @@ def _launch(kernel_args, config: ElementwiseConfig, num_pair_slots, device):
     if device.type != "meta" and num_pair_slots:
         grid = (triton.cdiv(num_pair_slots, config.block_m),)
         _rowchunk_kernel[grid](**kernel_args, BLOCK_M=config.block_m, BLOCK_V=config.block_v,
-                               num_warps=config.num_warps)  # fmt: skip
+                               num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
 
 
 def elementwise_config(options: SFTMixLossOptions, vocab_size: int) -> ElementwiseConfig:
@@ -287,9 +288,9 @@ def elementwise_config(options: SFTMixLossOptions, vocab_size: int) -> Elementwi
     program-loop step costing milliseconds there. ``block_pairs`` / ``block_v`` override."""
     config = ELEMENTWISE_CONFIG
     if INTERPRET:
-        config = ElementwiseConfig(16, min(max(triton.next_power_of_2(vocab_size), 16), 256), 4)
+        config = ElementwiseConfig(16, min(max(triton.next_power_of_2(vocab_size), 16), 256), 4, 1)
     return ElementwiseConfig(options.block_pairs or config.block_m, options.block_v or config.block_v,
-                             config.num_warps)  # fmt: skip
+                             config.num_warps, config.num_stages)  # fmt: skip
 
 
 def loss_and_grads(hidden, weight, bias, layout: RowLayout, options, ntp_scale, mix_scale, needs_grad):

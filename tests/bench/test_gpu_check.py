@@ -54,13 +54,13 @@ def test_dry_run_imports_without_trl_collects_gpu_tests_and_writes_results(tmp_p
         rows = list(csv.DictReader(handle))
     seen = {(row["impl"], row["metric"]) for row in rows}
     assert {("reference", "time"), ("torch", "time"), ("torch", "peak_memory"), ("torch", "rel_err_loss")} <= seen
-    assert "MEASURED on" in summary and "MODEL ESTIMATE, H200, smollm2-135m, N=64, design" in summary
+    assert "MEASURED on" in summary and "MODEL ESTIMATE, H200, smollm2-135m, N=64, rowchunk" in summary
 
 
 def test_summary_reports_the_bars_from_the_medians(tmp_path):
     fields = ("kernel", "impl", "mode", "metric", "unit", "N", "D", "V", "dtype", "median", "p20", "p80", "device")
-    medians = {("triton", "time"): 60.0, ("triton_nomix", "time"): 50.0, ("reference", "time"): 120.0}
-    medians.update({("triton", "peak_memory"): 1000.0, ("reference", "peak_memory"): 20000.0})
+    medians = {("rowchunk", "time"): 60.0, ("rowchunk_nomix", "time"): 50.0, ("reference", "time"): 120.0}
+    medians.update({("rowchunk", "peak_memory"): 1000.0, ("reference", "peak_memory"): 20000.0})
     csv_path = tmp_path / "kernel.csv"
     with open(csv_path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
@@ -71,8 +71,11 @@ def test_summary_reports_the_bars_from_the_medians(tmp_path):
     text = gpu_check_summary.summarize(str(csv_path), "abc1234")
     floor_ms = 6 * 8192 * 4096 * 128256 / 790e12 * 1e3
     assert f"floor at 790 TFLOP/s = {floor_ms:.2f} ms" in text
-    assert "with mixing 1.200x triton_nomix" in text
+    assert "with mixing 1.200x rowchunk_nomix" in text
+    assert f"{60.0 / floor_ms:.2f}x the floor (bar <= 1.5)" in text
+    assert "triton: no triton rows" in text
     assert "2.00x faster than reference" in text
     assert f"{60.0 / floor_ms:.2f}x the floor" in text
     assert "memory 20.0x below reference" in text
-    assert "MODEL ESTIMATE, H200, llama-3-8b, N=8192, design" in text
+    for impl in ("rowchunk", "triton", "torch", "eager"):
+        assert f"MODEL ESTIMATE, H200, llama-3-8b, N=8192, {impl}" in text
