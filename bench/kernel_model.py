@@ -485,32 +485,29 @@ def filter_cost(head, N, device_name, assumptions=Assumptions(), density=0.25):
 
 
 def torch_cost(head, N, device_name, assumptions=Assumptions()):
-    """`kernels/chunked.py` as of this model (built for CPU caches): an fp32 copy of W, fp32 GEMMs (no tensor cores
-    under torch's default allow_tf32=False), chunks of 2**24 / V rows (a power of two), ~20 fp32 passes over each
-    chunk's logits, and a read-modify-write of the whole fp32 dW per chunk."""
+    """`kernels/chunked.py`'s CUDA ("recompute") schedule, as its docstring states it: forward over row chunks of
+    C = 2**29 / (4 V) rows (a power of two), products in bf16 with fp32 output; backward over vocabulary chunks of
+    Vc = 2**29 / (4 N) columns, the logits recomputed, G formed and rounded to bf16, dW[chunk] written once, dH an
+    fp32 read-modify-write per vocabulary chunk. 8 N D V FLOPs on cuBLAS; its eager element-wise passes read or
+    write ~(11.25 N + 14.25 P) x 4 bytes per vocabulary column (the module's count), each its own kernel."""
     D, V, softcap = HEADS[head]
     device, a = DEVICES[device_name], assumptions
     P = num_pairs(N, a)
-    rows = 1 << max(1, (2**24 // V).bit_length() - 1)
-    chunks = math.ceil(N / rows)
-    rate = device.fp32_flops * a.gemm_efficiency
-    phases = [elementwise("fp32 copies of H and W", (N * D + V * D) * (BF16 + FP32), device, a, launches=2)]
-    flops = 6 * N * D * V
-    dram = chunks * (3 * V * D * FP32 + 2 * V * D * FP32) + 3 * N * V * FP32
-    phases.append(Phase("logits, dH, dW (fp32 GEMMs)", flops, dram, flops / rate, _dram_s(dram, device, a),
-                        launches=3 * chunks))  # fmt: skip
-    # the logit passes: max, z - max into the exps buffer, exp, sum, entropy, z - lse, exp, scatter, scale (~18 x 4
-    # bytes a logit read or written), the mixed rows' lerp, soft CE and gradient (~22 x 4 on P of N rows)
-    passes = (18 * N + (22 + 6 * bool(softcap)) * P) * V * FP32
-    phases.append(elementwise("logit passes (torch)", passes, device, a, launches=14 * chunks))
-    phases.append(elementwise("casts of the fp32 gradients", (V * D + N * D) * (FP32 + BF16), device, a, launches=2))
-    extra = (V * D + N * D) * FP32 * 2 + 2.5 * rows * V * FP32
-    parts = {
-        "fp32 W and dW": 2 * V * D * FP32,
-        "fp32 H and dH": 2 * N * D * FP32,
-        "chunk buffers": 2.5 * rows * V * FP32,
-    }
-    return Cost("torch", head, device_name, N, D, V, P, phases, extra, parts, 0, a)
+    budget = 2**29
+    rows = 1 << max(1, (budget // (FP32 * V)).bit_length() - 1)
+    columns = max(1, budget // (FP32 * N))
+    row_chunks, vocab_chunks = math.ceil(N / rows), math.ceil(V / columns)
+    dram = row_chunks * 2 * V * D + 4 * V * D + vocab_chunks * 4 * N * D + 2 * V * D + vocab_chunks * 8 * N * D
+    dram += 2 * N * V * FP32  # the GEMMs' fp32 logits, forward and recomputed
+    phases = [gemm("logits, recompute, dW, dH (cuBLAS)", 4 * N, D, V, dram, device, a,
+                   launches=row_chunks + 3 * vocab_chunks)]  # fmt: skip
+    passes = (11.25 * N + 14.25 * P) * 4 * V * (1.25 if softcap else 1.0)
+    phases.append(elementwise("logit passes (torch)", passes, device, a, launches=12 * (row_chunks + vocab_chunks)))
+    phases.append(elementwise("casts of dH, scale of dW", N * D * (FP32 + BF16) + 2 * V * D * BF16, device, a))
+    forward = 2.5 * rows * V * FP32
+    backward = (N + P) * columns * FP32 + N * columns * BF16 + 2 * N * D * FP32 + N * D * BF16
+    parts = {"forward chunk buffers": forward, "backward chunk buffers, dH, H": backward}
+    return Cost("torch", head, device_name, N, D, V, P, phases, max(forward, backward), parts, 0, a)
 
 
 def eager_peak_bytes(N, D, V, P, softcap):
