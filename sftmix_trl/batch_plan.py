@@ -55,6 +55,20 @@ def padding_free_bounds(position_ids: torch.Tensor, num_sequences: int) -> torch
     return torch.cat([starts[:num_sequences], end.view(1)])
 
 
+def sequence_bounds(inputs: dict, halves: torch.Tensor) -> torch.Tensor:
+    """Where each sequence of a collated micro-batch lies in its flattened tokens: one per row of a padded batch, or
+    the concatenated sequences of a padding-free or packed one (one row, one confidence flag per sequence)."""
+    labels = inputs["labels"]
+    if labels.shape[0] == halves.numel():
+        return padded_bounds(*labels.shape)
+    if labels.shape[0] != 1 or "position_ids" not in inputs:
+        raise ValueError(
+            f"The training batch has {labels.shape[0]} rows but {halves.numel()} confidence flags; train batches "
+            "must come from SFTMixTrainer's own dataloader and collator."
+        )
+    return padding_free_bounds(inputs["position_ids"].cpu(), halves.numel())
+
+
 def token_halves(halves: torch.Tensor, bounds: torch.Tensor, length: int) -> torch.Tensor:
     """(L,) the half flag of each flattened position's sequence; -2 for positions outside every sequence."""
     lengths = bounds.diff()
@@ -112,6 +126,17 @@ def plan_micro_batch(
     elif ntp_loss_on != "all":
         ntp_mask = halves[row_sequence] == (CONFIDENT if ntp_loss_on == "confident" else UNCONFIDENT)
     return BatchPlan(rows, mix_index, mix_pair, mix_weight, ntp_mask, num_pairs)
+
+
+def plan_collated_batch(inputs: dict, halves: torch.Tensor, mixing: bool, ntp_loss_on: str = "all") -> BatchPlan:
+    """`plan_micro_batch` for a batch of SFTTrainer's collator (`labels`, and `position_ids` when padding-free) and
+    the confidence flags of its sequences. Costs one device-to-host copy of the label mask, the sync TRL's own
+    compaction of the valid positions also costs."""
+    labels = inputs["labels"]
+    # valid[t]: the next token of position t (labels[t + 1]) is a response token; the last position has none
+    valid = torch.nn.functional.pad(labels[:, 1:] != -100, (0, 1), value=False).reshape(-1).cpu()
+    halves = halves.cpu()
+    return plan_micro_batch(valid, sequence_bounds(inputs, halves), halves, mixing, ntp_loss_on)
 
 
 def micro_batch_halves(

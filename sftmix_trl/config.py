@@ -151,8 +151,10 @@ class SFTMixConfig(SFTConfig):
         if batch_size < 2:
             raise ValueError(
                 f"SFTMix pairs a confident with an unconfident example inside each micro-batch, so it needs a "
-                f"`per_device_train_batch_size` of at least 2, got {batch_size}. Raise it (and lower "
-                "`gradient_accumulation_steps` to keep the effective batch size)."
+                f"`per_device_train_batch_size` of at least 2, got {batch_size}: one row per micro-batch is one "
+                "example, or with packing one packed row whose sequences all come from one confidence half, so no "
+                "micro-batch could ever hold a pair. Raise it (and lower `gradient_accumulation_steps` to keep the "
+                "effective batch size)."
             )
         if self.train_sampling_strategy != "random":
             raise ValueError(

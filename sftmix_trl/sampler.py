@@ -32,7 +32,8 @@ class BalancedPairSampler(Sampler[int]):
         confident (`Sequence[int]`): dataset rows of the confident half.
         unconfident (`Sequence[int]`): dataset rows of the unconfident half: as many as `confident` (examples), or
             not (packed rows, each half packed on its own); once the smaller half runs out, the other fills the
-            micro-batches.
+            micro-batches. A half may be empty (a dataset that preparation leaves with one example): the rows
+            of the other then train unpaired.
         micro_batch_size (`int`): rows per micro-batch and rank; at least 2.
         remainder (`Sequence[int]`, *optional*): rows in neither half (the median of an odd-sized dataset); they go
             in the last micro-batch.
@@ -49,10 +50,6 @@ class BalancedPairSampler(Sampler[int]):
     ):
         if micro_batch_size < 2:
             raise ValueError(f"`micro_batch_size` must be at least 2 to hold a pair, got {micro_batch_size}.")
-        if not (len(confident) and len(unconfident)):
-            raise ValueError(
-                f"Both confidence halves need rows to pair, got {len(confident)} and {len(unconfident)} rows."
-            )
         self.confident = torch.as_tensor(list(confident), dtype=torch.int64)
         self.unconfident = torch.as_tensor(list(unconfident), dtype=torch.int64)
         self.remainder = torch.as_tensor(list(remainder), dtype=torch.int64)

@@ -100,12 +100,22 @@ def test_resuming_mid_epoch_skips_to_the_same_batches():
     "args, message",
     [
         ((CONFIDENT, UNCONFIDENT, 1), "at least 2 to hold a pair"),
-        ((CONFIDENT, [], 4), "Both confidence halves need rows"),
     ],
 )
 def test_bad_arguments_are_refused(args, message):
     with pytest.raises(ValueError, match=message):
         BalancedPairSampler(*args)
+
+
+@pytest.mark.parametrize("confident, unconfident, remainder", [([], [], [7]), (CONFIDENT, [], [])])
+def test_an_empty_half_leaves_the_other_rows_unpaired_but_every_row_trains(confident, unconfident, remainder):
+    """A dataset that preparation leaves with one example (or a half with no rows): nothing to pair, every row still
+    once per epoch, in as many micro-batches as SFTTrainer's sampler would cut."""
+    sampler = BalancedPairSampler(confident, unconfident, 4, remainder=remainder)
+    rows = [*confident, *unconfident, *remainder]
+    batches = micro_batches(sampler, 4)
+    assert sorted(r for batch in batches for r in batch) == sorted(rows)
+    assert len(batches) == -(-len(rows) // 4)
 
 
 def test_indices_are_python_ints_for_datasets():

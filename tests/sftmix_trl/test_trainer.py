@@ -135,7 +135,7 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_big_batch(tokenizer,
     num_items = (batch["labels"][:, 1:] != -100).sum()  # what Trainer counts over the accumulated batch
 
     draws = iter([lambdas, lambdas[:2], lambdas[2:]])
-    monkeypatch.setattr(trainer, "_sample_lambdas", lambda num_pairs, device: next(draws))
+    monkeypatch.setattr(trainer._pair_lambdas, "sample", lambda num_pairs, device: next(draws))
     big_loss, big_grads = loss_and_grads(trainer, batch, num_items, accumulation_steps=1)
     # pairs (0, 4), (1, 5) then (2, 6), (3, 7): each micro-batch stays half confident, half unconfident
     halves = [{k: v[rows] for k, v in batch.items()} for rows in ([0, 1, 4, 5], [2, 3, 6, 7])]

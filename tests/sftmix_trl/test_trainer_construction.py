@@ -100,6 +100,24 @@ def test_the_join_survives_rows_that_preparation_drops(tokenizer, tmp_path):
     assert halves_by_id(trainer) == expected_halves({i: scores[i] for i in kept})
 
 
+def test_rows_that_preparation_drops_need_no_score_and_are_reported_once(tokenizer, tmp_path):
+    """An example that cannot train needs no score (the scorers write none for it); one warning says how many were
+    left out and why. An example that preparation keeps still needs its score."""
+    dataset = tiny.prompt_completion_dataset(12)
+    long_prompt = "Instruction: " + " ".join(["Describe a red cat."] * 20)
+    dataset = dataset.map(lambda row, i: {"prompt": long_prompt} if i in (1, 4) else {}, with_indices=True)
+    scores = {i: s for i, s in scores_for(dataset).items() if i not in ("ex-0001", "ex-0004")}
+    with pytest.warns(UserWarning, match="dropped 2 of the 12 training examples") as warned:
+        trainer = build(tokenizer, tmp_path, dataset, confidence_scores=scores, config=dict(max_length=48))
+    assert sum("dropped" in str(w.message) for w in warned) == 1
+    assert set(trainer.train_dataset["id"]) == set(scores)
+    assert halves_by_id(trainer) == expected_halves(scores)
+
+    del scores["ex-0002"]
+    with pytest.raises(ValueError, match="1 of 10 training example\\(s\\) have no confidence score, e.g. 'ex-0002'"):
+        build(tokenizer, tmp_path, dataset, confidence_scores=scores, config=dict(max_length=48))
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -124,10 +142,9 @@ def test_the_join_survives_rows_that_preparation_drops(tokenizer, tmp_path):
             lambda d: d.map(lambda r, i: {"id": "ex-0000" if i == 3 else r["id"]}, with_indices=True),
             "'id' column: The examples at rows \\[0, 3\\] share the id 'ex-0000' but differ in content",
         ),
-        (lambda d: d.select(range(1)), "needs at least two training examples"),
         (lambda d: d.to_iterable_dataset(), "map-style"),
     ],
-    ids=["no-confidence", "nan", "inf", "none", "duplicate-ids", "too-few", "iterable"],
+    ids=["no-confidence", "nan", "inf", "none", "duplicate-ids", "iterable"],
 )
 def test_bad_datasets_are_refused(tokenizer, tmp_path, change, message):
     dataset = change(with_confidence(tiny.prompt_completion_dataset(8)))

@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 from datasets import Dataset
+from peft import LoraConfig
 from sftmix_helpers import loss_and_grads, tiny_config, tiny_sft_config, with_confidence
 from trl import SFTTrainer
 
@@ -98,21 +99,45 @@ SCENARIOS = {
 }
 
 
+def one_left_after_truncation(tokenizer):
+    """TRL's own case: the first example's trainable tokens all lie beyond `max_length=3`, so truncation leaves it
+    fully masked and preparation drops it; the second keeps its tokens. One example is left: nothing to pair."""
+    rows = [
+        {"input_ids": [11, 12, 13, 14, 15], "assistant_masks": [0, 0, 0, 1, 1]},
+        {"input_ids": [16, 17, 18], "assistant_masks": [1, 1, 1]},
+    ]
+    return with_confidence(Dataset.from_list(rows))
+
+
+SCENARIOS |= {
+    "lora": (
+        lambda t: with_confidence(tiny.prompt_completion_dataset(10)),
+        tiny.build_llama,
+        {"learning_rate": 1e-2},
+    ),
+    "one_left_after_truncation": (one_left_after_truncation, tiny.build_llama, {"max_length": 3}),
+}
+# trainer arguments beside the config, by scenario
+TRAINER_KWARGS = {"lora": lambda: {"peft_config": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])}}
+
+
 def build_pair(tokenizer, tmp_path, scenario, mixup_coef, **extra):
     make_dataset, make_model, overrides = SCENARIOS[scenario]
     config = {"num_train_epochs": 1, "logging_steps": 1, **overrides, **extra}
+    trainer_kwargs = TRAINER_KWARGS.get(scenario, dict)
     sft = SFTTrainer(
         make_model(tokenizer),
         args=tiny_sft_config(tmp_path / "sft", **config),
         train_dataset=make_dataset(tokenizer),
         processing_class=tokenizer,
-        eval_dataset=extra.get("eval_dataset"),
+        **trainer_kwargs(),
     )
     mix = SFTMixTrainer(
         make_model(tokenizer),
         args=tiny_config(tmp_path / "mix", mixup_coef=mixup_coef, **config),
         train_dataset=make_dataset(tokenizer),
         processing_class=tokenizer,
+        **trainer_kwargs(),
     )
     return sft, mix
 
@@ -262,3 +287,125 @@ def test_what_sfttrainer_refuses_is_refused_with_its_error(tokenizer, tmp_path, 
             train_dataset=make_dataset(),
             processing_class=tokenizer,
         )
+
+
+def test_one_example_left_after_truncation_trains_with_the_next_token_loss_and_one_warning(tokenizer, tmp_path):
+    with pytest.warns(UserWarning) as warned:
+        sft, mix = build_pair(tokenizer, tmp_path, "one_left_after_truncation", mixup_coef=0.2, max_steps=3)
+    (warning,) = [str(w.message) for w in warned if "SFTMix" in str(w.message)]
+    assert "dropped 1 of the 2 training examples" in warning and "next-token loss only" in warning
+    assert sft.train_dataset["labels"] == mix.train_dataset["labels"] == [[16, 17, 18]]
+    sft.train()
+    mix.train()
+    assert mix.state.global_step == sft.state.global_step == 3
+    logs = [log for log in mix.state.log_history if "loss" in log]
+    assert logs and all(log["mixup_loss"] == 0 and log["mixed_tokens"] == 0 for log in logs)
+    sft_losses = [log["loss"] for log in sft.state.log_history if "loss" in log]
+    assert [log["loss"] for log in logs] == pytest.approx(sft_losses, rel=1e-5)
+
+
+PACKED = dict(packing=True, max_length=160, per_device_train_batch_size=2)
+
+
+def test_confidence_aware_packing_pairs_examples_inside_packs_of_both_halves(tokenizer, tmp_path):
+    """Each half packed on its own; a micro-batch holds packs of both, its sequences paired across them; the loss
+    at mixup_coef=0 is SFTTrainer's on the same packed batch; with mixing on, several optimizer steps train."""
+    dataset = with_confidence(tiny.prompt_completion_dataset(16))
+    sft = SFTTrainer(tiny.build_llama(tokenizer), args=tiny_sft_config(tmp_path / "sft", **PACKED),
+                     train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+    mix = SFTMixTrainer(tiny.build_llama(tokenizer), args=tiny_config(tmp_path / "mix", mixup_coef=0.0, **PACKED),
+                        train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+    packed = mix.train_dataset.with_format(None)
+    assert sum(len(lengths) for lengths in packed["seq_lengths"]) == 16 and max(map(sum, packed["seq_lengths"])) <= 160
+    assert len(packed) <= len(sft.train_dataset) + 1, "each half's packs are as full as packing all examples"
+    batches = list(mix.get_train_dataloader())
+    assert len(batches) == math.ceil(len(packed) / 2)
+    for batch in batches:
+        halves = batch[HALF_COLUMN].tolist()
+        assert halves == sorted(halves) and 0 in halves and 1 in halves, "one pack of each half"
+    # the micro-batch with the most pairs: several sequences in each pack
+    batch = max(batches, key=lambda b: min(b[HALF_COLUMN].tolist().count(h) for h in (0, 1)))
+    assert min(batch[HALF_COLUMN].tolist().count(h) for h in (0, 1)) > 1
+    num_items = (batch["labels"][:, 1:] != -100).sum()
+    mix_loss, mix_grads = loss_and_grads(mix, batch, num_items)
+    sft_loss, sft_grads = loss_and_grads(sft, sft_inputs(batch), num_items)
+    torch.testing.assert_close(mix_loss, sft_loss, rtol=1e-5, atol=1e-6)
+    for name in sft_grads:
+        torch.testing.assert_close(mix_grads[name], sft_grads[name], rtol=1e-4, atol=1e-6)
+
+    # mixing on, as a user trains: several optimizer steps, every one of them mixing
+    config = dict(max_steps=3, logging_steps=1, gradient_accumulation_steps=2, split_by="random", **PACKED)
+    mixing = SFTMixTrainer(tiny.build_llama(tokenizer), args=tiny_config(tmp_path / "mixing", **config),
+                           train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+    mixing.train()
+    logs = [log for log in mixing.state.log_history if "loss" in log]
+    assert mixing.state.global_step == 3 and len(logs) == 3
+    assert all(
+        math.isfinite(log["loss"]) and log["mixed_tokens"] > 0 and 0 < log["mixed_fraction"] <= 1 for log in logs
+    )
+
+
+def test_packing_carries_the_completion_only_labels_of_every_example(tokenizer, tmp_path):
+    """The packed rows hold exactly the examples SFTTrainer prepares, each with its own labels (prompt masked)."""
+    dataset = with_confidence(tiny.prompt_completion_dataset(10))
+    unpacked = SFTMixTrainer(tiny.build_llama(tokenizer), args=tiny_config(tmp_path / "a", max_length=160),
+                             train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+    packed = SFTMixTrainer(tiny.build_llama(tokenizer), args=tiny_config(tmp_path / "b", **PACKED),
+                           train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+    examples = {}
+    for row in packed.train_dataset.with_format(None):
+        start = 0
+        for length in row["seq_lengths"]:
+            sequence = (tuple(row["input_ids"][start : start + length]), tuple(row["labels"][start : start + length]))
+            examples[sequence] = row[HALF_COLUMN]
+            start += length
+    table = unpacked.train_dataset.with_format(None)
+    expected = {
+        (tuple(i), tuple(lab)): h for i, lab, h in zip(table["input_ids"], table["labels"], table[HALF_COLUMN])
+    }
+    assert examples == expected, "every example once, with its labels, in a pack of its own half"
+    assert all(-100 in labels and set(labels) != {-100} for _, labels in expected)
+    batch = next(iter(packed.get_train_dataloader()))
+    assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()
+
+
+def test_packing_trains_and_evaluates_packed_as_sfttrainer_does(tokenizer, tmp_path):
+    """`packing=True` with an eval set: the eval set is packed too (`eval_packing` defaults to `packing`) and
+    evaluated with SFTTrainer's plain loss."""
+    held_out = tiny.prompt_completion_dataset(6, seed=1)
+    dataset = with_confidence(tiny.prompt_completion_dataset(8))
+    config = dict(per_device_eval_batch_size=2, **PACKED)
+    sft = SFTTrainer(tiny.build_llama(tokenizer), args=tiny_sft_config(tmp_path / "sft", **config),
+                     train_dataset=dataset, eval_dataset=held_out, processing_class=tokenizer)  # fmt: skip
+    mix = SFTMixTrainer(tiny.build_llama(tokenizer), args=tiny_config(tmp_path / "mix", **config),
+                        train_dataset=dataset, eval_dataset=held_out, processing_class=tokenizer)  # fmt: skip
+    assert "seq_lengths" in mix.eval_dataset.column_names and len(mix.eval_dataset) == len(sft.eval_dataset) < 6
+    assert mix.evaluate()["eval_loss"] == pytest.approx(sft.evaluate()["eval_loss"], rel=1e-6)
+
+
+class ArgsSetByTrainerInit(SFTMixTrainer):
+    """SFTMixTrainer whose `args` attribute fails if read before `Trainer.__init__` sets it."""
+
+    @property
+    def args(self):
+        if "_args" not in self.__dict__:
+            raise AssertionError("`self.args` read before `Trainer.__init__` set it: pass the config in instead")
+        return self.__dict__["_args"]
+
+    @args.setter
+    def args(self, value):
+        self.__dict__["_args"] = value
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{}, dict(PACKED, split_by="random"), {"max_length": None, "padding_free": True}],
+    ids=["padded", "packed", "padding_free"],
+)
+def test_nothing_during_sfttrainer_init_reads_self_args(tokenizer, tmp_path, config):
+    """SFTTrainer prepares the datasets before `Trainer.__init__` sets `self.args`: SFTMix's preparation (the join,
+    the halves, packing each half) must use the config it is passed (a packing crash once came from this)."""
+    dataset = with_confidence(tiny.prompt_completion_dataset(8))
+    trainer = ArgsSetByTrainerInit(tiny.build_llama(tokenizer), args=tiny_config(tmp_path, **config),
+                                   train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+    assert sorted(trainer._pair_sampler) == list(range(len(trainer.train_dataset)))
