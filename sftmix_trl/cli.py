@@ -14,6 +14,10 @@ Data: a `.json`, `.jsonl`, `.parquet` or `.csv` file, a `save_to_disk` folder, o
 rows (`instruction`, `input`, `output`) are turned into conversational prompt/completion rows, and chat messages whose
 `content` is a list of text parts into plain text. Rows without an id column get one derived from their content before
 any other processing (see `confidence.add_example_ids`); `--drop_duplicates` keeps the first of identical rows.
+
+A row that TRL's preparation drops (no response token left after truncation at `--max_length`) cannot train and needs
+no score: `sftmix score` writes no record for it, as the training-time scorer does, so their files hold the same ids
+for the same data and aggregate together.
 """
 
 import json
@@ -108,7 +112,8 @@ class AggregateArguments:
             Folder for the table (a `save_to_disk` Dataset, `confidence.jsonl`, `confidence.parquet`), `summary.json`
             and the data map; `SFTMixTrainer(confidence_scores=<output_dir>)` reads it as it is.
         drop_unscorable (`bool`, *optional*, defaults to `False`):
-            Leave out examples with no response token after truncation instead of failing on them.
+            No effect, kept so that existing commands run: examples with no response token after truncation cannot
+            train and are always left out (their ids in `summary.json`).
         overwrite (`bool`, *optional*, defaults to `False`):
             Replace results already in `output_dir`.
         data_map (`bool`, *optional*, defaults to `True`):
@@ -120,7 +125,7 @@ class AggregateArguments:
     scores: list[str] = field(metadata={"help": "Score files, or folders of them."})
     output_dir: str = field(metadata={"help": "Folder for the aggregated table and the data map."})
     drop_unscorable: bool = field(
-        default=False, metadata={"help": "Leave out examples with no response token after truncation."}
+        default=False, metadata={"help": "No effect: examples with no response token are always left out."}
     )
     overwrite: bool = field(default=False, metadata={"help": "Replace results already in `output_dir`."})
     data_map: bool = field(default=True, metadata={"help": "Also write datamap.png and confidence_report.md."})
@@ -198,13 +203,14 @@ def run_score(score_args: ScoreArguments, data_args: DatasetArguments, training_
 def run_aggregate(aggregate_args: AggregateArguments, data_args: DatasetArguments) -> None:
     from .confidence import aggregate_scores, write_data_map
 
-    table = aggregate_scores(aggregate_args.scores, drop_unscorable=aggregate_args.drop_unscorable)
+    table = aggregate_scores(aggregate_args.scores)
     output_dir = table.save(aggregate_args.output_dir, overwrite=aggregate_args.overwrite)
     summary = table.summary()
     print(
         f"{summary['num_examples']} examples over {len(table.checkpoints)} checkpoint(s): "
         f"{summary['num_confident']} confident, {summary['num_unconfident']} unconfident, "
-        f"{summary['num_remainder']} left out of the split, {len(table.excluded_ids)} unscorable dropped -> {output_dir}"
+        f"{summary['num_remainder']} left out of the split, {len(table.excluded_ids)} without a response token left "
+        f"out -> {output_dir}"
     )
     if aggregate_args.data_map:
         examples = load_examples(data_args) if data_args.dataset_name else None

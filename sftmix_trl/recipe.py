@@ -46,6 +46,8 @@ from .data_utils import (
     load_raw_dataset,
     normalize_content_parts,
     random_subset,
+    rows_surviving_preparation,
+    unscored_examples_error,
 )
 from .generate import BENCHMARKS
 from .trainer import SFTMixTrainer
@@ -434,7 +436,72 @@ class Recipe:
             for checkpoint in output_dir.glob("checkpoint-*"):
                 drop_resume_state(checkpoint)
 
+    def trained_rows(self, model: str) -> list[int] | None:
+        """The rows of the training set that TRL's preparation keeps for `model` (its tokenizer) with the run's
+        settings (`max_length`, the loss masks, ...): the rows a stage training `model` trains and a reference run
+        of `model` scores. None when that cannot be told without loading the model (a `chat_template_path` that
+        names a tokenizer): the trainer checks then."""
+        from transformers import AutoProcessor
+
+        processing_class = AutoProcessor.from_pretrained(
+            model,
+            revision=(self.args.model_init_kwargs or {}).get("revision"),
+            trust_remote_code=self.args.trust_remote_code,
+        )
+        try:
+            return rows_surviving_preparation(self.train_dataset, processing_class, self.args)
+        except ValueError as error:
+            if "chat_template_path" not in str(error):
+                raise
+            self.state.print(f"[sftmix] which rows train is checked by the trainer: {error}")
+            return None
+
+    def _example_ids(self, rows: list[int]) -> list:
+        id_column = self.args.id_column if self.args.id_column in self.train_dataset.column_names else "id"
+        ids = self.train_dataset[id_column]
+        return [ids[row] for row in rows]
+
+    def check_reference_scores_what_sftmix_trains(self) -> None:
+        """Before the reference run: with a reference model of its own (another tokenizer), every row the sftmix
+        stage trains must be one the reference run scores, i.e. one that the reference model's preparation keeps."""
+        if self.reference_model == self.model:  # the same tokenizer and settings: the same rows
+            return
+        trained = self.trained_rows(self.model)
+        scored = self.trained_rows(self.reference_model)
+        if trained is None or scored is None:
+            return
+        error = unscored_examples_error(
+            self._example_ids(trained), set(self._example_ids(scored)), self.args.id_column
+        )
+        if error is not None:
+            raise ValueError(
+                f"The reference model {self.reference_model} would leave training examples without a score: TRL's "
+                f"preparation with its tokenizer drops them (no response token left after truncation at max_length="
+                f"{self.args.max_length}), while the sftmix stage's, with {self.model}'s, keeps them. {error} (Raise "
+                "`max_length`, or drop those examples.)"
+            )
+
+    def check_every_trained_example_scored(self, scored_ids) -> None:
+        """The score stage's check of the sftmix stage's input, before its long work: every training row that TRL's
+        preparation keeps for the target model has a score (the message is the trainer's). The rows it drops (no
+        response token left after truncation) cannot train and need none; how many there are is printed."""
+        rows = self.trained_rows(self.model)
+        if rows is None:
+            return
+        ids = self._example_ids(rows)
+        error = unscored_examples_error(ids, set(scored_ids), self.args.id_column)
+        if error is not None:
+            raise error
+        left_out = len(self.train_dataset) - len(rows)
+        if left_out:
+            self.state.print(
+                f"[sftmix] stage score: {left_out} of {len(self.train_dataset)} training example(s) have no response "
+                f"token left after truncation at max_length={self.args.max_length} and will not train; the "
+                f"{len(rows)} that train all have a score."
+            )
+
     def run_reference(self) -> None:
+        self.check_reference_scores_what_sftmix_trains()
         output_dir = self.stage_dir("reference")
         epochs = self.recipe.reference_num_train_epochs or self.args.num_train_epochs
         # only the SFTMix model goes to the Hub (`push_to_hub`): the reference run is a means to its scores
@@ -458,6 +525,7 @@ class Recipe:
                     f"Expected {self.recipe.reference_num_checkpoints} reference score files, found "
                     f"{len(table.checkpoints)} in {self.stage_dir('reference')}: rerun the reference stage."
                 )
+            self.check_every_trained_example_scored(table.dataset["id"])
             table.save(output_dir, overwrite=True)
             write_data_map(
                 table.dataset,

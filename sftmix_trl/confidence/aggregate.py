@@ -45,7 +45,7 @@ HALVES = ("confident", "unconfident", "remainder")
 @dataclass
 class ConfidenceTable:
     """Aggregated confidence: the per-example `dataset`, the `checkpoints` its `ppl` columns follow, and the ids of
-    unscorable examples left out on request."""
+    the examples whose records had no response token to score (left out: they cannot train)."""
 
     dataset: Dataset
     checkpoints: list[str]
@@ -63,6 +63,7 @@ class ConfidenceTable:
             **{f"num_{half}": halves.count(half) for half in HALVES},
             "confidence_threshold": split_threshold(self.dataset),
             "excluded_unscorable_ids": self.excluded_ids,
+            "excluded_unscorable": "examples with no response token to score (truncated away): they cannot train",
             "confidence": "-mean_k ppl_k over the K checkpoints",
             "variability": "population standard deviation (ddof=0) of ppl_k over the K checkpoints",
             "gold_prob": "mean_k of the mean gold-token probability at checkpoint k",
@@ -124,13 +125,17 @@ def _shown(ids: Sequence, limit: int = 5) -> str:
     return ", ".join(repr(i) for i in ids[:limit]) + (f" (and {len(ids) - limit} more)" if len(ids) > limit else "")
 
 
-def aggregate_scores(score_files: Sequence[str | Path], drop_unscorable: bool = False) -> ConfidenceTable:
+def aggregate_scores(score_files: Sequence[str | Path]) -> ConfidenceTable:
     """Aggregate K score files (or folders of them) into per-example confidence and the split.
 
     Everything is checked before anything is computed or written: at least one file; no duplicate ids; every file
-    from the same dataset and with the same ids; no NaN or infinite perplexity; and no unscorable example (one with
-    no response token after truncation), unless `drop_unscorable` leaves those out (their ids are in
-    `excluded_ids`).
+    from the same dataset and with the same ids; no NaN or infinite perplexity.
+
+    A row that cannot train needs no score (`scoring`'s rule): the scorers write no record for a row TRL's preparation
+    drops, and a record with no response token (`num_tokens = 0`, null perplexity; what `sftmix score` wrote for such
+    rows before score format 3) is left out the same way, its id in `excluded_ids`. So files from the callback and from
+    `sftmix score`, of any version, aggregate together. Whether every example the target trains has a score is checked
+    where the scores are used (the SFTMix trainer, and the recipe's score stage before it).
     """
     files = resolve_score_files(score_files)
     if not files:
@@ -147,15 +152,17 @@ def aggregate_scores(score_files: Sequence[str | Path], drop_unscorable: bool = 
             "dataset at a time."
         )
     tables = []
+    unscorable = {}  # ids of records with no response token, in the order first seen
     for path, (records, _) in zip(files, loaded):
         ids = [record["id"] for record in records]
         try:
             check_unique_ids(ids)
         except ValueError as error:
             raise ValueError(f"{path}: {error}") from None
-        tables.append({record["id"]: record for record in records})
+        unscorable.update((r["id"], None) for r in records if r["ppl"] is None)
+        tables.append({record["id"]: record for record in records if record["ppl"] is not None})
 
-    ids = [record["id"] for record in loaded[0][0]]
+    ids = [record["id"] for record in loaded[0][0] if record["id"] in tables[0]]
     for path, table in zip(files[1:], tables[1:]):
         missing = [i for i in ids if i not in table]
         extra = [i for i in table if i not in tables[0]]
@@ -163,7 +170,9 @@ def aggregate_scores(score_files: Sequence[str | Path], drop_unscorable: bool = 
             raise ValueError(
                 f"The score files cover different examples: {path} lacks {len(missing)} id(s) of {files[0]} "
                 f"({_shown(missing)}) and has {len(extra)} it lacks ({_shown(extra)}). They come from different "
-                "datasets or id derivations; score every checkpoint on the same data."
+                "datasets or id derivations, or from tokenizers or `max_length`s under which TRL's preparation drops "
+                "different rows (a row it drops gets no score); score every checkpoint on the same data, prepared the "
+                "same way."
             )
 
     older = [str(path) for path, table in zip(files, tables) if any("prob" not in r for r in table.values())]
@@ -172,17 +181,14 @@ def aggregate_scores(score_files: Sequence[str | Path], drop_unscorable: bool = 
             f"{_shown(older)} hold no gold-token probabilities (score format 1, from an older sftmix-trl). Rescore "
             "those checkpoints (`sftmix score ... --overwrite`) so that every file has the same fields."
         )
-    ppl = [[table[i]["ppl"] for table in tables] for i in ids]
-    unscorable = [i for i, row in zip(ids, ppl) if any(value is None for value in row)]
-    if unscorable and not drop_unscorable:
+    if not ids:
         raise ValueError(
-            f"{len(unscorable)} example(s) have no response token left after truncation and cannot be scored: "
-            f"{_shown(unscorable)}. Raise `max_length`, or pass `drop_unscorable=True` (`--drop_unscorable`) to "
-            "leave them out of the split."
+            f"The score files hold no scored example: every one of {files[0]}'s {len(unscorable)} record(s) has no "
+            "response token (truncated away). Raise `max_length`, or check the data's prompt and completion columns."
         )
-    keep = [n for n, row in enumerate(ppl) if all(value is not None for value in row)]
-    ids = [ids[n] for n in keep]
-    ppl = np.array([ppl[n] for n in keep], dtype=np.float64).reshape(len(keep), len(files))
+    ppl = np.array([[table[i]["ppl"] for table in tables] for i in ids], dtype=np.float64).reshape(
+        len(ids), len(files)
+    )
 
     not_finite = ~np.isfinite(ppl)
     if not_finite.any():
@@ -225,7 +231,7 @@ def aggregate_scores(score_files: Sequence[str | Path], drop_unscorable: bool = 
         dataset=dataset,
         checkpoints=[path.name.removesuffix(SCORES_SUFFIX) for path in files],
         score_files=[str(path) for path in files],
-        excluded_ids=unscorable,
+        excluded_ids=list(unscorable),
         models=models,
     )
 

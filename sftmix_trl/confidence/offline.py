@@ -25,7 +25,6 @@ from .scoring import (
     SCORES_SUFFIX,
     add_example_ids,
     ids_fingerprint,
-    make_record,
     read_scores,
     score_trainer,
     write_scores,
@@ -81,8 +80,9 @@ def score_checkpoints(
     """Score every example of `dataset` with each checkpoint, one score file per checkpoint in `output_dir`
     (`<checkpoint name>.jsonl` and its `.json` sidecar; see `scoring`).
 
-    Examples that SFTTrainer drops for a model (no loss token left after truncation at `args.max_length`) cannot be
-    scored: they get a record with `num_tokens = 0` and `ppl = null`, and aggregation says which they are.
+    Examples that SFTTrainer's preparation drops for a model (no loss token left after truncation at
+    `args.max_length`) cannot train, so they need no score: they get no record, as with `ConfidenceCallback`, whose
+    files on the same data hold the same ids; the sidecar lists them (`left_out_ids`).
 
     Every checkpoint's config is loaded before any scoring, so a bad path fails at once. A score file that already
     exists for the same examples is kept (resuming an interrupted run); one for other examples is refused unless
@@ -137,7 +137,8 @@ def score_checkpoints(
     for checkpoint, path in zip(checkpoints, paths):
         if path.is_file() and not overwrite:
             _, metadata = read_scores(path)
-            if metadata.get("ids_fingerprint") != fingerprint:
+            # the raw data's ids (a file holds records only for the rows TRL's preparation kept); older files: theirs
+            if metadata.get("raw_ids_fingerprint", metadata.get("ids_fingerprint")) != fingerprint:
                 raise FileExistsError(
                     f"{path} already holds scores of other examples. Pass `overwrite=True` (`--overwrite`) to replace "
                     "them, or choose another output folder."
@@ -169,9 +170,10 @@ def score_checkpoints(
         scored = score_trainer(trainer, id_column=id_column, desc=f"Scoring {name}")
         if trainer.accelerator.is_main_process:
             by_id = {record["id"]: record for record in scored}
-            # every distinct example of the raw data, in its order (identical rows share an id and one record); those
-            # TRL dropped have no loss token to score
-            records = [by_id.get(example_id) or make_record(example_id, 0.0, 0) for example_id in dict.fromkeys(ids)]
+            # every distinct example of the raw data that TRL's preparation kept, in the raw order (identical rows
+            # share an id and one record); those it dropped cannot train and get no record, as in the callback's files
+            records = [by_id[example_id] for example_id in dict.fromkeys(ids) if example_id in by_id]
+            left_out = [example_id for example_id in dict.fromkeys(ids) if example_id not in by_id]
             metadata = {
                 "source": "score_checkpoints",
                 "checkpoint": str(checkpoint),
@@ -180,14 +182,17 @@ def score_checkpoints(
                 "dataset": dataset_name,
                 "max_length": args.max_length,
                 "tokenizer": trainer.processing_class.name_or_path,
+                "raw_ids_fingerprint": fingerprint,
+                "left_out_ids": left_out,
             }
             write_scores(records, path, metadata)
-            unscorable = len(records) - len(scored)
-            if unscorable:
+            if left_out:
                 logger.warning(
-                    "%s: %d example(s) have no response token after truncation at max_length=%s and cannot be scored.",
+                    "%s: %d of %d example(s) left out: no response token after truncation at max_length=%s (TRL's "
+                    "preparation drops them, so they cannot train and need no score).",
                     name,
-                    unscorable,
+                    len(left_out),
+                    len(left_out) + len(records),
                     args.max_length,
                 )
         trainer.accelerator.wait_for_everyone()

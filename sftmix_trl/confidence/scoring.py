@@ -16,10 +16,15 @@ model and calls with `fused_lm_head=True`), which projects through the LM head i
 (batch, length, vocabulary) logits.
 
 Score files: one JSON Lines file per checkpoint, one record per example, `{"id", "num_tokens", "nll", "ppl", "prob",
-"accuracy"}`, in the
-dataset's order, and beside it a JSON sidecar with the same stem that says what was scored (checkpoint, step, dataset,
-number of examples and a hash of their ids). An example with no loss token has `num_tokens = 0` and its other fields
-null: it cannot be scored.
+"accuracy"}`, in the dataset's order, and beside it a JSON sidecar with the same stem that says what was scored
+(checkpoint, step, dataset, number of examples and a hash of their ids).
+
+One rule for rows that cannot train, in every scorer: a row that TRL's preparation drops (no loss token left after
+truncation) needs no score and gets no record. The callback scores the trainer's prepared dataset, where such rows are
+already gone; the offline scorer (`score_checkpoints`) prepares the data with an `SFTTrainer` too and writes the same
+records, listing the rows it left out in its sidecar (`left_out_ids`). So the two write the same ids for the same data
+and their files aggregate together. (A row kept by preparation whose only loss token is its first one has nothing to
+predict: its record has `num_tokens = 0` and null fields, and aggregation leaves it out as well.)
 """
 
 import hashlib
@@ -40,7 +45,7 @@ from ..data_utils import check_repeated_ids_share_content, derive_example_id
 
 SCORES_SUFFIX = ".jsonl"
 METADATA_SUFFIX = ".json"
-FORMAT_VERSION = 2  # 2 adds `prob` and `accuracy`
+FORMAT_VERSION = 3  # 2 adds `prob` and `accuracy`; 3: no record for a row that TRL's preparation drops
 
 
 def add_example_ids(dataset: Dataset, id_column: str = "id") -> Dataset:

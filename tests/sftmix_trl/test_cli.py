@@ -55,23 +55,24 @@ def test_score_aggregate_datamap_end_to_end(tmp_path, llama_dir, tokenizer, data
     )
     assert scored.returncode == 0, scored.stderr
     assert len(list((tmp_path / "scores").glob("*.jsonl"))) == 2
-
-    # without the flag, the two examples truncation left without a response are named, and nothing is written
-    refused = sftmix("aggregate", "--scores", "scores", "--output_dir", "confidence", cwd=tmp_path)
-    assert refused.returncode == 1
-    assert "2 example(s) have no response token" in refused.stderr and "--drop_unscorable" in refused.stderr
-    assert not (tmp_path / "confidence").exists()
+    # the two examples truncation leaves without a response cannot train: TRL drops them, they get no record (as in
+    # the training-time scorer's files), and the sidecar names them
+    raw_ids = [derive_example_id(row) for row in alpaca_rows()]
+    for path in (tmp_path / "scores").glob("*.jsonl"):
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [r["id"] for r in records] == raw_ids[:-2]
+        assert json.loads(path.with_suffix(".json").read_text())["left_out_ids"] == raw_ids[-2:]
+    assert "2 of 12 example(s) left out: no response token after truncation at max_length=64" in scored.stderr
 
     aggregated = sftmix(
         "aggregate",
-        *("--scores", "scores", "--output_dir", "confidence", "--drop_unscorable"),
+        *("--scores", "scores", "--output_dir", "confidence"),
         *("--dataset_name", str(data_file)),
         cwd=tmp_path,
     )
     assert aggregated.returncode == 0, aggregated.stderr
     assert "10 examples over 2 checkpoint(s): 5 confident, 5 unconfident" in aggregated.stdout
     table = load_confidence(tmp_path / "confidence")
-    raw_ids = [derive_example_id(row) for row in alpaca_rows()]
     assert sorted(table["id"]) == sorted(raw_ids[:-2])  # ids derived from the raw rows, before any processing
     report = (tmp_path / "confidence" / "confidence_report.md").read_text()
     most_confident = max(zip(table["confidence"], table["id"]))[1]
@@ -105,6 +106,7 @@ def test_bad_input_messages(tmp_path, llama_dir, data_file, capsys, monkeypatch)
 
     code, _ = run("score", "--checkpoints", str(llama_dir), "--dataset_name", str(data_file), "--output_dir", "s")
     assert code == 0
+    # `--drop_unscorable` is still accepted (it has no effect: such examples are always left out)
     args = ("aggregate", "--scores", "s", "--output_dir", "out", "--drop_unscorable", "--data_map", "false")
     assert run(*args)[0] == 0
     code, err = run(*args)

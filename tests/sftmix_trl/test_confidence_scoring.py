@@ -201,14 +201,17 @@ def test_weaker_reference_with_another_tokenizer_keys_by_the_same_ids(tokenizer,
     expected_ids = add_example_ids(dataset)["id"]
     for path, model_dir in zip(paths, (llama_dir, reference_dir)):
         records, metadata = read_scores(path)
-        assert [r["id"] for r in records] == expected_ids  # every raw example, in the raw order
+        # every raw example that TRL's preparation keeps for this model, in the raw order; the others are named
+        assert [r["id"] for r in records] + metadata["left_out_ids"] == sorted(
+            expected_ids, key=lambda i: (i in metadata["left_out_ids"], expected_ids.index(i))
+        )
+        assert all(r["num_tokens"] > 0 for r in records) and metadata["unscorable_ids"] == []
         # what the scorer used: the tokenizer saved with the model, as AutoTokenizer loads it
         model_tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        assert metadata["unscorable_ids"] == [r["id"] for r in records if r["num_tokens"] == 0]
         with_ids = add_example_ids(dataset)
         model = AutoModelForCausalLM.from_pretrained(model_dir)
         kept, dropped = assert_scores_match_reference(records, model, model_tokenizer, with_ids, SHORT)
-        assert kept > 0 and dropped == len(metadata["unscorable_ids"])
+        assert kept == len(records) > 0 and dropped == len(metadata["left_out_ids"])
 
     # scored again: the files are kept (resume); other data in the same folder is refused
     mtimes = [p.stat().st_mtime_ns for p in paths]
@@ -303,3 +306,29 @@ def test_weaker_reference_scores_feed_sftmix_trainer(tokenizer, llama, tmp_path)
     )
     split = trainer.confidence_split
     assert len(split.confident) == len(split.unconfident) == 6
+
+
+def test_callback_and_offline_scorer_write_the_same_records_when_preparation_drops_rows(tokenizer, llama, tmp_path):
+    """One rule in both scorers: a row TRL's preparation drops (no loss token left after truncation) gets no record, so
+    the training-time scorer and `score_checkpoints` write the same ids for the same data, and aggregate together."""
+    from sftmix_trl.confidence import aggregate_scores
+
+    dataset = tiny.prompt_completion_dataset(12)
+    args = sft_config(tmp_path, max_length=SHORT, max_steps=2, save_steps=2, logging_steps=100)
+    trainer = SFTTrainer(model=llama, args=args, train_dataset=dataset, processing_class=tokenizer)
+    kept = trainer.train_dataset["id"]
+    assert 0 < len(kept) < len(dataset)
+    trainer.add_callback(ConfidenceCallback(trainer))
+    trainer.train()
+    during_training = tmp_path / "confidence_scores" / "checkpoint-2.jsonl"
+    callback_records, _ = read_scores(during_training)
+
+    (offline,) = score_checkpoints(
+        [tmp_path / "checkpoint-2"], dataset, tmp_path / "offline", args=sft_config(tmp_path, max_length=SHORT)
+    )
+    offline_records, metadata = read_scores(offline)
+    assert [r["id"] for r in offline_records] == [r["id"] for r in callback_records] == kept
+    assert metadata["left_out_ids"] == [i for i in dataset["id"] if i not in set(kept)]
+    for a, b in zip(offline_records, callback_records):
+        assert a["num_tokens"] == b["num_tokens"] > 0 and a["ppl"] == pytest.approx(b["ppl"], rel=1e-5)
+    assert sorted(aggregate_scores([during_training, offline]).dataset["id"]) == sorted(kept)

@@ -3,6 +3,7 @@ two-process data-parallel run through `accelerate launch`, and resumes instead o
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -258,3 +259,66 @@ def test_checkpoints_keep_resume_state_only_while_needed(tmp_path):
     # the older checkpoint keeps its model only; the newest everything a resumed run needs
     assert sorted(p.name for p in (tmp_path / "checkpoint-2").iterdir()) == ["config.json", "model.safetensors"]
     assert all((tmp_path / "checkpoint-4" / name).is_file() for name in resume_files)
+
+
+def _truncating_recipe(tmp_path: Path, model_dir: Path, **fields):
+    """A recipe on 12 tiny prompt/completion rows at max_length=30, where TRL drops the rows whose prompt fills it."""
+    from sftmix_trl.recipe import Recipe
+
+    tiny.prompt_completion_dataset(12).to_json(tmp_path / "train.jsonl")
+    fields = {"dataset_name": str(tmp_path / "train.jsonl"), "max_length": "30", **fields}
+    return Recipe(*parse_recipe_args(_recipe_args(model_dir, tmp_path / "run", **fields)))
+
+
+def test_score_stage_checks_that_every_row_the_sftmix_stage_trains_has_a_score(tmp_path, llama_dir, capsys):
+    from sftmix_trl.confidence.scoring import make_record, write_scores
+
+    recipe = _truncating_recipe(tmp_path, llama_dir, reference_num_checkpoints="1")
+    dataset = recipe.train_dataset
+    rows = recipe.trained_rows(recipe.model)
+    assert 0 < len(rows) < len(dataset)  # some rows cannot train
+    trained_ids = [dataset["id"][row] for row in rows]
+    scores = recipe.stage_dir("reference") / "confidence_scores" / "checkpoint-3.jsonl"
+
+    # a reference run that scored every row that trains: the rows TRL drops need no score
+    write_scores(
+        [make_record(i, float(n + 1), 2, prob_sum=1.0, top1_sum=1) for n, i in enumerate(trained_ids)], scores, {}
+    )
+    recipe.run_score()
+    out = capsys.readouterr().out
+    left_out = len(dataset) - len(rows)
+    assert (
+        f"{left_out} of 12 training example(s) have no response token left after truncation at max_length=30 and "
+        f"will not train; the {len(rows)} that train all have a score."
+    ) in out
+    assert recipe.is_done("score")
+
+    # a row that could train and has no score fails the score stage, with the trainer's message, before any output
+    shutil.rmtree(recipe.stage_dir("score"))
+    write_scores(
+        [make_record(i, float(n + 1), 2, prob_sum=1.0, top1_sum=1) for n, i in enumerate(trained_ids[1:])], scores, {}
+    )
+    with pytest.raises(ValueError) as error:
+        recipe.run_score()
+    assert str(error.value) == (
+        f"1 of {len(rows)} training example(s) have no confidence score, e.g. {trained_ids[0]!r} (joined on 'id'). "
+        "Score every training example, or drop the unscored ones."
+    )
+    assert not recipe.stage_dir("score").exists()
+
+
+def test_a_reference_model_that_drops_rows_the_target_trains_is_refused_before_training(tmp_path, llama_dir):
+    # a reference model with a coarser tokenizer (smaller vocabulary, longer prompts) than the target's
+    target_dir = tmp_path / "target"
+    target_tokenizer = tiny.build_tokenizer(vocab_size=400)
+    tiny.build_qwen2(target_tokenizer, hidden_size=32, num_layers=1).save_pretrained(target_dir)
+    target_tokenizer.save_pretrained(target_dir)
+    recipe = _truncating_recipe(tmp_path, target_dir, reference_model_name_or_path=str(llama_dir))
+    trained, scored = recipe.trained_rows(recipe.model), recipe.trained_rows(recipe.reference_model)
+    assert set(trained) > set(scored)
+    with pytest.raises(ValueError, match=r"reference model .* would leave training examples without a score") as error:
+        recipe.run_reference()
+    assert f"{len(trained) - len(scored)} of {len(trained)} training example(s) have no confidence score" in str(
+        error.value
+    )
+    assert not recipe.stage_dir("reference").exists()  # refused before any training
