@@ -38,7 +38,8 @@ C = 1,024 rows, Vc = 16,384 columns, V / Vc = 8 vocabulary chunks), products at 
 
     FLOPs: 2 N D V forward + 6 N D V backward (recompute, dW, dH) = 8 N D V = 34.4 TFLOP         ~43 ms
     HBM, products: W read once per row chunk in forward ((N / C) 2 V D = 8.4 GB) and twice in backward
-        (4 V D = 2.1 GB); dW written once (2 V D = 1.05 GB); dH's read-modify-write (V / Vc) 8 N D = 2.1 GB
+        (4 V D = 2.1 GB); H twice per vocabulary chunk ((V / Vc) 4 N D = 1.1 GB); dW written once
+        (2 V D = 1.05 GB); dH's read-modify-write ((V / Vc) 8 N D = 2.1 GB)
     HBM, eager elementwise passes over fp32 logits (each pass reads and / or writes 4 bytes per logit): forward
         ~9 per row plus ~9 per mixed pair, backward ~10.5 per row plus ~15 per pair (GEMM output, z - lse, exp,
         scale, the cast to bf16, db, the products' reads of G; lerp, exp, scale and two addcmul for z~):
@@ -48,12 +49,13 @@ C = 1,024 rows, Vc = 16,384 columns, V / Vc = 8 vocabulary chunks), products at 
         slot order (S D bf16) 67 MB. No V x D buffer beyond the returned dW.
 
 The alternative, the one-pass schedule with input-dtype products and few large row chunks, costs 6 N D V (~33 ms)
-but an fp32 dW (4 V D = 2.1 GB extra) read and written once per row chunk after the first: (N / C - 1) 8 V D + 4 V D
-bytes = 31.5 GB (~9.4 ms) at this budget, 14.7 GB (~4.4 ms) at 2**30 bytes, 63 GB (~19 ms) at 2**28; the recompute
-costs 2 N D V (~11 ms) plus ~10 N V bytes (~3 ms) whatever the budget, since its per-chunk traffic (dH) is D / V of
-dW's. Their times are within ~10% of each other at the default budget; recompute holds 2.1 GB less and can take a
-smaller budget at no cost, so it is the CUDA schedule. On CPU, where the products dominate and the extra product
-would cost a third more, the one-pass schedule stays.
+but an fp32 dW (4 V D = 2.1 GB extra) read and written once per row chunk after the first, and cast at the end:
+(N / C - 1) 8 V D + 4 V D + 6 V D bytes = 34.6 GB (~10 ms) at this budget, 17.8 GB (~5 ms) at 2**30 bytes, 68 GB
+(~20 ms) at 2**28. The recompute costs 2 N D V (~11 ms) plus ~7 N V bytes (the logits written again, z~ mixed
+again: ~2 ms) whatever the budget, since its per-chunk traffic (dH) is D / V of dW's. Their times are within ~5% of
+each other at the default budget (~75 ms in all); recompute holds 2.1 GB less and can take a smaller budget at no
+cost, so it is the CUDA schedule. On CPU, where the products dominate and the extra product would cost a third
+more, the one-pass schedule stays.
 """
 
 import functools
