@@ -5,7 +5,8 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
-LOSS_IMPLS = ("auto", "triton", "torch", "reference")
+from .kernels.options import IMPLS as LOSS_IMPLS
+
 NTP_LOSS_SUBSETS = ("all", "confident", "unconfident", "none")
 
 
@@ -35,8 +36,10 @@ class SFTMixConfig(SFTConfig):
             The Mixup loss always interpolates both halves. The logged `ntp_loss`, `entropy` and
             `mean_token_accuracy` cover the examples the next-token loss applies to (not logged with `"none"`).
         loss_impl (`str`, *optional*, defaults to `"auto"`):
-            Implementation of the fused loss: `"triton"` (CUDA), `"torch"` (chunked PyTorch, any device),
-            `"reference"` (dense eager PyTorch, for checks) or `"auto"` (Triton on CUDA, torch elsewhere).
+            Implementation of the fused loss: `"rowchunk"` (CUDA: cuBLAS products and one Triton element-wise pass
+            per chunk of rows), `"triton"` (CUDA: fused Triton kernels, no logits tensor), `"torch"` (chunked
+            PyTorch, any device), `"reference"` (dense eager PyTorch, for checks) or `"auto"` (rowchunk for bf16 /
+            fp16 and triton for fp32 on CUDA, torch elsewhere).
 
         > Parameters that control the confidence split
 
@@ -86,8 +89,9 @@ class SFTMixConfig(SFTConfig):
     loss_impl: str = field(
         default="auto",
         metadata={
-            "help": "Implementation of the fused loss: 'triton' (CUDA), 'torch' (chunked PyTorch), 'reference' (dense "
-            "eager PyTorch) or 'auto' (Triton on CUDA, torch elsewhere).",
+            "help": "Implementation of the fused loss: 'rowchunk' (CUDA, cuBLAS products per chunk of rows), 'triton' "
+            "(CUDA, fused Triton kernels), 'torch' (chunked PyTorch), 'reference' (dense eager PyTorch) or 'auto' "
+            "(rowchunk for bf16 / fp16 and triton for fp32 on CUDA, torch elsewhere).",
             "choices": list(LOSS_IMPLS),
         },
     )

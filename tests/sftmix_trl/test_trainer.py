@@ -84,7 +84,14 @@ def test_soft_capped_logits_are_sfttrainers(tokenizer, tmp_path):
 
 @pytest.mark.parametrize(
     "ntp_loss_on, impl",
-    [("all", "torch"), ("all", "reference"), ("confident", "torch"), ("unconfident", "torch"), ("none", "torch")],
+    [
+        ("all", "torch"),
+        ("all", "reference"),
+        ("all", "rowchunk"),
+        ("confident", "torch"),
+        ("unconfident", "torch"),
+        ("none", "torch"),
+    ],
 )
 def test_mixed_loss_and_gradients_match_the_formula(tokenizer, tmp_path, ntp_loss_on, impl):
     dataset = with_confidence(tiny.prompt_completion_dataset(18))

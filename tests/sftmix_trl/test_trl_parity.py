@@ -369,17 +369,21 @@ def test_packing_carries_the_completion_only_labels_of_every_example(tokenizer, 
     assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()
 
 
-def test_packing_trains_and_evaluates_packed_as_sfttrainer_does(tokenizer, tmp_path):
-    """`packing=True` with an eval set: the eval set is packed too (`eval_packing` defaults to `packing`) and
-    evaluated with SFTTrainer's plain loss."""
+@pytest.mark.parametrize("eval_packing", [None, False], ids=["eval_packed", "only_train_packed"])
+def test_packing_trains_and_evaluates_as_sfttrainer_does(tokenizer, tmp_path, eval_packing):
+    """`packing=True` with an eval set: the eval set is packed too (`eval_packing` defaults to `packing`), or not
+    with `eval_packing=False`, as SFTTrainer does, and evaluated with SFTTrainer's plain loss."""
     held_out = tiny.prompt_completion_dataset(6, seed=1)
     dataset = with_confidence(tiny.prompt_completion_dataset(8))
-    config = dict(per_device_eval_batch_size=2, **PACKED)
+    config = dict(per_device_eval_batch_size=2, eval_packing=eval_packing, **PACKED)
     sft = SFTTrainer(tiny.build_llama(tokenizer), args=tiny_sft_config(tmp_path / "sft", **config),
                      train_dataset=dataset, eval_dataset=held_out, processing_class=tokenizer)  # fmt: skip
     mix = SFTMixTrainer(tiny.build_llama(tokenizer), args=tiny_config(tmp_path / "mix", **config),
                         train_dataset=dataset, eval_dataset=held_out, processing_class=tokenizer)  # fmt: skip
-    assert "seq_lengths" in mix.eval_dataset.column_names and len(mix.eval_dataset) == len(sft.eval_dataset) < 6
+    if eval_packing is False:
+        assert "seq_lengths" not in mix.eval_dataset.column_names and len(mix.eval_dataset) == 6
+    else:
+        assert "seq_lengths" in mix.eval_dataset.column_names and len(mix.eval_dataset) == len(sft.eval_dataset) < 6
     assert mix.evaluate()["eval_loss"] == pytest.approx(sft.evaluate()["eval_loss"], rel=1e-6)
 
 
