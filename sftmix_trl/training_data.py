@@ -29,6 +29,7 @@ from .data_utils import (
     check_repeated_ids_share_content,
     derive_example_id,
     split_examples,
+    unscored_examples_error,
 )
 
 # Columns added to the training dataset: the row of each example in the dataset as given (carried through
@@ -104,14 +105,12 @@ class ExampleConfidence:
     def of_prepared_rows(self, rows: list[int]) -> tuple[list[float], list[str]]:
         """The confidence and the id of each prepared row (`rows`: each one's row in the dataset as given). A row
         that preparation kept needs a score; one that it dropped needs none."""
-        unscored = [self.ids[row] for row in rows if self.confidence[row] is None]
-        if unscored:
-            shown = ", ".join(repr(example_id) for example_id in dict.fromkeys(unscored[:5]))
-            raise ValueError(
-                f"{len(unscored)} of {len(rows)} training example(s) have no confidence score, e.g. {shown} (joined "
-                f"on {self.id_column!r}). Score every training example, or drop the unscored ones."
-            )
-        return [self.confidence[row] for row in rows], [self.ids[row] for row in rows]
+        ids = [self.ids[row] for row in rows]
+        scored = {self.ids[row] for row in rows if self.confidence[row] is not None}
+        error = unscored_examples_error(ids, scored, self.id_column)
+        if error is not None:
+            raise error
+        return [self.confidence[row] for row in rows], ids
 
 
 def attach_confidence(dataset: Dataset, confidence_scores, args: SFTMixConfig) -> tuple[Dataset, ExampleConfidence]:
