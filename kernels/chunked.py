@@ -200,31 +200,22 @@ def _soft_ce_grad_(logits, lse, columns, col_weights, row_scale, dcap):
 
 @dataclass
 class _RowChunk:
-    """One forward row chunk at positions [start, stop) of the chunk plan, after its losses: capped logits (the
-    buffer), their lse and soft-cap derivative, targets as (columns, weights), dL/dNLL per row; for a pair chunk
-    (``pairs`` a slice) the same for z~ over its ``half`` pairs, and their lambdas (half, 1)."""
+    """One forward row chunk, positions [start, stop) of the chunk plan (pairs ``pairs`` for a pair chunk): per row
+    lse(z) and dL/dNLL (None without gradients), per pair lse(z~), and, when the forward was asked for it, G."""
 
     start: int
     stop: int
-    logits: torch.Tensor
+    pairs: slice | None
     lse: torch.Tensor
-    dcap: torch.Tensor | None
-    columns: torch.Tensor
-    col_weights: torch.Tensor
     ntp_row_scale: torch.Tensor | None
-    pairs: slice | None = None
-    half: int = 0
-    lam: torch.Tensor | None = None
-    mixed: torch.Tensor | None = None
-    mix_lse: torch.Tensor | None = None
-    mix_dcap: torch.Tensor | None = None
-    mix_columns: torch.Tensor | None = None
-    mix_col_weights: torch.Tensor | None = None
+    mix_lse: torch.Tensor | None
+    grad: torch.Tensor | None
 
 
-def _row_chunks(hidden_rows, weight, bias, layout, options, order, chunks, chunk_rows, stats, ntp_scale):
-    """The forward: fills ``stats`` chunk by chunk and yields each chunk (`_RowChunk`, its buffers reused by the
-    next one). ``hidden_rows`` are in chunk-plan order; ``ntp_scale`` None skips the per-row dL/dNLL."""
+def _row_chunks(hidden_rows, weight, bias, layout, options, order, chunks, chunk_rows, stats, ntp_scale, mix_scale):
+    """The forward: fills ``stats`` chunk by chunk and yields each chunk (`_RowChunk`; its buffers are reused by the
+    next one). ``hidden_rows`` are in chunk-plan order; ``ntp_scale`` None skips the per-row dL/dNLL; ``mix_scale``
+    given (the one-pass schedule) also forms each chunk's G, in place of its logits."""
     acc_dtype, device = stats.nll.dtype, stats.nll.device
     softcap, ignore_index = options.logit_softcap, options.ignore_index
     num_pairs, vocab_size = layout.num_pairs, weight.shape[0]
@@ -242,52 +233,41 @@ def _row_chunks(hidden_rows, weight, bias, layout, options, order, chunks, chunk
     mixed_buffer = torch.empty(min(chunk_rows // 2, num_pairs), vocab_size, **new)
     for start, stop, pairs in chunks:
         logits = _logits_into(logits_buffer[: stop - start], hidden_rows[start:stop], weight, bias)
-        chunk = _RowChunk(start, stop, logits, None, None, ntp_columns[start:stop], ntp_weights[start:stop], None)
         if pairs is not None:
             # z~ = lam z_p + (1 - lam) z_q, on the raw logits: any soft cap comes after mixing
-            chunk.pairs, chunk.half, chunk.lam = pairs, (stop - start) // 2, mix_lambda[pairs]
-            chunk.mixed = torch.lerp(
-                logits[chunk.half :], logits[: chunk.half], chunk.lam, out=mixed_buffer[: chunk.half]
-            )
+            half, lam = (stop - start) // 2, mix_lambda[pairs]
+            mixed = torch.lerp(logits[half:], logits[:half], lam, out=mixed_buffer[:half])
         exps = exps_buffer[: stop - start]
-        nll, chunk.lse, argmax, sum_exp, chunk.dcap = _soft_ce(logits, exps, chunk.columns, chunk.col_weights, softcap)
+        columns, col_weights = ntp_columns[start:stop], ntp_weights[start:stop]
+        nll, lse, argmax, sum_exp, dcap = _soft_ce(logits, exps, columns, col_weights, softcap)
         slots = order[start:stop]
-        chunk.ntp_row_scale = ntp_row_scale[start:stop] if ntp_row_scale is not None else None
+        row_scale = ntp_row_scale[start:stop] if ntp_row_scale is not None else None
         if options.dft:
             # DFT: each next-token term times the row's own target probability p_n = exp(-nll_n), held constant,
             # so its loss is p_n nll_n and its logit gradient p_n (softmax(z_n) - e_t) / normalizer
             dft_weight = torch.where(valid[start:stop], torch.exp(-nll), 0.0)
             nll = nll * dft_weight
-            if chunk.ntp_row_scale is not None:
-                chunk.ntp_row_scale = chunk.ntp_row_scale * dft_weight
+            row_scale = row_scale * dft_weight if row_scale is not None else None
         stats.nll[slots] = torch.where(valid[start:stop], nll, 0.0)
         stats.correct[slots] = argmax == ntp_targets[start:stop]
         # entropy = lse(z) - sum_v softmax(z)_v z_v, softmax(z)_v = exp(z_v - max z) / sum_exp
-        stats.entropy[slots] = chunk.lse - torch.bmm(exps[:, None, :], logits[:, :, None]).flatten() / sum_exp
+        stats.entropy[slots] = lse - torch.bmm(exps[:, None, :], logits[:, :, None]).flatten() / sum_exp
+        chunk = _RowChunk(start, stop, pairs, lse, row_scale, None, None)
+        if mix_scale is not None:
+            chunk.grad = _soft_ce_grad_(logits, lse, columns, col_weights, row_scale, dcap)
         if pairs is not None:
-            chunk.mix_columns, chunk.mix_col_weights = layout.mix_targets[pairs], mix_weights[pairs]
-            stats.mix_nll[pairs], chunk.mix_lse, _, _, chunk.mix_dcap = _soft_ce(
-                chunk.mixed, exps[: chunk.half], chunk.mix_columns, chunk.mix_col_weights, softcap
+            mix_columns, mix_col_weights = layout.mix_targets[pairs], mix_weights[pairs]
+            stats.mix_nll[pairs], chunk.mix_lse, _, _, mix_dcap = _soft_ce(
+                mixed, exps[:half], mix_columns, mix_col_weights, softcap
             )
+            if mix_scale is not None:
+                mixed_grad = _soft_ce_grad_(
+                    mixed, chunk.mix_lse, mix_columns, mix_col_weights, mix_scale[pairs], mix_dcap
+                )
+                # dz~/dz_p = lam, dz~/dz_q = 1 - lam
+                chunk.grad[:half].addcmul_(mixed_grad, lam)
+                chunk.grad[half:].addcmul_(mixed_grad, 1 - lam)
         yield chunk
-
-
-def _chunk_logit_grad(chunk: _RowChunk, mix_scale):
-    """G of a row chunk, in place of its logits; the mixup gradient rides on the p and q rows."""
-    grad = _soft_ce_grad_(chunk.logits, chunk.lse, chunk.columns, chunk.col_weights, chunk.ntp_row_scale, chunk.dcap)
-    if chunk.pairs is not None:
-        mixed_grad = _soft_ce_grad_(
-            chunk.mixed,
-            chunk.mix_lse,
-            chunk.mix_columns,
-            chunk.mix_col_weights,
-            mix_scale[chunk.pairs],
-            chunk.mix_dcap,
-        )
-        # dz~/dz_p = lam, dz~/dz_q = 1 - lam
-        grad[: chunk.half].addcmul_(mixed_grad, chunk.lam)
-        grad[chunk.half :].addcmul_(mixed_grad, 1 - chunk.lam)
-    return grad
 
 
 def _new_stats(num_slots, num_pairs, dtype, device):
@@ -344,12 +324,12 @@ def _one_pass(hidden, weight, bias, layout, options, ntp_scale, mix_scale, needs
 
     row_chunks = _row_chunks(
         hidden_rows, weight, bias, layout, options, order, chunks, chunk_rows, stats,
-        ntp_scale if need_logit_grad else None,
+        ntp_scale if need_logit_grad else None, mix_scale if need_logit_grad else None,
     )  # fmt: skip
     for chunk in row_chunks:
         if not need_logit_grad:
             continue
-        grad, start, stop = _chunk_logit_grad(chunk, mix_scale), chunk.start, chunk.stop
+        grad, start, stop = chunk.grad, chunk.start, chunk.stop
         if need_hidden:
             torch.mm(grad, weight, out=grad_hidden_rows[start:stop])
         if need_weight:
@@ -377,7 +357,7 @@ def _recompute(hidden, weight, bias, layout, options, ntp_scale, mix_scale, need
     lse, ntp_row_scale, mix_lse = (torch.empty(n, **new) for n in (num_slots, num_slots, num_pairs))
     row_chunks = _row_chunks(
         hidden.index_select(0, layout.rows[order]), weight, bias_acc, layout, options, order, chunks, chunk_rows,
-        stats, ntp_scale if need_logit_grad else None,
+        stats, ntp_scale if need_logit_grad else None, None,
     )  # fmt: skip
     for chunk in row_chunks:
         if need_logit_grad:
