@@ -34,7 +34,8 @@ def sftmix_loss_and_grads(
 
     Arguments as in `SFTMixLinearCrossEntropyFunction`; ``needs_grad`` flags (hidden, weight, bias), and each
     gradient is None unless flagged. The gradients are in the accumulation dtype (fp32; fp64 for fp64 inputs), but
-    for the Triton backend's dW (the input dtype); ``grad_scale`` is a 0-dim tensor or None (1).
+    dW, which the triton backend, the torch backend's recompute schedule (CUDA) and the rowchunk backend (unless its
+    memory budget holds an fp32 accumulator) return in the input dtype; ``grad_scale`` is a 0-dim tensor or None (1).
     """
     hidden, weight = hidden.contiguous(), weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
