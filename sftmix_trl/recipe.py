@@ -484,7 +484,8 @@ class Recipe:
     def check_every_trained_example_scored(self, scored_ids) -> None:
         """The score stage's check of the sftmix stage's input, before its long work: every training row that TRL's
         preparation keeps for the target model has a score (the message is the trainer's). The rows it drops (no
-        response token left after truncation) cannot train and need none; how many there are is printed."""
+        response token left after truncation) cannot train and need none; how many there are is printed. Every
+        process of a launch calls it (TRL's preparation waits for the main process)."""
         rows = self.trained_rows(self.model)
         if rows is None:
             return
@@ -518,14 +519,16 @@ class Recipe:
 
     def run_score(self) -> None:
         output_dir = self.stage_dir("score")
+        # every process aggregates and checks (a few files read; TRL's preparation in the check synchronizes the
+        # processes), so that a bad input stops every one of them with the same message; the main process writes
+        table = aggregate_scores([self.stage_dir("reference")])
+        if len(table.checkpoints) != self.recipe.reference_num_checkpoints:
+            raise ValueError(
+                f"Expected {self.recipe.reference_num_checkpoints} reference score files, found "
+                f"{len(table.checkpoints)} in {self.stage_dir('reference')}: rerun the reference stage."
+            )
+        self.check_every_trained_example_scored(table.dataset["id"])
         if self.state.is_main_process:
-            table = aggregate_scores([self.stage_dir("reference")])
-            if len(table.checkpoints) != self.recipe.reference_num_checkpoints:
-                raise ValueError(
-                    f"Expected {self.recipe.reference_num_checkpoints} reference score files, found "
-                    f"{len(table.checkpoints)} in {self.stage_dir('reference')}: rerun the reference stage."
-                )
-            self.check_every_trained_example_scored(table.dataset["id"])
             table.save(output_dir, overwrite=True)
             write_data_map(
                 table.dataset,
