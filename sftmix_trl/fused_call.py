@@ -60,31 +60,39 @@ def backbone_and_fused_loss(
 ) -> dict[str, torch.Tensor]:
     """The backbone's last hidden states and the fused SFTMix loss on them (DFT on the next-token term when `dft`);
     with `output_router_logits`, the router loss as `aux_loss`. Runs inside the wrapped model's forward, so that
-    DDP arms its gradient sync and ZeRO-3 / FSDP gather the weights. Returns a plain dict of tensors, so that DDP
-    finds the outputs it needs to track."""
+    DDP arms its gradient sync and ZeRO-3 / FSDP gather the weights, and under the accelerator's autocast, which
+    the redirected forward bypasses. Returns a plain dict of tensors, so that DDP finds the outputs it needs to
+    track."""
     causal_lm = unwrapped_model.get_base_model() if is_peft_model(unwrapped_model) else unwrapped_model
     backbone_outputs = causal_lm.base_model(**model_inputs)
     hidden_states = backbone_outputs.last_hidden_state
     hidden_states = hidden_states.reshape(-1, hidden_states.size(-1))
     # ZeRO-3 / FSDP2: the sharded head gathered once for the call (see `lm_head.py`)
     with whole_lm_head(causal_lm.get_output_embeddings()) as (weight, bias):
-        hidden = hidden_states.index_select(0, inputs["rows"]).to(weight.device, weight.dtype)
-        result = sftmix_linear_cross_entropy(
-            hidden,
-            weight,
-            inputs["targets"].to(weight.device),
-            inputs["mix_index"],
-            inputs["mix_lambda"],
-            inputs["mix_weight"],
-            bias=bias,
-            ntp_mask=inputs["ntp_mask"],
-            ntp_normalizer=inputs["ntp_normalizer"],
-            mixup_coef=mixup_coef,
-            impl=impl,
-            logit_softcap=logit_softcap(causal_lm),
-            dft=dft,
-            validate=False,  # the plan is built and checked by `batch_plan`
-        )
+        # Mixed precision (fp32 weights under autocast): the head's product runs in the autocast dtype, as the
+        # model's own `nn.Linear` head would (autograd casts dW back to the weight's dtype); the fused loss then runs
+        # with autocast off, so that it keeps its own precision rules (fp32 statistics and accumulation).
+        device_type = weight.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        weight, bias = weight.to(dtype), bias.to(dtype) if bias is not None else None
+        hidden = hidden_states.index_select(0, inputs["rows"]).to(weight.device, dtype)
+        with torch.autocast(device_type, enabled=False):
+            result = sftmix_linear_cross_entropy(
+                hidden,
+                weight,
+                inputs["targets"].to(weight.device),
+                inputs["mix_index"],
+                inputs["mix_lambda"],
+                inputs["mix_weight"],
+                bias=bias,
+                ntp_mask=inputs["ntp_mask"],
+                ntp_normalizer=inputs["ntp_normalizer"],
+                mixup_coef=mixup_coef,
+                impl=impl,
+                logit_softcap=logit_softcap(causal_lm),
+                dft=dft,
+                validate=False,  # the plan is built and checked by `batch_plan`
+            )
     outputs = dict(vars(result))
     if model_inputs.get("output_router_logits"):
         outputs["aux_loss"] = router_aux_loss(causal_lm, backbone_outputs, model_inputs.get("attention_mask"))

@@ -294,19 +294,21 @@ class SFTMixTrainer(SFTTrainer):
         if self.aux_loss_enabled:
             model_inputs["output_router_logits"] = True
         # The whole loss runs inside the (DDP / FSDP / DeepSpeed) wrapper's forward, so gradient sync is armed and
-        # sharded weights are gathered, as in TRL's DistillationTrainer.
+        # sharded weights are gathered, as in TRL's DistillationTrainer. The redirection replaces the forward that
+        # accelerate wrapped in autocast, so mixed precision is entered here, as the model's own forward would.
         unwrapped_model = self.accelerator.unwrap_model(model)
-        outputs = self._forward_redirection(
-            model,
-            unwrapped_model,
-            backbone_and_fused_loss,
-            unwrapped_model,
-            model_inputs,
-            loss_inputs(labels, plan, lambdas, accumulation, ntp_normalizer),
-            self.args.mixup_coef,
-            self.args.loss_impl,
-            self.args.loss_type == "dft",  # DFT on the next-token term; the Mixup term unchanged
-        )
+        with self.accelerator.autocast():
+            outputs = self._forward_redirection(
+                model,
+                unwrapped_model,
+                backbone_and_fused_loss,
+                unwrapped_model,
+                model_inputs,
+                loss_inputs(labels, plan, lambdas, accumulation, ntp_normalizer),
+                self.args.mixup_coef,
+                self.args.loss_impl,
+                self.args.loss_type == "dft",  # DFT on the next-token term; the Mixup term unchanged
+            )
         loss = outputs["loss"]
         if self.aux_loss_enabled:
             # SFTTrainer's: the router's load-balancing loss times its coefficient, averaged over accumulation steps

@@ -416,3 +416,36 @@ def test_nothing_during_sfttrainer_init_reads_self_args(tokenizer, tmp_path, con
     trainer = ArgsSetByTrainerInit(tiny.build_llama(tokenizer), args=tiny_config(tmp_path, **config),
                                    train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
     assert sorted(trainer._pair_sampler) == list(range(len(trainer.train_dataset)))
+
+
+def test_mixed_precision_runs_the_backbone_and_the_head_under_autocast_as_sfttrainer_does(
+    tokenizer, tmp_path, monkeypatch
+):
+    """`bf16=True` with fp32 weights: accelerate's autocast wraps the model's forward, which SFTMix's loss reaches by
+    redirection; the backbone and the head's product still run in bf16, as in SFTTrainer, the weights stay fp32, and
+    the losses follow SFTTrainer's."""
+    import sftmix_trl.fused_call
+
+    head_dtypes = set()
+    fused_loss = sftmix_trl.fused_call.sftmix_linear_cross_entropy
+
+    def recording_fused_loss(hidden, weight, *args, **kwargs):
+        head_dtypes.add((hidden.dtype, weight.dtype, torch.is_autocast_enabled("cpu")))
+        return fused_loss(hidden, weight, *args, **kwargs)
+
+    monkeypatch.setattr(sftmix_trl.fused_call, "sftmix_linear_cross_entropy", recording_fused_loss)
+    sft, mix = build_pair(tokenizer, tmp_path, "prompt_completion", mixup_coef=0.0, bf16=True, max_steps=2)
+    backbone_dtypes = {"sft": set(), "mix": set()}
+    for name, trainer in (("sft", sft), ("mix", mix)):
+        layer = trainer.model.model.layers[0].mlp.down_proj
+        layer.register_forward_hook(lambda module, args, output, name=name: backbone_dtypes[name].add(output.dtype))
+    sft.train()
+    mix.train()
+    assert backbone_dtypes == {"sft": {torch.bfloat16}, "mix": {torch.bfloat16}}
+    # the product in bf16, and the fused loss's own precision rules with autocast off
+    assert head_dtypes == {(torch.bfloat16, torch.bfloat16, False)}
+    assert all(p.dtype == torch.float32 for p in mix.model.parameters())
+    sft_losses = [log["loss"] for log in sft.state.log_history if "loss" in log]
+    mix_losses = [log["loss"] for log in mix.state.log_history if "loss" in log]
+    assert len(mix_losses) == len(sft_losses) == 2
+    assert mix_losses == pytest.approx(sft_losses, rel=2e-2)
