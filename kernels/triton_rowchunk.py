@@ -39,7 +39,7 @@ import triton.language as tl
 from .layout import RowLayout
 from .options import SFTMixLossOptions
 from .outputs import SlotStats
-from .triton_sftmix import TRITON_DTYPES, _ntp_block, _online_update, _pair_tile, _soft_ce_grad, _softcap
+from .triton_sftmix import TRITON_DTYPES, _mixed_block, _ntp_block, _pair_tile, _soft_ce_grad, _softcap
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # the smallest chunk at which the fp32 dW accumulator's read-modify-write (8 V D bytes) hides under the chunk's
@@ -138,15 +138,9 @@ def _rowchunk_kernel(
         z_a = _load_logits(logits_ptr, bias_ptr, slot_a, ok_a, cols, col_ok, stride_z, HAS_BIAS)
         z_b = _load_logits(logits_ptr, bias_ptr, slot_b, ok_b, cols, col_ok, stride_z, HAS_BIAS)
         if tile_has_pair:
-            # z~ = lam z_p + (1 - lam) z_q on raw logits; the soft cap comes after mixing
-            z_t = _softcap(lam[:, None] * z_a + (1.0 - lam[:, None]) * z_b, softcap, SOFTCAP)
-            z_t = tl.where(col_ok[None, :], z_t, float("-inf"))
-            max_t, sum_t, _, _ = _online_update(z_t, max_t, sum_t)
-            # lam z~[t_p] + (1 - lam) z~[t_q]
-            soft_target = tl.where(cols[None, :] == target_p[:, None], lam[:, None], 0.0) + tl.where(
-                cols[None, :] == target_q[:, None], 1.0 - lam[:, None], 0.0
+            max_t, sum_t, tgt_t = _mixed_block(
+                z_a, z_b, lam, cols, col_ok, target_p, target_q, max_t, sum_t, tgt_t, softcap, SOFTCAP
             )
-            tgt_t += tl.sum(soft_target * tl.where(col_ok[None, :], z_t, 0.0), 1)
         max_a, sum_a, zsum_a, tgt_a, arg_a = _ntp_block(
             _softcap(z_a, softcap, SOFTCAP), cols, col_ok, target_a, max_a, sum_a, zsum_a, tgt_a, arg_a, vocab_size
         )

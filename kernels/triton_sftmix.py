@@ -222,6 +222,21 @@ def _ntp_block(z, cols, col_ok, target, run_max, run_sum, run_zsum, run_target, 
     return new_max, run_sum, run_zsum, run_target, run_arg
 
 
+@triton.jit
+def _mixed_block(z_a, z_b, lam, cols, col_ok, target_p, target_q, run_max, run_sum, run_target, softcap, SOFTCAP):
+    """Online statistics of one block of the mixed logits of a pair tile, from the raw logits of its two sides."""
+    # z~ = lam z_p + (1 - lam) z_q on raw logits; the soft cap comes after mixing
+    z_t = _softcap(lam[:, None] * z_a + (1.0 - lam[:, None]) * z_b, softcap, SOFTCAP)
+    z_t = tl.where(col_ok[None, :], z_t, float("-inf"))
+    run_max, run_sum, _, _ = _online_update(z_t, run_max, run_sum)
+    # lam z~[t_p] + (1 - lam) z~[t_q]
+    soft_target = tl.where(cols[None, :] == target_p[:, None], lam[:, None], 0.0) + tl.where(
+        cols[None, :] == target_q[:, None], 1.0 - lam[:, None], 0.0
+    )
+    run_target += tl.sum(soft_target * tl.where(col_ok[None, :], z_t, 0.0), 1)
+    return run_max, run_sum, run_target
+
+
 @triton.jit(do_not_specialize=[*_VARYING, "cols_per_split", "num_tiles", "num_splits"])
 def _sftmix_forward_kernel(
     hidden_ptr,
@@ -286,15 +301,9 @@ def _sftmix_forward_kernel(
             stride_w, HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
         )  # fmt: skip
         if tile_has_pair:
-            # z~ = lam z_p + (1 - lam) z_q on raw logits; the soft cap comes after mixing
-            z_t = _softcap(lam[:, None] * z_a + (1.0 - lam[:, None]) * z_b, softcap, SOFTCAP)
-            z_t = tl.where(col_ok[None, :], z_t, float("-inf"))
-            max_t, sum_t, _, _ = _online_update(z_t, max_t, sum_t)
-            # lam z~[t_p] + (1 - lam) z~[t_q]
-            soft_target = tl.where(cols[None, :] == target_p[:, None], lam[:, None], 0.0) + tl.where(
-                cols[None, :] == target_q[:, None], 1.0 - lam[:, None], 0.0
+            max_t, sum_t, tgt_t = _mixed_block(
+                z_a, z_b, lam, cols, col_ok, target_p, target_q, max_t, sum_t, tgt_t, softcap, SOFTCAP
             )
-            tgt_t += tl.sum(soft_target * tl.where(col_ok[None, :], z_t, 0.0), 1)
         z_a = _softcap(z_a, softcap, SOFTCAP)
         z_b = _softcap(z_b, softcap, SOFTCAP)
         max_a, sum_a, zsum_a, tgt_a, arg_a = _ntp_block(
