@@ -60,11 +60,11 @@ cost, so it is the CUDA schedule. On CPU, where the products dominate and the ex
 more, the one-pass schedule stays.
 """
 
-import functools
 from dataclasses import dataclass
 
 import torch
 
+from .gemm import has_fp32_out_gemm
 from .layout import RowLayout
 from .options import SFTMixLossOptions
 from .outputs import SlotStats
@@ -92,23 +92,11 @@ def chunk_columns_for(budget: int, num_slots: int, vocab_size: int, itemsize: in
     return min(max(columns, 1), vocab_size)
 
 
-@functools.cache
-def _has_fp32_out_gemm(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether torch has ``mm`` / ``addmm`` with ``out_dtype=torch.float32`` for ``dtype`` inputs on this device."""
-    try:
-        ones = torch.ones(16, 16, dtype=dtype, device=device_type)
-        torch.mm(ones, ones, out_dtype=torch.float32, out=torch.empty(16, 16, device=device_type))
-        torch.addmm(torch.zeros(16, 16, device=device_type), ones, ones, out_dtype=torch.float32)
-    except (RuntimeError, TypeError, NotImplementedError):
-        return False
-    return True
-
-
 def recomputes_by_vocabulary(device: torch.device, dtype: torch.dtype) -> bool:
     """The schedule: "recompute" off the CPU where the products can stay in the input dtype, else "one pass"."""
     if device.type == "cpu":
         return False
-    return dtype == torch.promote_types(dtype, torch.float32) or _has_fp32_out_gemm(device.type, dtype)
+    return dtype == torch.promote_types(dtype, torch.float32) or has_fp32_out_gemm(device.type, dtype)
 
 
 def _product_into(out, a, b):
@@ -116,7 +104,7 @@ def _product_into(out, a, b):
     where torch has no such GEMM (CPU tests of the recompute schedule), the product of upcast operands."""
     if a.dtype == out.dtype:
         return torch.mm(a, b, out=out)
-    if _has_fp32_out_gemm(out.device.type, a.dtype):
+    if has_fp32_out_gemm(out.device.type, a.dtype):
         return torch.mm(a, b, out_dtype=out.dtype, out=out)
     return torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
 
@@ -125,7 +113,7 @@ def _accumulate_product(acc, a, b):
     """Returns acc + a @ b, the partial product never rounded below ``acc``'s dtype."""
     if a.dtype == acc.dtype:
         return acc.addmm_(a, b)
-    if _has_fp32_out_gemm(acc.device.type, a.dtype):
+    if has_fp32_out_gemm(acc.device.type, a.dtype):
         return torch.addmm(acc, a, b, out_dtype=acc.dtype)
     return acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 

@@ -6,6 +6,7 @@ import os
 import torch
 
 from .function import fused_sftmix_loss
+from .gemm import has_fp32_out_gemm
 from .options import SFTMixLossOptions
 from .outputs import SFTMixLossOutput
 from .reference import sftmix_loss_reference
@@ -21,12 +22,14 @@ def triton_available() -> bool:
 
 
 def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
-    """``auto`` -> for CUDA tensors with Triton installed, rowchunk for bf16 / fp16 (the cost model's fastest) and
-    triton for fp32 (tf32x3 tensor cores; cuBLAS would run fp32 without them); torch otherwise. Checks that the
-    Triton backends can run."""
+    """``auto`` -> for CUDA tensors with Triton installed, rowchunk for bf16 / fp16 (the cost model's fastest) where
+    torch has a GEMM with fp32 output for them, triton otherwise and for fp32 (tf32x3 tensor cores; cuBLAS would
+    run fp32 without them); torch without CUDA or Triton. Checks that the Triton backends can run."""
     if impl == "auto":
         if device.type == "cuda" and triton_available():
-            return "rowchunk" if dtype in (torch.bfloat16, torch.float16) else "triton"
+            # rowchunk's products need torch's fp32-output GEMM of half operands (``out_dtype``); without it, triton
+            half = dtype in (torch.bfloat16, torch.float16)
+            return "rowchunk" if half and has_fp32_out_gemm(device.type, dtype) else "triton"
         return "torch"
     if impl in ("triton", "rowchunk"):
         if not triton_available():

@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .gemm import has_fp32_out_gemm
 from .layout import RowLayout
 from .options import SFTMixLossOptions
 from .outputs import SlotStats
@@ -259,10 +260,10 @@ def chunk_order(layout: RowLayout, num_chunks: int):
 
 def _gemm(out, a, b, accumulate=False):
     """out <- a @ b (+ out with ``accumulate``): one GEMM, fp32 accumulation, rounded once into ``out``'s dtype
-    (``out_dtype`` GEMMs on CUDA); CPU tensors of another dtype (interpreter tests) go through fp32 copies."""
+    (``out_dtype`` GEMMs where torch has them); elsewhere (CPU tensors under the interpreter) through fp32 copies."""
     if a.dtype == b.dtype == out.dtype:
         return torch.addmm(out, a, b, out=out) if accumulate else torch.mm(a, b, out=out)
-    if out.device.type != "cpu" and a.dtype == b.dtype:
+    if a.dtype == b.dtype and has_fp32_out_gemm(out.device.type, a.dtype):
         if accumulate:
             return torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
         return torch.mm(a, b, out_dtype=out.dtype, out=out)

@@ -39,7 +39,6 @@ counts, chunk bounds) are not specialized, so new shapes reuse the compiled kern
 tile is upcast to fp32 right after its load (the interpreter keeps bf16 as raw bits).
 """
 
-import functools
 import os
 from dataclasses import dataclass
 
@@ -47,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .gemm import has_fp32_out_gemm
 from .layout import RowLayout
 from .options import SFTMixLossOptions
 from .outputs import SlotStats
@@ -585,17 +585,6 @@ def grad_chunk_columns(num_slots: int, vocab_size: int, block_v: int, chunk: int
     return min(max(chunk // block_v, 1) * block_v, whole_vocab)
 
 
-@functools.cache
-def _has_fp32_out_gemm(device_type: str) -> bool:
-    """Whether torch has a bf16 x bf16 -> fp32 GEMM (``addmm(..., out_dtype=)``) on this device type."""
-    try:
-        ones = torch.ones(16, 16, dtype=torch.bfloat16, device=device_type)
-        torch.addmm(ones.float(), ones, ones, out_dtype=torch.float32)
-    except (RuntimeError, TypeError, NotImplementedError):
-        return False
-    return True
-
-
 def _product_into(out, a, b):
     """out <- a @ b: one GEMM into ``out``, or, when the dtypes differ (an fp32 G under the interpreter), an fp32
     product rounded once into ``out``."""
@@ -609,7 +598,7 @@ def _accumulate_product(out, a, b):
     product is never rounded; else the product in the inputs' dtype (fp32 math for CPU tensors: tests)."""
     if a.dtype == b.dtype == out.dtype:
         return out.addmm_(a, b)
-    if _has_fp32_out_gemm(out.device.type):
+    if has_fp32_out_gemm(out.device.type, a.dtype):
         return torch.addmm(out, a, b, out_dtype=out.dtype)
     if out.device.type == "cpu" or a.dtype != b.dtype:
         return out.addmm_(a.to(out.dtype), b.to(out.dtype))

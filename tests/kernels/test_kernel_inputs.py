@@ -4,7 +4,7 @@ import pytest
 import torch
 from kernel_cases import make_case
 
-from sftmix_trl.kernels import SFTMixLossOptions, sftmix_linear_cross_entropy
+from sftmix_trl.kernels import SFTMixLossOptions, functional, sftmix_linear_cross_entropy
 from sftmix_trl.kernels.functional import resolve_impl
 
 
@@ -141,10 +141,15 @@ def test_triton_refuses_fp64_and_names_the_alternative():
 def test_impl_resolution(monkeypatch):
     assert resolve_impl("auto", torch.device("cpu"), torch.bfloat16) == "torch"
     assert resolve_impl("reference", torch.device("cpu"), torch.float32) == "reference"
-    # on CUDA, the cost model's choice for half inputs, the tf32x3 kernels for fp32 (resolution only: no GPU needed)
+    # on CUDA, the cost model's choice for half inputs, the tf32x3 kernels for fp32 (resolution only: no GPU needed;
+    # the probe of torch's fp32-output GEMM answered as a GPU's torch would)
+    monkeypatch.setattr(functional, "has_fp32_out_gemm", lambda device_type, dtype: True)
     assert resolve_impl("auto", torch.device("cuda"), torch.bfloat16) == "rowchunk"
     assert resolve_impl("auto", torch.device("cuda"), torch.float16) == "rowchunk"
     assert resolve_impl("auto", torch.device("cuda"), torch.float32) == "triton"
+    # a torch without that GEMM: rowchunk's products would fail, so the fused kernels
+    monkeypatch.setattr(functional, "has_fp32_out_gemm", lambda device_type, dtype: False)
+    assert resolve_impl("auto", torch.device("cuda"), torch.bfloat16) == "triton"
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     for impl in ("triton", "rowchunk"):
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
