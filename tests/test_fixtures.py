@@ -102,7 +102,57 @@ def test_installed_kernels_live_under_sftmix_trl_only(tmp_path):
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, check=True, capture_output=True, text=True)
     kernels_file, top_level_spec = out.stdout.splitlines()
     assert Path(kernels_file).parent == REPO / "kernels"
-    assert top_level_spec == "None" or str(REPO) not in top_level_spec
+    assert top_level_spec == "None" or str(REPO / "kernels" / "__init__.py") not in top_level_spec
+
+
+# From the repository root, `kernels` is Hugging Face's package (transformers imports it) and `sftmix_trl.kernels` this
+# repository's `kernels/` folder, in either import order.
+ROOT_PROBE = """
+import importlib, sys
+first, second = ("kernels", "sftmix_trl.kernels") if sys.argv[-1] == "hub-first" else ("sftmix_trl.kernels", "kernels")
+importlib.import_module(first)
+importlib.import_module(second)
+from transformers import AutoModelForCausalLM
+import kernels, sftmix_trl.kernels
+print(kernels.__file__)
+print(sftmix_trl.kernels.__file__)
+print(sftmix_trl.kernels.sftmix_linear_cross_entropy.__module__)
+"""
+
+
+@pytest.mark.parametrize("order", ["hub-first", "ours-first"])
+@pytest.mark.parametrize("how", ["script", "module", "command"])
+def test_repository_root_on_sys_path_imports_hugging_faces_kernels(how, order):
+    """A script saved in the root, `python -m` and `python -c` run from the root (each puts the root on sys.path)
+    import Hugging Face's `kernels` and transformers' models, and `sftmix_trl.kernels` stays this repository's."""
+    name = f"_probe_kernels_{how}_{order.replace('-', '_')}_{os.getpid()}"
+    script = REPO / f"{name}.py"
+    command = {
+        "script": [sys.executable, script.name, order],
+        "module": [sys.executable, "-m", name, order],
+        "command": [sys.executable, "-c", ROOT_PROBE, order],
+    }[how]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    try:
+        if how != "command":
+            script.write_text(ROOT_PROBE)
+        out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
+    finally:
+        script.unlink(missing_ok=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    hub_file, ours_file, api_module = out.stdout.splitlines()
+    assert Path(hub_file).is_relative_to(Path(sysconfig.get_paths()["purelib"]).resolve()), hub_file
+    assert Path(ours_file) == REPO / "kernels" / "__init__.py"
+    assert api_module == "sftmix_trl.kernels.functional"
+
+
+def test_hugging_faces_kernels_in_the_suites_own_process():
+    """pytest puts the repository root on sys.path (`pythonpath`); `import kernels` in the suite is still the hub's."""
+    import kernels
+
+    assert str(REPO) in sys.path or "." in sys.path
+    assert Path(kernels.__file__).resolve() != REPO / "kernels" / "__init__.py", kernels.__file__
+    assert hasattr(kernels, "get_kernel")
 
 
 def test_public_api_resolves_and_kernels_import_without_trl(tmp_path):
