@@ -18,7 +18,7 @@ micro-batch of `--batch_size` sequences, as SFTMixTrainer forms them. Sequences:
 (`python -m sftmix_trl.assets`), a seeded random subset, chat template as the recipe applies it (TRL's
 prompt/completion format: the completion tokens are the response), truncated to `--max_length`.
 
-G per row (DESIGN.md §2): ``(softmax(z_n) - e_{t_n}) / num_items``, and with mixing, for the l-th response position
+G per row (docs/design.md §2): ``(softmax(z_n) - e_{t_n}) / num_items``, and with mixing, for the l-th response position
 of each pair (p, q): ``+ mu * w * lam * (softmax(z~) - y~)`` on p, ``(1 - lam)`` on q, z~ = lam z_p + (1 - lam) z_q,
 w = 1 / (L_pq * number of pairs), lam ~ Beta(0.5, 0.5) per pair. The pairs are random: the micro-batch's sequences
 are split into halves and paired at random, not by confidence (which only decides who meets whom, not the shape of
@@ -128,7 +128,7 @@ def random_pairs(lengths, generator):
 
 def micro_batch_rows(response_lengths, mixup, mixup_coef, alpha, generator):
     """(mix_index, mix_lambda, ntp_scale, mix_scale) over a micro-batch's response rows, sequence after sequence:
-    pairs aligned position by position over the shorter response (DESIGN.md §2)."""
+    pairs aligned position by position over the shorter response (docs/design.md §2)."""
     starts = torch.tensor([0, *response_lengths]).cumsum(0)
     num_items = starts[-1].item()
     rows, lambdas, weights = [], [], []

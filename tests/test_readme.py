@@ -3,6 +3,7 @@ calls are pointed at them, so nothing is fetched), the functional-API example on
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,26 @@ def test_functional_snippet_runs(impl):
     exec(compile(snippet, str(README), "exec"), namespace)
     assert torch.isfinite(namespace["out"].loss)
     assert hidden.grad is not None and lm_head.weight.grad is not None
+
+
+REPOSITORY = README.parent
+
+
+def _tracked_text_files() -> list[Path]:
+    listed = subprocess.run(["git", "ls-files"], cwd=REPOSITORY, capture_output=True, text=True, check=True).stdout
+    suffixes = {".py", ".md", ".toml", ".yaml", ".sh", ".txt", ""}
+    return [REPOSITORY / name for name in listed.splitlines() if Path(name).suffix in suffixes]
+
+
+def test_the_repository_cites_only_design_notes_it_holds():
+    """Every `docs/design.md §N` citation names a section of the design notes in the repository, and nothing cites a
+    design document kept outside it."""
+    sections = set(re.findall(r"^## (\d+)\. ", (REPOSITORY / "docs" / "design.md").read_text(), flags=re.MULTILINE))
+    assert sections, "docs/design.md has numbered sections"
+    for path in _tracked_text_files():
+        text = path.read_text(errors="replace")
+        for outside in (r"DESIGN\.md", r"\.\./shared/"):  # patterns, so this file does not cite them itself
+            assert not re.search(outside, text), f"{path} cites {outside}, which is not in the repository"
+        for first, last in re.findall(r"docs/design\.md §(\d+)(?:-(\d+))?", text):
+            cited = {str(n) for n in range(int(first), int(last or first) + 1)}
+            assert cited <= sections, f"{path} cites docs/design.md §{first}{'-' + last if last else ''}"

@@ -1,6 +1,6 @@
 """From K score files to per-example confidence, its spread, and the confident / unconfident split.
 
-    confidence(x, y)  = -(1/K) * sum_k ppl_k(x, y)                         (paper §3, DESIGN.md §1)
+    confidence(x, y)  = -(1/K) * sum_k ppl_k(x, y)                         (paper §3, docs/design.md §1)
     variability(x, y) = sqrt((1/K) * sum_k (ppl_k(x, y) - mean_k ppl_k)^2)  (population std, ddof = 0, over checkpoints,
                                                                             as dataset cartography's variability)
 

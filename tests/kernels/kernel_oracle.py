@@ -1,6 +1,6 @@
 """Independent fp64 evaluations of the SFTMix loss, for the kernel tests.
 
-Written from the formula in DESIGN.md §2, position by position in logit space, with PyTorch autograd in fp64 for the
+Written from the formula in docs/design.md §2, position by position in logit space, with PyTorch autograd in fp64 for the
 gradients; `h_mix_oracle` instead materializes the interpolated hidden states (the linearity check). Neither shares
 code with `sftmix_trl.kernels`.
 """

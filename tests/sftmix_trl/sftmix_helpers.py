@@ -67,7 +67,7 @@ def loss_and_grads(trainer, batch: dict, num_items_in_batch=None, accumulation_s
 
 
 def sftmix_loss_from_the_formula(model, batch, lambdas, mixup_coef, ntp_loss_on="all", num_items=None):
-    """L = L_NTP + mu * L_Mixup, written position by position from the paper (DESIGN.md §1-2), head in fp64.
+    """L = L_NTP + mu * L_Mixup, written position by position from the paper (docs/design.md §1-2), head in fp64.
 
     The micro-batch holds B/2 confident then B/2 unconfident sequences; pair i is (i, i + B/2). For each pair, the
     first min(|r_c|, |r_u|) response positions of both sides are mixed: h~ = lam h_c + (1 - lam) h_u, target

@@ -124,6 +124,10 @@ def train_and_save(output_dir: str, per_device_batch_size: int, max_steps: int =
         "losses": [log["loss"] for log in trainer.state.log_history if "loss" in log],
     }
     torch.save(state, Path(output_dir) / f"rank{trainer.accelerator.process_index}.pt")
+    # Tear the process group down while every rank is still here: left to the interpreter's exit, rank 0 (the host of
+    # the rendezvous store) can destroy gloo's and the store's threads while the other rank still talks to them.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":
