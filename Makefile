@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 LOCK := constraints.txt
 TORCH_VERSION ?= $(shell sed -n 's/^torch==//p' $(LOCK))
+TORCH_RANGE := $(shell sed -n 's/^ *"torch\([^"]*\)",/\1/p' pyproject.toml)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | sha1sum | cut -c1-12)
 LATEST_VENV ?= .venv-latest
@@ -26,15 +27,15 @@ define install_torch
 	fi
 endef
 
-# $(1): a venv folder, made anew; $(2): the torch requirement; $(3): pip options for the project's install
+# $(1): a venv folder, made anew; $(2): the command that installs torch into it
 define fresh_venv
 	rm -rf $(1)
 	$(PYTHON) -m venv $(1)
 	$(1)/bin/python -m pip install --quiet --upgrade pip
-	$(call install_torch,$(1)/bin,$(2))
+	$(2)
 	# deepspeed (a dev extra) builds from its sdist: with wheel and setuptools up to date first
 	$(1)/bin/python -m pip install --upgrade wheel setuptools
-	$(1)/bin/python -m pip install $(3) -e ".[dev,demo]"
+	$(1)/bin/python -m pip install -e ".[dev,demo]"
 endef
 
 $(BIN)/python:
@@ -60,9 +61,10 @@ test: $(STAMP) assets
 	HF_HUB_OFFLINE=1 $(BIN)/pytest $(PYTEST_ARGS)
 
 # Drift found by us, not by users: a fresh .venv-latest with the newest torch and packages that pyproject.toml's ranges
-# allow, then the whole suite there. Its versions are in .venv-latest/versions.txt.
+# allow, then the whole suite there. torch is PyPI's newest in the range, whatever its build (a CUDA build of several
+# GB where there is no CUDA index at hand; it runs on the CPU too). Its versions are in .venv-latest/versions.txt.
 test-latest:
-	$(call fresh_venv,$(LATEST_VENV),torch$(shell sed -n 's/^ *"torch\([^"]*\)",/\1/p' pyproject.toml),)
+	$(call fresh_venv,$(LATEST_VENV),$(LATEST_VENV)/bin/python -m pip install "torch$(TORCH_RANGE)")
 	$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable > $(LATEST_VENV)/versions.txt
 	$(LATEST_VENV)/bin/python -m sftmix_trl.assets
 	HF_HUB_OFFLINE=1 $(LATEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
@@ -71,7 +73,7 @@ test-latest:
 # and the newest packages pyproject.toml allows; the whole suite runs there, and only if it passes are the installed
 # versions written to the lock (local labels such as +cpu dropped, so one lock serves CPU and CUDA builds).
 lock:
-	$(call fresh_venv,$(LOCK_VENV),torch==$(TORCH_VERSION),)
+	$(call fresh_venv,$(LOCK_VENV),$(call install_torch,$(LOCK_VENV)/bin,torch==$(TORCH_VERSION)))
 	$(LOCK_VENV)/bin/python -m sftmix_trl.assets
 	HF_HUB_OFFLINE=1 $(LOCK_VENV)/bin/python -m pytest $(PYTEST_ARGS)
 	{ echo "# The versions the suite last passed with (Linux x86_64, Python 3.11): written by \`make lock\`, read by"; \
