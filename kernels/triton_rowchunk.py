@@ -254,10 +254,10 @@ def default_memory_budget(num_rows: int, vocab_size: int, dtype: torch.dtype) ->
 
 def plan_chunks(num_slots, hidden_size, vocab_size, dtype, budget, need_weight) -> ChunkPlan:
     """Chunk rows from the memory budget, which holds the fp32 dH (4 N D bytes), a chunk's fp32 logits and hidden
-    rows (4 V + (itemsize + 4) D bytes a row) and, for half inputs needing dW, an fp32 V x D dW accumulator when it
+    rows (4 V' + (itemsize + 4) D bytes a row, V' = V padded to ROW_ALIGN) and, for half inputs needing dW, an fp32 V x D dW accumulator when it
     leaves room for min(N, MIN_GEMM_ROWS) rows; else dW accumulates in the input dtype and the chunk gets the
     room. At least one pair (2 rows) per chunk, at most all rows."""
-    row_bytes = LOGIT_BYTES * vocab_size + (dtype.itemsize + 4) * hidden_size
+    row_bytes = LOGIT_BYTES * padded_row(vocab_size) + (dtype.itemsize + 4) * hidden_size
     room = budget - 4 * num_slots * hidden_size
     accumulator = LOGIT_BYTES * vocab_size * hidden_size if need_weight and dtype.itemsize < 4 else 0
     fp32_weight_grad = dtype.itemsize >= 4

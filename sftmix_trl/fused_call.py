@@ -82,7 +82,8 @@ def backbone_and_fused_loss(
         # every per-row input on the head's device: with `device_map="auto"` over several GPUs the backbone's last
         # layer and the head may sit on different ones (the copies are asynchronous device-to-device ones)
         head_device = weight.device
-        hidden = hidden_states.index_select(0, inputs["rows"]).to(head_device, dtype)
+        rows = _to_device(inputs["rows"], hidden_states.device)  # the backbone's last layer may sit elsewhere too
+        hidden = hidden_states.index_select(0, rows).to(head_device, dtype)
         on_head = {name: _to_device(inputs[name], head_device) for name in HEAD_INPUTS}
         with torch.autocast(device_type, enabled=False) if autocast_known else contextlib.nullcontext():
             result = sftmix_linear_cross_entropy(
