@@ -14,10 +14,11 @@ def has_fp32_out_gemm(device_type: str, dtype: torch.dtype) -> bool:
     to the operands' dtype. Torch >= 2.10 has them on CUDA; CPU tensors (the interpreter's tests) do not."""
     try:
         ones = torch.ones(16, 16, dtype=dtype, device=device_type)
-        out = torch.zeros(16, 32, device=device_type)[:, :16]
-        torch.mm(ones, ones, out_dtype=torch.float32, out=out)
+        padded = torch.zeros(16, 32, device=device_type)[:, :16]
+        torch.mm(ones, ones, out_dtype=torch.float32, out=padded)
+        out = torch.zeros(16, 16, device=device_type)
         torch.addmm(out, ones, ones, out_dtype=torch.float32, out=out)
-        total = torch.addmm(out, ones, ones, out_dtype=torch.float32)
+        total = torch.addmm(out, ones, ones, out_dtype=torch.float32) + padded
     except (RuntimeError, TypeError, NotImplementedError):
         return False
     if total.dtype != torch.float32:
