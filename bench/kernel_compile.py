@@ -152,7 +152,7 @@ def warp_rows(ttgir: str) -> str:
     """How the 2-D loads and stores of a kernel that stores over what it loads are ordered between warps:
     ONE_WARP_PER_ROW when every one of them uses a blocked layout with one warp across the columns
     (warpsPerCTA[1] = 1) and the same row-to-warp map (rows per thread, threads and warps along the rows), so that
-    the warp that stores a row is the one that loaded it; BARRIER when a `gpu.barrier` lies between each 2-D store
+    the warp that stores a row is the one that loaded it; BARRIER when a barrier lies between each 2-D store
     and the 2-D load before it; otherwise "RACE: ..." with what lets a warp store over another's loads."""
     layouts = {alias: _blocked_fields(fields) for alias, fields in _BLOCKED.findall(ttgir)}
     ops = [(match.start(), match.group(1), match.group(2)) for match in _MEMORY_2D.finditer(ttgir)]
@@ -171,7 +171,8 @@ def warp_rows(ttgir: str) -> str:
         problems.append(f"loads and stores map rows to warps differently: {sorted(row_maps)}")
     if not problems:
         return ONE_WARP_PER_ROW
-    barriers = [match.start() for match in re.finditer(r"\bgpu\.barrier\b", ttgir)]
+    # tl.debug_barrier: `ttg.barrier all` (triton 3.9), `gpu.barrier` (earlier)
+    barriers = [match.start() for match in re.finditer(r"\b(?:gpu|ttg)\.barrier\b", ttgir)]
     last_load, ordered = None, True
     for position, op, _ in ops:
         if op == "load":

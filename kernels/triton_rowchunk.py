@@ -96,9 +96,9 @@ def gpu_config(dtype: torch.dtype) -> ElementwiseConfig:
     bytes of the same row's Z, which then only the warp that stores them reads, in its own instructions' order (a
     warp's store waits for the loads whose values it stores). A block of twice the columns (m8-v512 for bf16) is laid
     out [4, 2]: the other warp of a row can store over columns this one has yet to load, with no barrier between, a
-    data race; it also holds 182 registers instead of 122 (`python bench/kernel_compile.py`, sm_90a; a barrier per
-    step would keep the 182 and add a block-wide sync to every step). tests/bench/test_kernel_compile.py reads the
-    compiled layouts."""
+    data race; it also holds 200 registers instead of 128 (`python bench/kernel_compile.py`, sm_90a; a barrier
+    between the loads and the stores of each step would keep the 200 and add a block-wide sync to every step).
+    tests/bench/test_kernel_compile.py reads the compiled layouts."""
     return ElementwiseConfig(8, warp_columns(dtype), 8, 3)
 
 
@@ -254,9 +254,9 @@ def default_memory_budget(num_rows: int, vocab_size: int, dtype: torch.dtype) ->
 
 def plan_chunks(num_slots, hidden_size, vocab_size, dtype, budget, need_weight) -> ChunkPlan:
     """Chunk rows from the memory budget, which holds the fp32 dH (4 N D bytes), a chunk's fp32 logits and hidden
-    rows (4 V' + (itemsize + 4) D bytes a row, V' = V padded to ROW_ALIGN) and, for half inputs needing dW, an fp32 V x D dW accumulator when it
-    leaves room for min(N, MIN_GEMM_ROWS) rows; else dW accumulates in the input dtype and the chunk gets the
-    room. At least one pair (2 rows) per chunk, at most all rows."""
+    rows (4 V' + (itemsize + 4) D bytes a row, V' = V padded to ROW_ALIGN) and, for half inputs needing dW, an
+    fp32 V x D dW accumulator when it leaves room for min(N, MIN_GEMM_ROWS) rows; else dW accumulates in the input
+    dtype and the chunk gets the room. At least one pair (2 rows) per chunk, at most all rows."""
     row_bytes = LOGIT_BYTES * padded_row(vocab_size) + (dtype.itemsize + 4) * hidden_size
     room = budget - 4 * num_slots * hidden_size
     accumulator = LOGIT_BYTES * vocab_size * hidden_size if need_weight and dtype.itemsize < 4 else 0

@@ -74,3 +74,32 @@ def test_the_layout_check_finds_the_race_of_a_row_over_two_warps():
     (row,) = json.loads(result.stdout.strip().splitlines()[-1])
     assert row["warp_rows"].startswith("RACE") and "[4, 2]" in row["warp_rows"], row
     assert any(problem.startswith("RACE") for problem in kernel_compile.problems(row))
+
+
+def test_the_layout_check_reads_ownership_and_barriers():
+    """`warp_rows` on TTGIR text shaped as triton writes it: one layout with one warp across the columns; a row over
+    two warps; the same with a barrier between the loads and the stores; loads and stores mapping rows differently."""
+    sys.path.insert(0, str(BENCH))
+    from kernel_compile import warp_rows
+
+    def ttgir(load_warps, store_warps, barrier=""):
+        layout = "#ttg.blocked<{{sizePerThread = [1, 8], threadsPerWarp = [1, 32], warpsPerCTA = {}, order = [1, 0]}}>"
+        return "\n".join([
+            f"#blocked = {layout.format(load_warps)}",
+            f"#blocked1 = {layout.format(store_warps)}",
+            "%z = tt.load %p, %m, %c : tensor<8x256x!tt.ptr<f32>, #blocked> loc(#loc1)",
+            barrier,
+            "tt.store %q, %g, %m : tensor<8x256x!tt.ptr<bf16>, #blocked1> loc(#loc2)",
+        ])  # fmt: skip
+
+    assert warp_rows(ttgir("[8, 1]", "[8, 1]")) == "one warp per row"
+    assert warp_rows(ttgir("[4, 2]", "[4, 2]")).startswith("RACE: load with warpsPerCTA [4, 2]")
+    assert warp_rows(ttgir("[4, 2]", "[4, 2]", "ttg.barrier all loc(#loc3)")) == "barrier"
+    assert warp_rows(ttgir("[4, 2]", "[4, 2]", "gpu.barrier loc(#loc3)")) == "barrier"
+    # one warp per row in each, but row r in different warps: the store's warp is not the load's
+    different = ttgir("[8, 1]", "[8, 1]").replace(
+        "sizePerThread = [1, 8], threadsPerWarp = [1, 32], warpsPerCTA = [8, 1]",
+        "sizePerThread = [2, 8], threadsPerWarp = [1, 32], warpsPerCTA = [4, 1]",
+        1,
+    )
+    assert "map rows to warps differently" in warp_rows(different)
