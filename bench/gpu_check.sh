@@ -1,25 +1,34 @@
 #!/usr/bin/env bash
-# One-shot GPU check of the fused SFTMix loss (issue #11): the `gpu`-marked kernel tests and the kernel benchmark at
-# the Llama-3-8B and Gemma-2-2B heads (bf16, N = 8192: rowchunk, rowchunk_nomix, triton, torch, reference, compile, liger when
-# installed), on a CUDA machine that has only torch, triton and pytest (no TRL, datasets or transformers needed), in
-# under 6 minutes.
+# One-shot GPU check of the fused SFTMix loss (issues #11, #26): the `gpu`-marked kernel tests, the kernel benchmark
+# at the Llama-3-8B and Gemma-2-2B heads (bf16, N = 8192: rowchunk, rowchunk_nomix, triton, torch, reference, compile,
+# liger when installed) and per-phase timings beside the cost model, in under 8 minutes on one H100 or H200.
 #
 #     bash bench/gpu_check.sh              # on the GPU machine, from anywhere; results under $OUT when it is set
 #     bash bench/gpu_check.sh --dry-run    # here, on CPU: the same steps at tiny shapes (plumbing, not figures)
-#     bash bench/gpu_check.sh --steps bench,tests   # only these steps (environment, bench, tests, compile)
+#     bash bench/gpu_check.sh --steps bench,tests   # only these steps (environment, bench, phases, tests, compile)
 #
-# Nothing is installed: the package is laid out as it installs (sftmix_trl/ with kernels/ as sftmix_trl.kernels)
-# in a temporary folder on PYTHONPATH. The kernel tests run with tests/conftest.py left out (it builds the tiny
-# transformers models) and with `trl`, `datasets` and `transformers` made unimportable, so a test that needs them
-# fails loudly instead of passing here and failing there.
+# Needs: bash, coreutils `timeout`, Python 3.10+ with torch and triton (CUDA build), pytest, and a C compiler with
+# Python's headers (Triton compiles a small C helper at its first launch on a machine: the preflight shows whether
+# that works). Optional: hypothesis (only the CPU property tests use it; without it their module is skipped),
+# liger_kernel (its rows), nvidia-smi. Not needed: TRL, datasets, transformers (made unimportable for the tests).
+# Nothing is installed (the lent GPU machines reach no network): the package is laid out as it installs
+# (sftmix_trl/ with kernels/ as sftmix_trl.kernels) in a temporary folder on PYTHONPATH. The kernel tests run with
+# tests/conftest.py left out (it builds the tiny transformers models).
 #
 # Steps, most valuable first, each under its own timeout cut to what is left of the budget (GPU_CHECK_BUDGET_S,
-# default 340 s); a step with under 20 s left is skipped and says so:
-#   1. environment (GPU, driver, python, torch, triton) and the package import check
-#   2. kernel benchmark, each head: rowchunk, rowchunk_nomix, triton, torch, reference (+ liger), --check (relative errors)
-#   3. the `gpu`-marked tests in tests/kernels (--dry-run: collection only, there is no GPU)
-#   4. kernel benchmark, each head: torch.compile of the reference (compile warm-up inside the step's timeout)
-#   5. summary (bench/gpu_check_summary.py): issue #11's bars on the measured rows, beside the cost model
+# default 450 s, so that the whole check with the machine's own start stays under 8 minutes); a step with under 20 s
+# left is skipped and says so:
+#   1. environment (GPU, driver, python, torch, triton), the package import check, and the preflight
+#      (bench/kernel.py --preflight: a trivial Triton launch, torch's fp32-output GEMM as rowchunk calls it, what
+#      impl="auto" picks), before any timing
+#   2. kernel benchmark, each head: rowchunk, rowchunk_nomix, triton, torch, reference (+ liger), --check (relative
+#      errors); an implementation that fails gets an error row and the others go on
+#   3. per-phase timings, each head (bench/kernel.py --phases): the rowchunk chunk's GEMMs and element-wise pass
+#      (block_v 256 and 512) and the triton forward kernel, CUDA events, beside the cost model's phases
+#   4. the `gpu`-marked tests in tests/kernels (--dry-run: collection only, there is no GPU)
+#   5. kernel benchmark, each head: torch.compile of the reference (compile warm-up inside the step's timeout)
+#   6. summary (bench/gpu_check_summary.py): the bars on the measured rows, priced for the device they ran on, beside
+#      the cost model
 # Files (at most 8, for the device tool): gpu-check.log, summary.txt, kernel.csv, gpu-tests.xml.
 # Environment: OUT (results folder; default bench/results/gpu-check), PYTHON (default python3, or .venv/bin/python
 # here), GPU_CHECK_BUDGET_S, GPU_CHECK_MACHINE (device name for the CSV; default: torch's), GPU_CHECK_COMMIT (the
@@ -28,7 +37,7 @@ set -u -o pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DRY_RUN=0
-STEPS=environment,bench,tests,compile
+STEPS=environment,bench,phases,tests,compile
 while (($#)); do
     case "$1" in
         --dry-run) DRY_RUN=1 ;;
@@ -41,8 +50,8 @@ while (($#)); do
 done
 for step in ${STEPS//,/ }; do
     case "$step" in
-        environment | bench | tests | compile) ;;
-        *) echo "gpu_check.sh: unknown step '$step' in --steps (environment, bench, tests, compile)" >&2; exit 2 ;;
+        environment | bench | phases | tests | compile) ;;
+        *) echo "gpu_check.sh: unknown step '$step' in --steps (environment, bench, phases, tests, compile)" >&2; exit 2 ;;
     esac
 done
 wants() { [[ ",$STEPS," == *",$1,"* ]]; }
@@ -59,7 +68,7 @@ CSV="$RESULTS/kernel.csv"
 : >"$LOG"
 : >"$SUMMARY"
 rm -f "$CSV" "$RESULTS/gpu-tests.xml"
-BUDGET_S="${GPU_CHECK_BUDGET_S:-340}"
+BUDGET_S="${GPU_CHECK_BUDGET_S:-450}"
 START_S=$SECONDS
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 
@@ -114,11 +123,13 @@ if ((DRY_RUN)); then
     DEVICE_ARGS=(--device cpu --dtype fp32)
     HEAD_ARGS=(smollm2-135m)
     SIZE_ARGS=(--tokens 64 --repeats 1 --warmup 0)
+    PHASE_SIZE_ARGS=(--tokens 16 --repeats 1 --warmup 0)
 else
     unset TRITON_INTERPRET
     DEVICE_ARGS=(--device cuda --dtype bf16)
     HEAD_ARGS=(llama-3-8b gemma-2-2b)
     SIZE_ARGS=(--tokens 8192 --repeats 10 --warmup 2)
+    PHASE_SIZE_ARGS=(--tokens 8192 --repeats 10 --warmup 2)
 fi
 MACHINE_ARGS=()
 [[ -n "${GPU_CHECK_MACHINE:-}" ]] && MACHINE_ARGS=(--machine "$GPU_CHECK_MACHINE")
@@ -157,11 +168,20 @@ else
     note "nvidia-smi: not found"
 fi
 note "commit $COMMIT; dry run $DRY_RUN; python $PYTHON; steps $STEPS"
-wants environment && run_step environment 60 "$PYTHON" -P -c "$ENVIRONMENT_PY"
+if wants environment; then
+    run_step environment 60 "$PYTHON" -P -c "$ENVIRONMENT_PY"
+    run_step preflight 90 "$PYTHON" bench/kernel.py --preflight "${DEVICE_ARGS[@]}"
+fi
 if wants bench; then
     for head in "${HEAD_ARGS[@]}"; do
         run_step "bench-$head" 110 "$PYTHON" bench/kernel.py --shapes "$head" "${BENCH_ARGS[@]}" \
             --impls rowchunk rowchunk_nomix triton torch liger reference --check
+    done
+fi
+if wants phases; then
+    for head in "${HEAD_ARGS[@]}"; do
+        run_step "phases-$head" 60 "$PYTHON" bench/kernel.py --phases --shapes "$head" "${DEVICE_ARGS[@]}" \
+            "${PHASE_SIZE_ARGS[@]}" --csv "$CSV" "${MACHINE_ARGS[@]}"
     done
 fi
 wants tests && run_step gpu-tests 100 "$PYTHON" -P -c "$PYTEST_PY" "${TEST_ARGS[@]}"

@@ -17,12 +17,24 @@ Modes: `fwd` (forward with grad-requiring inputs), `bwd` (backward alone, after 
 requires grad and only scale them in backward, so their `fwd` holds nearly all of `full`: compare `full` rows.
 Peak memory is that of one full step above the inputs: `torch.cuda.max_memory_allocated` on CUDA; on CPU the peak
 resident set size of a fresh subprocess per implementation (torch's CPU allocations are invisible to tracemalloc), an
-upper bound since the allocator may keep freed pages.
+upper bound since the allocator may keep freed pages. Two rows: `peak_memory`, everything the step allocated, and
+`peak_memory_extra`, the same less the `.grad` tensors it leaves behind (N D + V D in the input dtype): the
+README's and the cost model's accounting, "beyond the inputs and the returned gradients".
 
 A table goes to stdout and CSV rows (kernel, impl, mode, metric, unit, N, D, V, dtype, median, p20, p80, device,
-date, version) to `--csv` (default bench/results/kernel-<device>-<date>.csv). `--check` also records, for the
+date, version, note) to `--csv` (default bench/results/kernel-<device>-<date>.csv). `--check` also records, for the
 peak-memory steps, each implementation's largest relative difference to the reference (loss, grads of hidden and
-weight).
+weight). An implementation that raises gets an `error` row (its exception in `note`) and the others go on.
+
+    python bench/kernel.py --preflight           # what works here: a Triton launch, torch's fp32-output GEMM
+    python bench/kernel.py --phases --shapes llama-3-8b --tokens 8192   # per-phase times beside the cost model
+
+`--phases`: each phase of one rowchunk chunk at the plan's chunk shape (cuBLAS Z = H W^T with fp32 output, the
+Triton element-wise pass at `block_v` 256 and 512, dH = G W, dW += G^T H), and the triton backend's forward kernel
+at N rows, timed with CUDA events (perf_counter on CPU), beside the cost model's figure for the same phase and the
+efficiency it implies (of peak FLOP/s for products, of HBM bandwidth for the element-wise pass) against the one the
+model assumes. block_v = 512 lays a row over two warps, which races (`triton_rowchunk.gpu_config`): timed only,
+its G is not used.
 """
 
 import argparse
@@ -46,7 +58,7 @@ IMPLS = ("reference", "compile", "torch", "triton", "triton_nomix", "rowchunk", 
 MODES = ("fwd", "bwd", "full")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FIELDS = ("kernel", "impl", "mode", "metric", "unit", "N", "D", "V", "dtype", "median", "p20", "p80", "device", "date")
-FIELDS += ("version",)
+FIELDS += ("version", "note")
 RESULTS = Path(__file__).resolve().parent / "results"
 MIXUP_COEF = 0.2
 
@@ -317,8 +329,12 @@ def main(argv=None):
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--machine", default=None, help="device name written to the CSV (default: detected)")
     parser.add_argument("--csv", type=Path, default=None)
+    parser.add_argument("--preflight", action="store_true", help="print what works on this machine, then exit")
+    parser.add_argument("--phases", action="store_true", help="per-phase timings beside the cost model, then exit")
     parser.add_argument("--memory-probe", nargs=8, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.preflight:
+        return preflight(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     if args.memory_probe:
         impl, num_rows, hidden_size, vocab_size, dtype_name, mix_fraction, softcap, result_path = args.memory_probe
         softcap = None if softcap == "None" else float(softcap)
@@ -350,16 +366,33 @@ def main(argv=None):
         if new_file:
             writer.writeheader()
 
-        def emit(shape, num_rows, impl, mode, metric, unit, values):
+        def emit(shape, num_rows, impl, mode, metric, unit, values, note=""):
             median, p20, p80 = _percentiles(values)
             hidden_size, vocab_size, _ = HEADS[shape]
             row = dict(kernel="sftmix_linear_cross_entropy", impl=impl, mode=mode, metric=metric, unit=unit)
             row.update(N=num_rows, D=hidden_size, V=vocab_size, dtype=_dtype_name(dtype), device=label, date=date)
-            row.update(median=f"{median:.6g}", p20=f"{p20:.6g}", p80=f"{p80:.6g}", version=version)
+            row.update(median=f"{median:.6g}", p20=f"{p20:.6g}", p80=f"{p80:.6g}", version=version, note=note)
             writer.writerow(row)
             handle.flush()
             print(f"{shape:>13} {num_rows:>6} {impl:>13} {mode:>5} {metric + ' ' + unit:>11} "
-                  f"{median:>10.4g} {p20:>10.4g} {p80:>10.4g}")  # fmt: skip
+                  f"{median:>10.4g} {p20:>10.4g} {p80:>10.4g} {note}")  # fmt: skip
+
+        def emit_error(shape, num_rows, impl, error, detail=None):
+            message = f"{type(error).__name__}: {detail or error}".replace("\n", " ")[:300]
+            emit(shape, num_rows, impl, "full", "error", "-", [float("nan")], note=message)
+
+        if args.phases:
+            for shape in args.shapes:
+                for num_rows in args.tokens:
+                    for phase in phase_rows(shape, num_rows, dtype, device, repeats, warmup, label):
+                        try:
+                            if isinstance(phase, Exception):
+                                raise phase
+                            name, metric, unit, values, note = phase
+                            emit(shape, num_rows, name, "phase", metric, unit, values, note)
+                        except Exception as error:
+                            emit_error(shape, num_rows, "phases", error)
+            return
 
         for shape in args.shapes:
             hidden_size, vocab_size, softcap = HEADS[shape]
@@ -368,17 +401,24 @@ def main(argv=None):
                     num_rows, hidden_size, vocab_size, dtype, device, args.mix_fraction, logit_softcap=softcap
                 )
                 for impl in args.impls:
-                    run = loss_function(impl, inputs)
-                    if run is None:
-                        print(f"{shape:>13} {num_rows:>6} {impl:>13} skipped (not available on {device.type})")
-                        continue
-                    for mode in args.modes:
-                        try:
-                            times = time_mode(run, inputs, mode, repeats, warmup)
-                        except torch.OutOfMemoryError:
-                            print(f"{shape:>13} {num_rows:>6} {impl:>13} {mode:>5} out of memory")
-                            break
-                        emit(shape, num_rows, impl, mode, "time", "ms", times)
+                    run = None
+                    try:
+                        run = loss_function(impl, inputs)
+                        if run is None:
+                            print(f"{shape:>13} {num_rows:>6} {impl:>13} skipped (not available on {device.type})")
+                            continue
+                        for mode in args.modes:
+                            emit(
+                                shape,
+                                num_rows,
+                                impl,
+                                mode,
+                                "time",
+                                "ms",
+                                time_mode(run, inputs, mode, repeats, warmup),
+                            )
+                    except Exception as error:  # one failing implementation must not cost the others their rows
+                        emit_error(shape, num_rows, impl, error)
                     del run
                     _release(device)
                 del inputs
@@ -390,8 +430,9 @@ def main(argv=None):
                         measured = peak_memory(
                             impl, num_rows, hidden_size, vocab_size, dtype, device, args.mix_fraction, softcap
                         )
-                    except (torch.OutOfMemoryError, subprocess.CalledProcessError) as error:
-                        print(f"{shape:>13} {num_rows:>6} {impl:>13} memory probe failed: {type(error).__name__}")
+                    except Exception as error:
+                        detail = getattr(error, "stderr", None)
+                        emit_error(shape, num_rows, impl, error, detail.strip().splitlines()[-1] if detail else None)
                         continue
                     finally:
                         _release(device)
@@ -399,6 +440,9 @@ def main(argv=None):
                         continue
                     peak, result = measured
                     emit(shape, num_rows, impl, "full", "peak_memory", "MiB", [peak])
+                    # less the .grad tensors the step leaves behind (README's accounting)
+                    grad_mib = (num_rows + vocab_size) * hidden_size * dtype.itemsize / 2**20
+                    emit(shape, num_rows, impl, "full", "peak_memory_extra", "MiB", [peak - grad_mib])
                     if impl == "reference":
                         reference_result = result
                     elif args.check and reference_result is not None:
@@ -406,6 +450,180 @@ def main(argv=None):
                         for name, error in zip(("loss", "grad_hidden", "grad_weight"), errors):
                             emit(shape, num_rows, impl, "full", f"rel_err_{name}", "1", [error])
                     del result
+
+
+def preflight(device) -> int:
+    """Print what works here before any timing: a trivial Triton launch (its first launch on a machine compiles a C
+    helper with the system's C compiler), torch's fp32-output GEMM as rowchunk calls it, the backend `auto` picks.
+    Returns 1 when the Triton launch fails (nothing Triton will run), else 0."""
+    import triton
+    import triton.language as tl
+
+    from sftmix_trl.kernels.functional import resolve_impl
+    from sftmix_trl.kernels.gemm import has_fp32_out_gemm
+
+    @triton.jit
+    def add_one(x_ptr, n, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(x_ptr + offsets, tl.load(x_ptr + offsets, mask=offsets < n) + 1, mask=offsets < n)
+
+    status = 0
+    started = time.perf_counter()
+    try:
+        x = torch.zeros(1000, device=device)
+        add_one[(triton.cdiv(1000, 256),)](x, 1000, BLOCK=256)
+        ok = bool((x == 1).all())
+        print(f"preflight: triton {triton.__version__} launch on {device}: {'ok' if ok else 'WRONG RESULT'} "
+              f"({time.perf_counter() - started:.1f} s with compilation)")  # fmt: skip
+        status = 0 if ok else 1
+    except Exception as error:
+        print(f"preflight: triton launch on {device} FAILED: {type(error).__name__}: {error}")
+        status = 1
+    for dtype in (torch.bfloat16, torch.float16):
+        try:
+            works = has_fp32_out_gemm(device.type, dtype)
+        except Exception as error:
+            works = f"probe raised {type(error).__name__}: {error}"
+        print(f"preflight: torch {torch.__version__} mm / addmm(out=, out_dtype=float32) with {dtype}: {works}")
+    for dtype in (torch.bfloat16, torch.float32, torch.float16):
+        print(f"preflight: impl='auto' on {device.type} for {dtype} -> {resolve_impl('auto', device, dtype)}")
+    return status
+
+
+def _timer(device):
+    """() -> (start, stop_ms): CUDA events on CUDA, perf_counter elsewhere."""
+    if device.type == "cuda":
+
+        def start():
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            return begin, end
+
+        def stop(events):
+            events[1].record()
+            events[1].synchronize()
+            return events[0].elapsed_time(events[1])
+
+        return start, stop
+    return time.perf_counter, lambda begin: 1e3 * (time.perf_counter() - begin)
+
+
+def _time_ms(fn, device, repeats, warmup):
+    start, stop = _timer(device)
+    times = []
+    for step in range(warmup + repeats):
+        began = start()
+        fn()
+        elapsed = stop(began)
+        if step >= warmup:
+            times.append(elapsed)
+    return times
+
+
+def _model_device(label):
+    """The cost model's device for a device name: H100 / H200, else H200 (the model's default)."""
+    from kernel_model import DEVICES
+
+    return next((name for name in DEVICES if name in label), "H200")
+
+
+def phase_rows(shape, num_rows, dtype, device, repeats, warmup, label):
+    """Yield (impl, metric, unit, values, note) rows of `--phases` (an Exception for a phase that failed)."""
+    import kernel_model
+
+    from sftmix_trl.kernels import triton_rowchunk as rowchunk
+    from sftmix_trl.kernels import triton_sftmix
+    from sftmix_trl.kernels.layout import build_row_layout
+    from sftmix_trl.kernels.options import SFTMixLossOptions
+
+    hidden_size, vocab_size, softcap = HEADS[shape]
+    model_device = _model_device(label)
+    model_spec = kernel_model.DEVICES[model_device]
+    assumptions = kernel_model.Assumptions()
+    rows, chunks, fp32_dw = kernel_model.rowchunk_plan(num_rows, hidden_size, vocab_size, itemsize=dtype.itemsize)
+    rows = -(-num_rows // chunks)  # rows spread evenly over the chunks
+    model = {phase.name: phase for phase in kernel_model.rowchunk_cost(shape, num_rows, model_device).phases}
+    inputs = make_inputs(rows, hidden_size, vocab_size, dtype, device, 0.5, logit_softcap=softcap)
+    hidden, weight = inputs["hidden"].detach(), inputs["weight"].detach()
+    layout = build_row_layout(inputs["targets"], inputs["mix_index"], inputs["mix_lambda"], -100)
+    chunk_hidden = hidden.index_select(0, layout.rows)
+    stride = rowchunk.padded_row(vocab_size)
+    logits = torch.zeros(rows, stride, dtype=torch.float32, device=device)[:, :vocab_size]
+    grad = logits.view(rowchunk.grad_dtype_for(device, dtype))[:, :vocab_size]
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32 if fp32_dw else dtype, device=device)
+    grad_hidden = torch.empty(rows, hidden_size, dtype=torch.float32, device=device)
+
+    def model_ms(name):
+        return 1e3 * model[name].time_s(assumptions) / chunks
+
+    def gemm_row(impl, name, fn, flops):
+        times = _time_ms(fn, device, repeats, warmup)
+        achieved = flops / (statistics.median(times) * 1e-3) / model_spec.peak_flops
+        note = f"{achieved:.0%} of {model_device} peak (model: {assumptions.gemm_efficiency:.0%})"
+        return [(impl, "time", "ms", times, note), (impl, "model_time", "ms", [model_ms(name)], "")]
+
+    note = f"chunk of {rows} rows ({chunks} chunks at N={num_rows}), fp32 dW accumulator {fp32_dw}"
+    yield ("rowchunk chunk", "rows", "rows", [rows], note)
+    flops = 2 * rows * hidden_size * vocab_size
+    yield from gemm_row("Z = H W^T", "Z = H W^T (cuBLAS, fp32 out)",
+                        lambda: rowchunk._gemm(logits, chunk_hidden, weight.T), flops)  # fmt: skip
+    num_pairs = layout.num_pairs
+    rest_half = (rows - 2 * num_pairs + 1) // 2
+    ntp_row_scale = torch.where(layout.ntp_targets != -100, 1.0 / rows, 0.0).float()
+    new = dict(dtype=torch.float32, device=device)
+    kernel_args = dict(
+        logits_ptr=logits, grad_ptr=grad, bias_ptr=layout.ntp_targets, ntp_targets_ptr=layout.ntp_targets,
+        ntp_row_scale_ptr=ntp_row_scale, lam_ptr=layout.mix_lambda.float().contiguous(),
+        mix_targets_ptr=layout.mix_targets.contiguous(), mix_scale_ptr=torch.full((num_pairs,), 0.1, **new),
+        lse_ptr=torch.empty(rows, **new), target_logit_ptr=torch.empty(rows, **new),
+        entropy_ptr=torch.empty(rows, **new), argmax_ptr=torch.empty(rows, dtype=torch.int32, device=device),
+        mix_lse_ptr=torch.empty(num_pairs, **new), mix_target_ptr=torch.empty(num_pairs, **new),
+        num_slots=rows, num_pairs=num_pairs, num_pair_slots=num_pairs + rest_half, rest_half=rest_half,
+        slot_start=0, pair_start=0, vocab_size=vocab_size, stride_z=stride, stride_g=grad.stride(0),
+        ignore_index=-100, softcap=float(softcap or 1.0), HAS_BIAS=False, SOFTCAP=softcap is not None, DFT=False,
+        WRITE_GRAD=True,
+    )  # fmt: skip
+    base = rowchunk.gpu_config(dtype)
+    dram = rows * vocab_size * (8 + dtype.itemsize)  # Z read twice in fp32, G written once
+    for block_v in (base.block_v, 2 * base.block_v):
+        config = rowchunk.ElementwiseConfig(base.block_m, block_v, base.num_warps, base.num_stages)
+        if rowchunk.INTERPRET:
+            config = rowchunk.ElementwiseConfig(16, block_v, 4, 1)
+        grid = (-(-(num_pairs + rest_half) // config.block_m),)
+
+        def launch(config=config, grid=grid):
+            rowchunk._rowchunk_kernel[grid](**kernel_args, BLOCK_M=config.block_m, BLOCK_V=config.block_v,
+                                            num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
+
+        try:
+            # the GEMM again before each launch would be timed too: the kernel reruns over its own G (same work)
+            times = _time_ms(launch, device, repeats, warmup)
+        except Exception as error:
+            yield error
+            continue
+        bandwidth = dram / (statistics.median(times) * 1e-3) / model_spec.bandwidth
+        race = "" if block_v == base.block_v else "; races (a row over two warps): timing only"
+        yield (f"stats + G {config}", "time", "ms", times,
+               f"{bandwidth:.0%} of {model_device} HBM (model: {assumptions.memory_efficiency:.0%}){race}")  # fmt: skip
+    yield ("stats + G", "model_time", "ms", [model_ms("stats + G (Triton, element-wise)")], "")
+    yield from gemm_row("dH = G W", "dH = G W (cuBLAS, fp32 out)",
+                        lambda: rowchunk._gemm(grad_hidden, grad, weight), flops)  # fmt: skip
+    yield from gemm_row("dW += G^T H", "dW += G^T H (cuBLAS)",
+                        lambda: rowchunk._gemm(grad_weight, grad.T, chunk_hidden, accumulate=True), flops)  # fmt: skip
+    if device.type != "cuda":
+        return  # the fused forward kernel at N rows is minutes under the interpreter
+    # the triton backend's forward kernel (tl.dot) at N rows
+    inputs = make_inputs(num_rows, hidden_size, vocab_size, dtype, device, 0.5, logit_softcap=softcap)
+    layout = build_row_layout(inputs["targets"], inputs["mix_index"], inputs["mix_lambda"], -100)
+    hidden_slots = inputs["hidden"].detach().index_select(0, layout.rows)
+    options = SFTMixLossOptions(impl="triton", logit_softcap=softcap)
+    launch, _ = triton_sftmix.forward_launch(hidden_slots, inputs["weight"].detach(), None, layout, options)
+    times = _time_ms(launch, device, repeats, warmup)
+    forward = kernel_model.design_cost(shape, num_rows, model_device).phases[0]
+    achieved = forward.flops / (statistics.median(times) * 1e-3) / model_spec.peak_flops
+    yield ("triton forward (tl.dot)", "time", "ms", times,
+           f"{achieved:.0%} of {model_device} peak (model: {assumptions.triton_mma_efficiency:.0%} for tl.dot)")  # fmt: skip
+    yield ("triton forward (tl.dot)", "model_time", "ms", [1e3 * forward.time_s(assumptions)], "")
 
 
 def _release(device):

@@ -5,15 +5,20 @@
     python bench/kernel_compile.py --dump DIR      # also DIR/<kernel>-<arch>-<dtype>-<config>[-<variant>].ptx
     python bench/kernel_compile.py --configs m64-v128-d64-w8-s3 m64-v64-d64-w8-s3   # try other tilings
 
-Each kernel is compiled ahead of time by Triton for sm_80 (A100) and sm_90a (H100 / H200), for bf16, fp16 and fp32
-inputs, with the launch configuration the dispatcher picks there (`triton_sftmix.TILE_CONFIGS`) and the hints the
+Each kernel is compiled ahead of time by Triton for sm_80 (A100) and sm_90a (H100 / H200), for bf16 and fp32
+inputs (the dtypes the Triton backends take), with the launch configuration the dispatcher picks there (`triton_sftmix.TILE_CONFIGS`) and the hints the
 real launch gets: 16-byte-aligned pointers and the integers divisible by 16 at the Llama-3-8B head, marked
 `tt.divisibility 16`; the arguments in each kernel's `do_not_specialize` get none. The soft-cap and bias variants
-are compiled too (``variant`` column: the heaviest code). The figures are the compiler's own: registers and spill
+are compiled too (``variant`` column: the heaviest code), and rowchunk for a vocabulary that is not a multiple of 16
+(``v32001``: V without its divisibility hint, the padded row strides with theirs). The figures are the compiler's own: registers and spill
 bytes from ptxas (`ptxas -v`, the ptxas bundled with Triton that reads the PTX it writes), shared memory from the
 compile metadata, and from the SASS (`cuobjdump -sass`): the tensor-core instruction kind (HGMMA = wgmma,
 HMMA = mma.sync), global atomics (ATOM / RED) and GPU- or system-scope fences (MEMBAR .GPU / .SYS, what an
 acq_rel atomic compiles to; the CTA-scope MEMBAR that precedes wgmma's shared-memory proxy fence is not one).
+
+For rowchunk, whose pass 2 stores G over the logits the program reads, the TTGIR's layouts of its 2-D loads and
+stores (``warp_rows``, see `warp_rows`): every row must be held by one warp in all of them, or a barrier must
+separate each store from the loads before it; and ``vector_io``, its vector global loads and stores in the PTX.
 """
 
 import argparse
@@ -35,7 +40,7 @@ from sftmix_trl.kernels.triton_rowchunk import ElementwiseConfig
 from sftmix_trl.kernels.triton_sftmix import TileConfig
 
 ARCHS = {"sm_80": 80, "sm_90a": 90}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # per-block shared memory limits (opt-in maximum): A100 163 KB, H100 / H200 227 KB
 SHARED_LIMITS = {"sm_80": 163 * 1024, "sm_90a": 227 * 1024}
 KERNELS = {
@@ -61,9 +66,20 @@ POINTER_TYPES = {
 FLOAT_SCALARS = {"softcap"}
 # the integers of a Llama-3-8B head launch (D = 4096, V = 128256; G chunk 8192 columns): all divisible by 16
 HINTED_INTEGERS = {"hidden_size", "vocab_size", "stride_h", "stride_w", "stride_g", "stride_z"}
-VARIANTS = {"plain": dict(HAS_BIAS=False, SOFTCAP=False), "bias+softcap": dict(HAS_BIAS=True, SOFTCAP=True)}
+VARIANTS = {
+    "plain": dict(HAS_BIAS=False, SOFTCAP=False),
+    "bias+softcap": dict(HAS_BIAS=True, SOFTCAP=True),
+    # V = 32,001 (a vocabulary after `resize_token_embeddings`): vocab_size gets no divisibility hint
+    "v32001": dict(HAS_BIAS=False, SOFTCAP=False),
+}
+UNHINTED = {"v32001": {"vocab_size"}}
+KERNEL_VARIANTS = {"forward": ("plain", "bias+softcap"), "logit_grad": ("plain", "bias+softcap")}
+KERNEL_VARIANTS["rowchunk"] = ("plain", "bias+softcap", "v32001")
 FIELDS = ("kernel", "arch", "dtype", "config", "variant", "registers", "spill_bytes", "shared_bytes", "mma")
-FIELDS += ("atomics", "fences", "mma_expected")
+FIELDS += ("atomics", "fences", "mma_expected", "warp_rows", "vector_io")
+# the kernels that store over what they load (rowchunk's G over Z)
+IN_PLACE_KERNELS = {"rowchunk"}
+ONE_WARP_PER_ROW, BARRIER = "one warp per row", "barrier"
 
 
 def _triton_bin(name: str) -> str:
@@ -76,8 +92,9 @@ def _ptxas() -> str:
     return blackwell if os.path.exists(blackwell) else _triton_bin("ptxas")
 
 
-def signature(kernel, dtype_name: str, config, variant: dict):
-    """(signature, constexprs, attrs) of an ASTSource for ``kernel``."""
+def signature(kernel, dtype_name: str, config, variant: dict, unhinted=frozenset()):
+    """(signature, constexprs, attrs) of an ASTSource for ``kernel``; the integers in ``unhinted`` get no
+    divisibility hint."""
     dtype = dtype_name
     specialized = set(kernel.do_not_specialize)
     sig, constexprs, attrs = {}, {}, {}
@@ -105,7 +122,7 @@ def signature(kernel, dtype_name: str, config, variant: dict):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
-            if name in HINTED_INTEGERS and index not in specialized:
+            if name in HINTED_INTEGERS and name not in unhinted and index not in specialized:
                 attrs[(index,)] = [["tt.divisibility", 16]]
     return sig, constexprs, attrs
 
@@ -121,10 +138,60 @@ def _sass_counts(sass: str) -> dict:
     return dict(mma=mma, atomics=atomics, fences=fences)
 
 
+_BLOCKED = re.compile(r"^(#[\w.]+) = #ttg\.blocked<\{(.*?)\}>", re.MULTILINE)
+_MEMORY_2D = re.compile(r"\btt\.(load|store)\b[^\n]*?:\s*tensor<\d+x\d+x!tt\.ptr<\w+>,\s*(#[\w.]+)>")
+
+
+def _blocked_fields(text: str) -> dict:
+    return {
+        key: tuple(int(v) for v in values.split(",")) for key, values in re.findall(r"(\w+) = \[([\d, ]+)\]", text)
+    }
+
+
+def warp_rows(ttgir: str) -> str:
+    """How the 2-D loads and stores of a kernel that stores over what it loads are ordered between warps:
+    ONE_WARP_PER_ROW when every one of them uses a blocked layout with one warp across the columns
+    (warpsPerCTA[1] = 1) and the same row-to-warp map (rows per thread, threads and warps along the rows), so that
+    the warp that stores a row is the one that loaded it; BARRIER when a barrier lies between each 2-D store
+    and the 2-D load before it; otherwise "RACE: ..." with what lets a warp store over another's loads."""
+    layouts = {alias: _blocked_fields(fields) for alias, fields in _BLOCKED.findall(ttgir)}
+    ops = [(match.start(), match.group(1), match.group(2)) for match in _MEMORY_2D.finditer(ttgir)]
+    if not ops:
+        return "RACE: no 2-D loads or stores found in the TTGIR"
+    problems, row_maps = [], set()
+    for _, op, alias in ops:
+        layout = layouts.get(alias)
+        if layout is None:
+            problems.append(f"{op} in a non-blocked layout {alias}")
+            continue
+        if layout["warpsPerCTA"][1] != 1:
+            problems.append(f"{op} with warpsPerCTA {list(layout['warpsPerCTA'])} (a row over several warps)")
+        row_maps.add((layout["sizePerThread"][0], layout["threadsPerWarp"][0], layout["warpsPerCTA"][0]))
+    if len(row_maps) > 1:
+        problems.append(f"loads and stores map rows to warps differently: {sorted(row_maps)}")
+    if not problems:
+        return ONE_WARP_PER_ROW
+    # tl.debug_barrier: `ttg.barrier all` (triton 3.9), `gpu.barrier` (earlier)
+    barriers = [match.start() for match in re.finditer(r"\b(?:gpu|ttg)\.barrier\b", ttgir)]
+    last_load, ordered = None, True
+    for position, op, _ in ops:
+        if op == "load":
+            last_load = position
+        elif last_load is not None and not any(last_load < barrier < position for barrier in barriers):
+            ordered = False
+    return BARRIER if ordered else "RACE: " + "; ".join(dict.fromkeys(problems))
+
+
+def _vector_io(ptx: str) -> int:
+    """Vector global loads and stores (ld.global.v2 / .v4, st.global...) in the PTX."""
+    return len(re.findall(r"\b(?:ld|st)\.global(?:\.\w+)*?\.v[248]\b", ptx))
+
+
 def compile_row(kernel_name: str, arch: str, dtype_name: str, config, variant_name: str, dump=None):
-    """One report row: compile, then read ptxas -v and the SASS."""
+    """One report row: compile, then read ptxas -v, the SASS and (rowchunk) the TTGIR layouts."""
     kernel = KERNELS[kernel_name]
-    sig, constexprs, attrs = signature(kernel, dtype_name, config, VARIANTS[variant_name])
+    unhinted = UNHINTED.get(variant_name, set())
+    sig, constexprs, attrs = signature(kernel, dtype_name, config, VARIANTS[variant_name], unhinted)
     source = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
     target = GPUTarget("cuda", ARCHS[arch], 32)
     compiled = triton.compile(source, target=target, options=dict(num_warps=config.num_warps,
@@ -148,6 +215,8 @@ def compile_row(kernel_name: str, arch: str, dtype_name: str, config, variant_na
     row["shared_bytes"] = int(compiled.metadata.shared)
     row.update(_sass_counts(sass))
     row["mma_expected"] = kernel_name in MMA_KERNELS
+    row["warp_rows"] = warp_rows(compiled.asm["ttgir"]) if kernel_name in IN_PLACE_KERNELS else "-"
+    row["vector_io"] = _vector_io(compiled.asm["ptx"])
     if dump is not None:
         Path(dump, ptx_name(row)).write_text(compiled.asm["ptx"])
     return {field: row[field] for field in FIELDS}
@@ -165,7 +234,7 @@ def dispatcher_configs():
         for arch in ARCHS:
             for dtype_name, dtype in DTYPES.items():
                 if kernel_name == "rowchunk":
-                    config = triton_rowchunk.ELEMENTWISE_CONFIG
+                    config = triton_rowchunk.gpu_config(dtype)
                 else:
                     config = triton_sftmix.tile_config(kernel_name, "sm_90" if arch == "sm_90a" else "sm_80", dtype)
                 yield kernel_name, arch, dtype_name, config
@@ -180,8 +249,13 @@ def parse_config(text: str, kernel_name: str = "forward"):
 
 
 def problems(row: dict) -> list[str]:
-    """What a row fails of the GPU-grade bar: no spills, shared memory that fits, tensor cores, no fences."""
+    """What a row fails of the GPU-grade bar: no spills, shared memory that fits, tensor cores, no fences; for the
+    kernels that store over what they load, no warp storing over another's loads, and vector loads and stores."""
     found = []
+    if row["warp_rows"].startswith("RACE"):
+        found.append(row["warp_rows"])
+    if row["kernel"] in IN_PLACE_KERNELS and not row["vector_io"]:
+        found.append("no vector global loads or stores")
     if row["spill_bytes"]:
         found.append(f"{row['spill_bytes']} spill bytes")
     if row["shared_bytes"] > SHARED_LIMITS[row["arch"]]:
@@ -223,7 +297,9 @@ def main(argv=None):
     else:
         launches = [job for job in dispatcher_configs() if job[0] in args.kernels and job[1] in args.archs]
         launches = [job for job in launches if job[2] in args.dtypes]
-    jobs = [(*launch, variant) for launch in launches for variant in args.variants]
+    jobs = [
+        (*launch, variant) for launch in launches for variant in args.variants if variant in KERNEL_VARIANTS[launch[0]]
+    ]
     rows = report(jobs, args.dump)
     if args.json:
         print(json.dumps(rows))

@@ -399,7 +399,8 @@ def rowchunk_plan(N, D, V, budget=None, itemsize=BF16):
     """(rows per chunk, chunks, fp32 dW accumulator) as `triton_rowchunk.plan_chunks` at the default budget
     N V itemsize: an fp32 V x D dW when it leaves room for min(N, MIN_GEMM_ROWS) rows of fp32 logits."""
     budget = N * V * itemsize if budget is None else budget
-    row_bytes, accumulator = FP32 * V + (itemsize + FP32) * D, FP32 * V * D
+    padded = -(-V // 16) * 16  # Z's rows padded to 16 columns (`triton_rowchunk.padded_row`)
+    row_bytes, accumulator = FP32 * padded + (itemsize + FP32) * D, FP32 * V * D
     room = budget - FP32 * N * D  # the fp32 dH
     rows, fp32 = room // row_bytes, False
     if (room - accumulator) // row_bytes >= min(N, MIN_GEMM_ROWS):

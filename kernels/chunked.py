@@ -26,7 +26,7 @@ fp32, cast once after the upstream scaling. 6 N D V FLOPs, but the whole fp32 dW
 out_dtype=torch.float32)``): no fp32 copy of W. Forward keeps, per slot, lse(z) and dL/dNLL, per pair lse(z~).
 The gradients follow in vocabulary chunks of Vc = budget / (4 S) columns over all S slots: recompute
 Z = H W[chunk]^T (S x Vc, fp32), form G from the saved log-sum-exps (fp32, divided by grad_scale = max of the row
-scales, so an fp16 G cannot underflow), round it once to the input dtype, then
+scales), round it once to the input dtype (bf16: fp16 takes the one pass, `recomputes_by_vocabulary`), then
 
     dW[chunk] = G^T H     written once, in the input dtype (fp32 accumulation inside the GEMM)
     dH       += G W[chunk] fp32 output: an S x D read-modify-write per vocabulary chunk (D / V of dW's)
@@ -93,8 +93,10 @@ def chunk_columns_for(budget: int, num_slots: int, vocab_size: int, itemsize: in
 
 
 def recomputes_by_vocabulary(device: torch.device, dtype: torch.dtype) -> bool:
-    """The schedule: "recompute" off the CPU where the products can stay in the input dtype, else "one pass"."""
-    if device.type == "cpu":
+    """The schedule: "recompute" off the CPU where the products can stay in the input dtype, else "one pass". fp16
+    takes the one pass (fp32 math): the recompute's fp16 G, scaled once for the batch, would lose the softmax tails
+    of rows with small weights, and its fp16 dW, formed before the upstream (loss-scaler) gradient, can overflow."""
+    if device.type == "cpu" or dtype == torch.float16:
         return False
     return dtype == torch.promote_types(dtype, torch.float32) or has_fp32_out_gemm(device.type, dtype)
 
@@ -358,7 +360,7 @@ def _recompute(hidden, weight, bias, layout, options, ntp_scale, mix_scale, need
     del row_chunks  # frees the forward's buffers
     if not need_logit_grad:
         return stats, (None, None, None), None
-    # divide both scales by the larger, so that |G| <= 2: no fp16 underflow of (softmax - y) / num_items
+    # divide both scales by the larger, so that |G| <= 2 whatever the normalizer
     grad_scale = ntp_scale.to(acc_dtype).reshape(())
     if num_pairs:
         grad_scale = torch.maximum(grad_scale, mix_scale.max())

@@ -10,6 +10,7 @@ g * grad_scale, in one rounding: into new tensors of the inputs' dtype for the f
 requiring grad) `fused_sftmix_loss` skips the Function and the gradients.
 """
 
+import contextlib
 import importlib
 
 import torch
@@ -19,6 +20,12 @@ from .layout import build_row_layout
 from .outputs import reduce_metrics
 
 BACKENDS = {"torch": ".chunked", "triton": ".triton_sftmix", "rowchunk": ".triton_rowchunk"}
+
+
+def device_guard(device: torch.device):
+    """The context in which the backends run on ``device``: Triton launches on the current CUDA device and its
+    stream, which need not be the tensors' (several GPUs in one process, ``device_map="auto"``)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def backend_module(impl: str):
@@ -45,9 +52,11 @@ def sftmix_loss_and_grads(
     # upstream gradient 1: dL/dNLL_n = 1 / normalizer, dL/dl_mix_k = mu w_k
     ntp_scale = 1 / normalizer
     mix_scale = options.mixup_coef * mix_weight.to(acc_dtype)
-    stats, grads, grad_scale = backend_module(options.impl).loss_and_grads(
-        hidden, weight, bias, layout, options, ntp_scale, mix_scale, needs_grad
-    )
+    # Triton launches on the current CUDA device: make it the tensors' (cuBLAS and torch follow the tensors anyway)
+    with device_guard(hidden.device):
+        stats, grads, grad_scale = backend_module(options.impl).loss_and_grads(
+            hidden, weight, bias, layout, options, ntp_scale, mix_scale, needs_grad
+        )
     # L = sum NLL / normalizer + mu * sum_k w_k l_mix_k
     ntp_loss = stats.nll.sum() / normalizer
     mixup_loss = (mix_weight.to(stats.mix_nll.dtype) * stats.mix_nll).sum()

@@ -22,14 +22,15 @@ def triton_available() -> bool:
 
 
 def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
-    """``auto`` -> for CUDA tensors with Triton installed, rowchunk for bf16 / fp16 (the cost model's fastest) where
-    torch has a GEMM with fp32 output for them, triton otherwise and for fp32 (tf32x3 tensor cores; cuBLAS would
-    run fp32 without them); torch without CUDA or Triton. Checks that the Triton backends can run."""
+    """``auto`` -> for CUDA tensors with Triton installed, rowchunk for bf16 (the cost model's fastest) where torch
+    has a GEMM with fp32 output for it, triton otherwise and for fp32 (tf32x3 tensor cores; cuBLAS would run fp32
+    without them); torch for fp16 (computed in fp32: the Triton backends refuse fp16, see `triton_sftmix`) and
+    without CUDA or Triton. Checks that the Triton backends can run."""
     if impl == "auto":
-        if device.type == "cuda" and triton_available():
-            # rowchunk's products need torch's fp32-output GEMM of half operands (``out_dtype``); without it, triton
-            half = dtype in (torch.bfloat16, torch.float16)
-            return "rowchunk" if half and has_fp32_out_gemm(device.type, dtype) else "triton"
+        if device.type == "cuda" and triton_available() and dtype != torch.float16:
+            # rowchunk's products need torch's fp32-output GEMM of bf16 operands (``out_dtype``); without it, triton
+            bf16 = dtype == torch.bfloat16
+            return "rowchunk" if bf16 and has_fp32_out_gemm(device.type, dtype) else "triton"
         return "torch"
     if impl in ("triton", "rowchunk"):
         if not triton_available():

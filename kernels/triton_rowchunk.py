@@ -9,7 +9,8 @@ and z~ = lam z_p + (1 - lam) z_q never needs another chunk. Per chunk of R rows:
     G   <- _rowchunk_kernel(Z)    Triton, one program per pair tile: pass 1 over the vocabulary, the online
                                   log-sum-exp and metrics of both rows and of z~; pass 2, the logit gradient in fp32
                                   (target corrections before any rounding), stored in the input dtype over Z's own
-                                  bytes (row r of G lies inside row r of Z, behind the columns already read)
+                                  bytes (row r of G lies inside row r of Z, behind the columns already read; one
+                                  warp owns each row, see `gpu_config`)
     dH_c = G W                    cuBLAS, fp32 out                                                    2 R D V
     dW  += G^T H_c                cuBLAS, fp32 accumulation inside the product                         2 R D V
     db  += sum_rows G
@@ -26,6 +27,15 @@ budget, so dW is rounded three times instead of once). fp32 inputs accumulate in
 input dtype, N V itemsize bytes (a tenth of the eager reference's 20 N V bytes at bf16), for everything the path
 allocates beyond the inputs and the returned gradients: the fp32 dH, the chunk's logits and hidden rows, and the
 fp32 dW accumulator when there is one.
+
+Z's rows are padded to a multiple of ROW_ALIGN columns (V = 32,001 or 128,257 after `resize_token_embeddings`):
+the kernel's loads and stores stay 16-byte vectors (its column masks end at the padded width, which the compiler
+knows to be a multiple of 16; a bound of V would make every access scalar) and cuBLAS gets an aligned leading
+dimension. The padding columns are never part of a product (the GEMM operands are the [:, :V] views).
+
+bf16 only among the half types: an fp16 G, rounded after one scale for the whole batch, loses the softmax tails of
+rows whose scale is far below the largest (every next-token row beside a short pair of large weight), and an fp16 dW
+overflows for frequent tokens; fp16 inputs take impl="torch", which computes in fp32 (`chunked.py`).
 """
 
 import math
@@ -40,13 +50,22 @@ from .gemm import has_fp32_out_gemm
 from .layout import RowLayout
 from .options import SFTMixLossOptions
 from .outputs import SlotStats
-from .triton_sftmix import TRITON_DTYPES, _mixed_block, _ntp_block, _pair_tile, _soft_ce_grad, _softcap
+from .triton_sftmix import (
+    _mixed_block,
+    _ntp_block,
+    _pair_tile,
+    _soft_ce_grad,
+    _softcap,
+    check_triton_dtype,
+    grad_dtype_for,
+)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # the smallest chunk at which the fp32 dW accumulator's read-modify-write (8 V D bytes) hides under the chunk's
 # 2 R D V FLOPs on an H100 (R >= 4 x 790 TFLOP/s / 3 TB/s ~ 1,050); smaller chunks accumulate in the input dtype
 MIN_GEMM_ROWS = 1024
 LOGIT_BYTES = 4  # Z is fp32
+ROW_ALIGN = 16  # Z's row stride, in columns: 64-byte rows, 16-byte vectors for the kernel, aligned cuBLAS operands
 _VARYING = ["num_slots", "num_pairs", "num_pair_slots", "rest_half", "slot_start", "pair_start"]
 
 
@@ -63,17 +82,34 @@ class ElementwiseConfig:
         return f"m{self.block_m}-v{self.block_v}-w{self.num_warps}-s{self.num_stages}"
 
 
-# Memory-bound streaming over two rows' logits: 2 x 8 rows x 512 fp32 per load in 8 warps (64 B per thread and
-# tile); the same on every architecture. Chosen from `python bench/kernel_compile.py` (no spills).
-ELEMENTWISE_CONFIG = ElementwiseConfig(8, 512, 8, 3)
+LANE_BYTES = 16  # the compiler gives each lane one 16-byte vector of G per row and step
+
+
+def warp_columns(dtype: torch.dtype) -> int:
+    """Columns of a row one warp spans in one step: 32 lanes x 16 bytes of G (256 bf16, 128 fp32)."""
+    return 32 * LANE_BYTES // dtype.itemsize
+
+
+def gpu_config(dtype: torch.dtype) -> ElementwiseConfig:
+    """Memory-bound streaming over two rows' logits: 2 x 8 rows x one warp's columns per load, in 8 warps, the same
+    on every architecture. One warp per row (TTGIR layout warpsPerCTA = [8, 1]): pass 2 stores a row's G over the
+    bytes of the same row's Z, which then only the warp that stores them reads, in its own instructions' order (a
+    warp's store waits for the loads whose values it stores). A block of twice the columns (m8-v512 for bf16) is laid
+    out [4, 2]: the other warp of a row can store over columns this one has yet to load, with no barrier between, a
+    data race; it also holds 200 registers instead of 128 (`python bench/kernel_compile.py`, sm_90a; a barrier
+    between the loads and the stores of each step would keep the 200 and add a block-wide sync to every step).
+    tests/bench/test_kernel_compile.py reads the compiled layouts."""
+    return ElementwiseConfig(8, warp_columns(dtype), 8, 3)
 
 
 @triton.jit
 def _load_logits(logits_ptr, bias_ptr, slot, ok, cols, col_ok, stride_z, HAS_BIAS: tl.constexpr):
-    """fp32 logits (BLOCK_M, BLOCK_V) of the chunk rows ``slot`` (+ bias)."""
+    """fp32 logits (BLOCK_M, BLOCK_V) of the chunk rows ``slot`` (+ bias); the padding columns (col_ok false) hold
+    whatever Z's padding holds, and every use masks them."""
+    # bounded by the padded row width (a multiple of 16, which the compiler knows): vector loads
     z = tl.load(
         logits_ptr + slot[:, None].to(tl.int64) * stride_z + cols[None, :],
-        mask=ok[:, None] & col_ok[None, :],
+        mask=ok[:, None] & (cols < stride_z)[None, :],
         other=0.0,
     )
     if HAS_BIAS:
@@ -177,7 +213,8 @@ def _rowchunk_kernel(
         one_weight = no_weight + 1.0
         out_dtype = grad_ptr.dtype.element_ty
         # pass 2: G in fp32, rounded only at the store. G's row r lies inside Z's row r, at or before the columns of
-        # this block (itemsize(G) <= 4): the program has read all it overwrites, and no other program reads it.
+        # this block (itemsize(G) <= 4): the warp that owns row r (one warp per row, `gpu_config`) has read
+        # all it overwrites, and no other warp or program reads it.
         for block_start in range(0, vocab_size, BLOCK_V):
             cols = block_start + tl.arange(0, BLOCK_V)
             col_ok = cols < vocab_size
@@ -196,8 +233,9 @@ def _rowchunk_kernel(
                 grad_b += (1.0 - lam[:, None]) * grad_t
             out_a = grad_ptr + slot_a[:, None].to(tl.int64) * stride_g + cols[None, :]
             out_b = grad_ptr + slot_b[:, None].to(tl.int64) * stride_g + cols[None, :]
-            tl.store(out_a, grad_a.to(out_dtype), mask=ok_a[:, None] & col_ok[None, :])
-            tl.store(out_b, grad_b.to(out_dtype), mask=ok_b[:, None] & col_ok[None, :])
+            # G is 0 on the padding columns; bounded by the padded width, as the loads: vector stores
+            tl.store(out_a, grad_a.to(out_dtype), mask=ok_a[:, None] & (cols < stride_z)[None, :])
+            tl.store(out_b, grad_b.to(out_dtype), mask=ok_b[:, None] & (cols < stride_z)[None, :])
 
 
 @dataclass(frozen=True)
@@ -216,10 +254,10 @@ def default_memory_budget(num_rows: int, vocab_size: int, dtype: torch.dtype) ->
 
 def plan_chunks(num_slots, hidden_size, vocab_size, dtype, budget, need_weight) -> ChunkPlan:
     """Chunk rows from the memory budget, which holds the fp32 dH (4 N D bytes), a chunk's fp32 logits and hidden
-    rows (4 V + (itemsize + 4) D bytes a row) and, for half inputs needing dW, an fp32 V x D dW accumulator when it
-    leaves room for min(N, MIN_GEMM_ROWS) rows; else dW accumulates in the input dtype and the chunk gets the
-    room. At least one pair (2 rows) per chunk, at most all rows."""
-    row_bytes = LOGIT_BYTES * vocab_size + (dtype.itemsize + 4) * hidden_size
+    rows (4 V' + (itemsize + 4) D bytes a row, V' = V padded to ROW_ALIGN) and, for half inputs needing dW, an
+    fp32 V x D dW accumulator when it leaves room for min(N, MIN_GEMM_ROWS) rows; else dW accumulates in the input
+    dtype and the chunk gets the room. At least one pair (2 rows) per chunk, at most all rows."""
+    row_bytes = LOGIT_BYTES * padded_row(vocab_size) + (dtype.itemsize + 4) * hidden_size
     room = budget - 4 * num_slots * hidden_size
     accumulator = LOGIT_BYTES * vocab_size * hidden_size if need_weight and dtype.itemsize < 4 else 0
     fp32_weight_grad = dtype.itemsize >= 4
@@ -260,7 +298,8 @@ def chunk_order(layout: RowLayout, num_chunks: int):
 
 def _gemm(out, a, b, accumulate=False):
     """out <- a @ b (+ out with ``accumulate``): one GEMM, fp32 accumulation, rounded once into ``out``'s dtype
-    (``out_dtype`` GEMMs where torch has them); elsewhere (CPU tensors under the interpreter) through fp32 copies."""
+    (``out_dtype`` GEMMs where torch has them: `loss_and_grads` refuses a GPU without them); elsewhere (CPU
+    tensors under the interpreter) through fp32 copies."""
     if a.dtype == b.dtype == out.dtype:
         return torch.addmm(out, a, b, out=out) if accumulate else torch.mm(a, b, out=out)
     if a.dtype == b.dtype and has_fp32_out_gemm(out.device.type, a.dtype):
@@ -278,24 +317,43 @@ def _launch(kernel_args, config: ElementwiseConfig, num_pair_slots, device):
                                num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
 
 
-def elementwise_config(options: SFTMixLossOptions, vocab_size: int) -> ElementwiseConfig:
-    """ELEMENTWISE_CONFIG on a GPU; in the interpreter a block as wide as the vocabulary (up to 256), each
-    program-loop step costing milliseconds there. ``block_pairs`` / ``block_v`` override."""
-    config = ELEMENTWISE_CONFIG
+def elementwise_config(options: SFTMixLossOptions, vocab_size: int, dtype: torch.dtype) -> ElementwiseConfig:
+    """`gpu_config` for ``dtype`` inputs (G in their dtype); in the interpreter a block as wide as the vocabulary
+    (up to the same width), each program-loop step costing milliseconds there. ``block_pairs`` / ``block_v``
+    override; a ``block_v`` wider than one warp's columns is refused (a row would span several warps: the data race
+    of `gpu_config`'s docstring)."""
+    widest = warp_columns(dtype)
+    if options.block_v is not None and options.block_v > widest:
+        raise ValueError(
+            f"impl='rowchunk' takes block_v <= {widest} for {dtype} inputs (got {options.block_v}): its pass 2 "
+            "writes each row's gradient over the row's logits, which is safe only while one warp holds the row."
+        )
+    config = gpu_config(dtype)
     if INTERPRET:
-        config = ElementwiseConfig(16, min(max(triton.next_power_of_2(vocab_size), 16), 256), 4, 1)
+        config = ElementwiseConfig(16, min(max(triton.next_power_of_2(vocab_size), 16), widest), 4, 1)
     return ElementwiseConfig(options.block_pairs or config.block_m, options.block_v or config.block_v,
                              config.num_warps, config.num_stages)  # fmt: skip
+
+
+def padded_row(vocab_size: int) -> int:
+    """Z's row stride in columns: V rounded up to ROW_ALIGN."""
+    return triton.cdiv(vocab_size, ROW_ALIGN) * ROW_ALIGN
 
 
 def loss_and_grads(hidden, weight, bias, layout: RowLayout, options, ntp_scale, mix_scale, needs_grad):
     """(SlotStats, (dH, dW, db) / grad_scale, grad_scale), as `triton_sftmix.loss_and_grads`: dH and db in fp32,
     dW in fp32 (fp32 inputs, or the budget's fp32 accumulator) or in the input dtype."""
-    if hidden.dtype not in TRITON_DTYPES:
-        raise TypeError(f"impl='rowchunk' takes {TRITON_DTYPES} inputs, got {hidden.dtype}; use impl='torch'.")
+    check_triton_dtype("rowchunk", hidden.dtype)
+    (vocab_size, hidden_size), num_slots, device = weight.shape, layout.rows.numel(), hidden.device
+    on_cpu_interpreter = INTERPRET and device.type == "cpu"
+    if hidden.dtype != torch.float32 and not on_cpu_interpreter and not has_fp32_out_gemm(device.type, hidden.dtype):
+        raise RuntimeError(
+            f"impl='rowchunk' needs torch.mm / torch.addmm with out_dtype=torch.float32 for {hidden.dtype} operands "
+            f"on {device.type}, which torch {torch.__version__} lacks there; use impl='auto' (which picks 'triton' "
+            "then), impl='triton', or a newer torch."
+        )
     need_hidden, need_weight, need_bias = needs_grad
     need_grad = any(needs_grad)
-    (vocab_size, hidden_size), num_slots, device = weight.shape, layout.rows.numel(), hidden.device
     budget = options.memory_budget or default_memory_budget(hidden.shape[0], vocab_size, hidden.dtype)
     plan = plan_chunks(num_slots, hidden_size, vocab_size, hidden.dtype, budget, need_weight)
     order, chunks = chunk_order(layout, plan.num_chunks)
@@ -305,7 +363,7 @@ def loss_and_grads(hidden, weight, bias, layout: RowLayout, options, ntp_scale, 
     ntp_row_scale = torch.where(ntp_targets != options.ignore_index, ntp_scale.float(), 0.0)
     grad_scale = None
     if need_grad:
-        # divide both scales by the larger, so that |G| <= 2: no fp16 underflow of (softmax - y) / num_items
+        # divide both scales by the larger, so that |G| <= 2 whatever the normalizer
         grad_scale = ntp_scale.float().reshape(())
         if mix_scale.numel():
             grad_scale = torch.maximum(grad_scale, mix_scale.float().max())
@@ -322,9 +380,13 @@ def loss_and_grads(hidden, weight, bias, layout: RowLayout, options, ntp_scale, 
         mix_target_ptr=torch.empty(layout.num_pairs, **new),
     )
     max_rows = max((chunk.stop - chunk.start for chunk in chunks), default=0)
-    logits_buffer = torch.empty(max_rows * vocab_size, **new)
-    # G over Z's bytes, in the input dtype; fp32 under the interpreter (whose casts to bf16 truncate)
-    grad_dtype = torch.float32 if INTERPRET and device.type == "cpu" else hidden.dtype
+    row_stride = padded_row(vocab_size)
+    logits_buffer = torch.empty(max_rows * row_stride, **new)
+    # the padding columns: never written by the GEMMs nor by G (G's row fills half of Z's), masked by every use;
+    # zeroed once so that no stale bits (NaN, inf) reach even the masked-out lanes
+    logits_buffer.view(max_rows, row_stride)[:, vocab_size:].zero_()
+    # G over Z's bytes, in the input dtype (fp32 under the interpreter, whose casts to bf16 truncate)
+    grad_dtype = grad_dtype_for(device, hidden.dtype)
     per_logit = LOGIT_BYTES // grad_dtype.itemsize
     # a chunk's hidden rows and its dH (fp32), reused; dH in row order (a row in two slots, a repeated self-mixed
     # row, gets both: one is 0)
@@ -336,7 +398,7 @@ def loss_and_grads(hidden, weight, bias, layout: RowLayout, options, ntp_scale, 
     new_weight = torch.empty if chunks else torch.zeros
     grad_weight = new_weight(weight.shape, dtype=weight_dtype, device=device) if need_weight else None
     grad_bias = torch.zeros(vocab_size, **new) if need_bias else None
-    config = elementwise_config(options, vocab_size)
+    config = elementwise_config(options, vocab_size, hidden.dtype)
     kernel_args = dict(
         bias_ptr=bias if bias is not None else ntp_targets,
         ntp_targets_ptr=ntp_targets,
@@ -345,8 +407,8 @@ def loss_and_grads(hidden, weight, bias, layout: RowLayout, options, ntp_scale, 
         mix_targets_ptr=layout.mix_targets.contiguous(),
         mix_scale_ptr=mix_scale.float().contiguous(),
         vocab_size=vocab_size,
-        stride_z=vocab_size,
-        stride_g=vocab_size * per_logit,
+        stride_z=row_stride,
+        stride_g=row_stride * per_logit,
         ignore_index=options.ignore_index,
         softcap=float(options.logit_softcap or 1.0),
         HAS_BIAS=bias is not None,
@@ -357,7 +419,8 @@ def loss_and_grads(hidden, weight, bias, layout: RowLayout, options, ntp_scale, 
     )
     for index, chunk in enumerate(chunks):
         num_rows = chunk.stop - chunk.start
-        logits = logits_buffer[: num_rows * vocab_size].view(num_rows, vocab_size)
+        # (R, V) with the padded row stride: the GEMM writes it, the kernel reads it and writes G in its rows
+        logits = logits_buffer[: num_rows * row_stride].view(num_rows, row_stride)[:, :vocab_size]
         chunk_rows = rows[chunk.start : chunk.stop]
         chunk_hidden = torch.index_select(
             hidden, 0, chunk_rows, out=hidden_buffer[: num_rows * hidden_size].view(num_rows, hidden_size)

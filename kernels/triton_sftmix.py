@@ -23,8 +23,10 @@ forward's log-sum-exps, forms the logit gradient in fp32 registers,
     g = mix_scale (softmax(z~) - lam e_{t_p} - (1 - lam) e_{t_q})              (mixed pairs only)
 
 (times the soft-cap derivative where one is set), and writes it once in the input dtype. Both scales are divided by
-``grad_scale`` = max(ntp_scale, mix_scale) first, so |G| <= 2 and 1/num_items never pushes an fp16 G into
-underflow; the target corrections are made in fp32 before the cast. Then two GEMMs (cuBLAS on CUDA, deterministic)
+``grad_scale`` = max(ntp_scale, mix_scale) first, so |G| <= 2; the target corrections are made in fp32 before the
+cast. bf16 keeps fp32's exponent range, so one scale for the whole batch loses nothing; fp16 does not (a row whose
+scale is far below the largest loses its softmax tails below 6e-8, and dW overflows past 65,504 for frequent
+tokens), so both Triton backends refuse fp16 (`check_triton_dtype`) and fp16 takes impl="torch", in fp32. Then two GEMMs (cuBLAS on CUDA, deterministic)
 
     dW[chunk] = G^T H   (written straight into the dW output, in the input dtype)
     dH       += G W[chunk]   (an fp32 N x D accumulator)
@@ -33,7 +35,7 @@ finish the chunk: 8 N D V FLOPs in all against the 6 N D V floor, no atomics, no
 gradients are those of the loss divided by ``grad_scale``; the Function multiplies ``grad_scale`` back in with the
 upstream gradient, in one rounding.
 
-All exp / log / sum in fp32; `tl.dot` on bf16 / fp16 tiles with fp32 accumulation; fp32 inputs use "tf32x3" (three
+All exp / log / sum in fp32; `tl.dot` on bf16 tiles with fp32 accumulation; fp32 inputs use "tf32x3" (three
 TF32 tensor-core products, close to fp32 accuracy). Integer arguments that change from call to call (row and pair
 counts, chunk bounds) are not specialized, so new shapes reuse the compiled kernels. Under TRITON_INTERPRET=1 every
 tile is upcast to fp32 right after its load (the interpreter keeps bf16 as raw bits).
@@ -52,7 +54,7 @@ from .options import SFTMixLossOptions
 from .outputs import SlotStats
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TRITON_DTYPES = (torch.float32, torch.bfloat16)
 # the backward's logit-gradient chunk holds at most this many elements (N x C): 128 MiB in bf16
 GRAD_CHUNK_ELEMENTS = 1 << 26
 # pair tiles per group of the gradient kernel's program order (see `_program_cell`): at the Llama-3-8B head the 132
@@ -453,10 +455,27 @@ def _config(kernel: str, hidden: torch.Tensor, options: SFTMixLossOptions, num_p
     )
 
 
+def check_triton_dtype(impl: str, dtype: torch.dtype) -> None:
+    """Refuse inputs the Triton backends do not take: fp16 (module docstring) and anything but fp32 / bf16."""
+    if dtype == torch.float16:
+        raise TypeError(
+            f"impl={impl!r} does not take fp16 inputs: its fp16 logit gradient, scaled once for the whole batch, "
+            "would lose the softmax tails of rows with small weights and its fp16 dW can overflow. Use bf16, or "
+            "impl='torch' (which impl='auto' picks for fp16), which computes fp16 inputs in fp32."
+        )
+    if dtype not in TRITON_DTYPES:
+        raise TypeError(f"impl={impl!r} takes {TRITON_DTYPES} inputs, got {dtype}; use impl='torch'.")
+
+
+def grad_dtype_for(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the logit gradient G is stored in: the input dtype; fp32 for CPU tensors under the interpreter,
+    whose casts to bf16 truncate instead of rounding (tests/kernels/test_cuda_branches.py forces the GPU's)."""
+    return torch.float32 if INTERPRET and device.type == "cpu" else dtype
+
+
 def _common_args(hidden_slots, weight, bias, layout: RowLayout, options: SFTMixLossOptions):
     """Launch arguments both kernels take: the inputs, the row layout and the pair-tile bounds."""
-    if hidden_slots.dtype not in TRITON_DTYPES:
-        raise TypeError(f"impl='triton' takes {TRITON_DTYPES} inputs, got {hidden_slots.dtype}; use impl='torch'.")
+    check_triton_dtype("triton", hidden_slots.dtype)
     num_slots, num_pairs = layout.rows.numel(), layout.num_pairs
     rest_half = (num_slots - 2 * num_pairs + 1) // 2
     return dict(
@@ -647,7 +666,7 @@ def _gradients(hidden_slots, weight, bias, layout, options, inputs: LogitGradInp
     block_v = _config("logit_grad", hidden_slots, options, num_slots, weight).block_v
     chunk = grad_chunk_columns(num_slots, vocab_size, block_v, options.vocab_chunk)
     # G in the input dtype; fp32 under the interpreter, whose casts to bf16 truncate instead of rounding
-    grad_dtype = torch.float32 if INTERPRET and device.type == "cpu" else hidden_slots.dtype
+    grad_dtype = grad_dtype_for(device, hidden_slots.dtype)
     grad_logits_buffer = torch.empty(num_slots * chunk, dtype=grad_dtype, device=device)
     grad_hidden_slots = torch.zeros(num_slots, hidden_size, **new) if need_hidden else None
     grad_weight = torch.empty_like(weight) if need_weight else None
@@ -691,7 +710,7 @@ def loss_and_grads(hidden, weight, bias, layout, options, ntp_scale, mix_scale, 
         ntp_row_scale = ntp_row_scale * dft_weight
     if not any(needs_grad):
         return stats, (None, None, None), None
-    # divide both scales by the larger, so that |G| <= 2: no fp16 underflow of (softmax - y) / num_items
+    # divide both scales by the larger, so that |G| <= 2 whatever the normalizer
     grad_scale = ntp_scale.float().reshape(())
     if mix_scale.numel():
         grad_scale = torch.maximum(grad_scale, mix_scale.float().max())

@@ -4,6 +4,8 @@ backbone forward, and the fused SFTMix loss on the LM head (`sftmix_trl.kernels`
     L = L_NTP + mixup_coef * L_Mixup    (+ router_aux_loss_coef * the router loss, for Mixture-of-Experts models)
 """
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from accelerate.utils import is_peft_model
@@ -73,20 +75,27 @@ def backbone_and_fused_loss(
         # model's own `nn.Linear` head would (autograd casts dW back to the weight's dtype); the fused loss then runs
         # with autocast off, so that it keeps its own precision rules (fp32 statistics and accumulation).
         device_type = weight.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        autocast_known = torch.amp.is_autocast_available(device_type)  # not on every device type (`meta`)
+        autocast_on = autocast_known and torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast_on else weight.dtype
         weight, bias = weight.to(dtype), bias.to(dtype) if bias is not None else None
-        hidden = hidden_states.index_select(0, inputs["rows"]).to(weight.device, dtype)
-        with torch.autocast(device_type, enabled=False):
+        # every per-row input on the head's device: with `device_map="auto"` over several GPUs the backbone's last
+        # layer and the head may sit on different ones (the copies are asynchronous device-to-device ones)
+        head_device = weight.device
+        rows = _to_device(inputs["rows"], hidden_states.device)  # the backbone's last layer may sit elsewhere too
+        hidden = hidden_states.index_select(0, rows).to(head_device, dtype)
+        on_head = {name: _to_device(inputs[name], head_device) for name in HEAD_INPUTS}
+        with torch.autocast(device_type, enabled=False) if autocast_known else contextlib.nullcontext():
             result = sftmix_linear_cross_entropy(
                 hidden,
                 weight,
-                inputs["targets"].to(weight.device),
-                inputs["mix_index"],
-                inputs["mix_lambda"],
-                inputs["mix_weight"],
+                on_head["targets"],
+                on_head["mix_index"],
+                on_head["mix_lambda"],
+                on_head["mix_weight"],
                 bias=bias,
-                ntp_mask=inputs["ntp_mask"],
-                ntp_normalizer=inputs["ntp_normalizer"],
+                ntp_mask=on_head["ntp_mask"],
+                ntp_normalizer=on_head["ntp_normalizer"],
                 mixup_coef=mixup_coef,
                 impl=impl,
                 logit_softcap=logit_softcap(causal_lm),
@@ -97,6 +106,18 @@ def backbone_and_fused_loss(
     if model_inputs.get("output_router_logits"):
         outputs["aux_loss"] = router_aux_loss(causal_lm, backbone_outputs, model_inputs.get("attention_mask"))
     return outputs
+
+
+# the loss inputs that `loss_inputs` builds on the labels' device and the loss reads on the head's
+HEAD_INPUTS = ("targets", "mix_index", "mix_lambda", "mix_weight", "ntp_mask", "ntp_normalizer")
+
+
+def _to_device(value, device: torch.device):
+    """``value`` on ``device`` when it is a tensor (None, numbers: as they are)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    # asynchronous except into host memory, which the host may read before the copy lands
+    return value.to(device, non_blocking=device.type != "cpu")
 
 
 def router_aux_loss(causal_lm, backbone_outputs, attention_mask) -> torch.Tensor:

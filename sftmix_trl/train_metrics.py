@@ -2,7 +2,8 @@
 seen, router loss) and SFTMix's own (`mixup_loss`, `mixup_lambda`, `mixed_tokens`, `mixed_fraction`).
 
 Each micro-batch contributes sums, gathered across ranks in one collective and kept as device tensors until the
-trainer logs them, so the loss path has no host sync.
+trainer logs them, so the metrics add no host sync to the loss path: host numbers reach the device by fill kernels,
+host tensors by asynchronous copies.
 """
 
 import torch
@@ -31,11 +32,22 @@ def micro_batch_sums(
     """(len(SUMS),) this rank's sums for one micro-batch, from the fused loss's `outputs` and its `plan`."""
     num_tokens = outputs["num_tokens"].float()
     device = num_tokens.device
+
+    def count(value) -> torch.Tensor:
+        # a host number on the device by a fill kernel: no blocking host-to-device copy (`torch.tensor(x, device=)`
+        # waits for the queue to drain, so the host could not queue the backward ahead of the forward)
+        return torch.full((), float(value), device=device)
+
     # the kernel divides the next-token sum by the normalizer (the valid-row count when None): undo it
-    normalizer = num_tokens.clamp(min=1) if ntp_normalizer is None else torch.as_tensor(ntp_normalizer, device=device)
-    mixed = torch.zeros(len(lambdas), dtype=torch.bool)
-    mixed[plan.mix_pair] = True
-    mixed = mixed.to(device, non_blocking=True)
+    if ntp_normalizer is None:
+        normalizer = num_tokens.clamp(min=1)
+    elif isinstance(ntp_normalizer, torch.Tensor):
+        normalizer = ntp_normalizer.to(device, non_blocking=True)
+    else:
+        normalizer = count(ntp_normalizer)
+    # the pairs with a mixed position (the lambdas of the others are drawn but unused)
+    mixed = torch.zeros(len(lambdas), dtype=torch.bool, device=device)
+    mixed.index_fill_(0, plan.mix_pair.to(device, non_blocking=True), True)
     sums = {
         "ntp_sum": outputs["ntp_loss"].double() * normalizer.double(),
         "num_tokens": num_tokens,
@@ -44,15 +56,15 @@ def micro_batch_sums(
         "mixup_loss": outputs["mixup_loss"] * accumulation,  # back to the micro-batch's L_Mixup
         "lambda_sum": (lambdas * mixed).sum(),
         "mixed_pairs": mixed.sum(),
-        "mixed_tokens": torch.tensor(float(len(plan.mix_pair)), device=device),
+        "mixed_tokens": count(len(plan.mix_pair)),
         # the batch's tokens, as SFTTrainer counts them: padding-free batches have no attention mask
         "tokens_seen": (
             inputs["attention_mask"].sum().to(device)
             if "attention_mask" in inputs
-            else torch.tensor(float(inputs["position_ids"].size(1)), device=device)
+            else count(inputs["position_ids"].size(1))
         ),
         "aux_loss": outputs["aux_loss"].detach() if "aux_loss" in outputs else torch.zeros((), device=device),
-        "response_tokens": torch.tensor(float(len(plan.rows)), device=device),
+        "response_tokens": count(len(plan.rows)),
     }
     return torch.stack([sums[name].float() for name in SUMS])
 
