@@ -144,3 +144,15 @@ def check_head_reproduces_logits(model) -> None:
             "SFTMix loss, which computes the logits from the head's weight, cannot reproduce. Models that scale or "
             "offset their logits outside the head are not supported; a soft cap (`final_logit_softcapping`) is."
         )
+
+
+def check_loss_impl_runs(loss_impl: str, device: torch.device) -> None:
+    """The fused loss backend `loss_impl` can run on the training device (the Triton backends need CUDA, or Triton's
+    CPU interpreter): refused at construction, not at the first training step."""
+    from .kernels.functional import resolve_impl
+
+    try:
+        # the dtype only picks among the backends for "auto", which always resolves
+        resolve_impl(loss_impl, torch.device(device), torch.float32)
+    except RuntimeError as error:
+        raise ValueError(f"`loss_impl={loss_impl!r}` cannot run on this run's device: {error}") from None

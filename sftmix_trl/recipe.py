@@ -11,9 +11,11 @@ Stages, each writing under the run folder (`output_dir`):
     baseline   an NTP-only twin with the same data and budget (optional)      -> ntp/
     evaluate   held-out response NLL of the trained models (optional)          -> evaluation/
 
-A stage whose outputs exist is skipped; an interrupted training stage resumes from its last checkpoint. Checkpoints
-keep their optimizer state only while it is needed to resume: once a reference checkpoint is scored and a newer one
-exists, and once a stage is done, only the model weights stay.
+A stage that is done and was made from the inputs asked for now is skipped; an interrupted training stage resumes from
+its last complete checkpoint (and a reference run scores any checkpoint whose scoring a kill cut short); a stage
+folder made from other inputs is refused (`sftmix_trl.run_state`). Checkpoints keep their optimizer state only while
+it is needed to resume: once a reference checkpoint is scored and a newer one exists, and once a stage is done, only
+the model weights stay.
 
 An input error (a missing file, an unknown config field, data the recipe cannot use) ends the run with one message;
 `--debug` (or `SFTMIX_DEBUG=1`) shows its traceback too. Under `accelerate launch`, add `--quiet` so that accelerate
@@ -33,13 +35,16 @@ from pathlib import Path
 from accelerate import PartialState
 from datasets import Dataset
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
+from . import checks, run_state
 from .assets import resolve_asset
 from .confidence import ConfidenceCallback, add_example_ids, aggregate_scores, read_scores, score_checkpoints
+from .confidence.callback import SCORES_DIRNAME
 from .confidence.datamap import write_data_map
 from .confidence.offline import adapter_base
+from .confidence.scoring import SCORES_SUFFIX
 from .config import SFTMixConfig
 from .data_utils import (
     drop_duplicate_examples,
@@ -63,7 +68,13 @@ STAGE_DIRS = {
 }
 STAGES = tuple(STAGE_DIRS)
 DATASET_FORMATS = ("auto", "alpaca", "multiturn")
-DONE_FILE = "stage_done.json"
+DONE_FILE = run_state.DONE_FILE
+# the fields SFTMixConfig adds to SFTConfig: inputs of the sftmix stage only
+SFTMIX_ONLY_FIELDS = frozenset(f.name for f in dataclasses.fields(SFTMixConfig)) - frozenset(
+    f.name for f in dataclasses.fields(SFTConfig)
+)
+# the stages each stage reads the outputs of
+UPSTREAM = {"score": ("reference",), "sftmix": ("score",), "evaluate": ("sftmix",)}
 
 
 @dataclass
@@ -253,6 +264,13 @@ class EvenlySpacedCheckpoints(TrainerCallback):
         self.save_steps: set[int] = set()
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if state.max_steps < self.num_checkpoints:
+            raise ValueError(
+                f"`reference_num_checkpoints` is {self.num_checkpoints}, but the reference run takes only "
+                f"{state.max_steps} optimizer step(s), so it cannot save {self.num_checkpoints} distinct checkpoints "
+                "to score. Lower `reference_num_checkpoints`, or raise `reference_num_train_epochs` (or train on more "
+                "data, or with a smaller batch)."
+            )
         self.save_steps = {
             max(1, round(k * state.max_steps / self.num_checkpoints)) for k in range(1, self.num_checkpoints + 1)
         }
@@ -290,9 +308,10 @@ class KeepResumeStateOfNewestCheckpoint(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        newest = get_last_checkpoint(args.output_dir)
-        for checkpoint in Path(args.output_dir).glob("checkpoint-*"):
-            if checkpoint.is_dir() and str(checkpoint) != newest:
+        # the checkpoint this save just completed
+        newest = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        for checkpoint in run_state.checkpoints(Path(args.output_dir)):
+            if checkpoint != newest:
                 drop_resume_state(checkpoint)
 
 
@@ -375,6 +394,8 @@ class Recipe:
             **(args.model_init_kwargs or {}),
         }
         self._train_dataset = None
+        self._data_fingerprint = None
+        self._stage_inputs: dict[str, dict] = {}
 
     def _model_path(self, name: str | None) -> str:
         if name is None:
@@ -395,12 +416,132 @@ class Recipe:
         return self.run_dir / STAGE_DIRS[stage]
 
     def is_done(self, stage: str) -> bool:
-        return (self.stage_dir(stage) / DONE_FILE).is_file()
+        return run_state.is_done(self.stage_dir(stage))
 
     def _mark_done(self, stage: str, **info) -> None:
         self.state.wait_for_everyone()
         if self.state.is_main_process:
-            (self.stage_dir(stage) / DONE_FILE).write_text(json.dumps({"stage": stage, **info}, indent=2) + "\n")
+            run_state.mark_done(stage, self.stage_dir(stage), self.stage_inputs(stage), **info)
+
+    # ---- what each stage is made from (`run_state`) ----
+
+    def stage_inputs(self, stage: str) -> dict:
+        """Everything the outputs of `stage` depend on, including the inputs of the stages whose outputs it reads."""
+        if stage in self._stage_inputs:
+            return self._stage_inputs[stage]
+        sft_only = SFTMIX_ONLY_FIELDS
+        peft = run_state.jsonable(self.peft_config.to_dict() if self.peft_config is not None else None)
+        if stage == "reference":
+            inputs = {
+                "data": self.data_fingerprint,
+                "dataset_name": self.recipe.dataset_name,
+                "model": run_state.model_fingerprint(self.reference_model),
+                "training": run_state.training_fields(self.args, exclude=sft_only | {"num_train_epochs"}),
+                "num_train_epochs": self.recipe.reference_num_train_epochs or self.args.num_train_epochs,
+                "reference_num_checkpoints": self.recipe.reference_num_checkpoints,
+                "peft": peft,
+            }
+        elif stage == "score":
+            # the table is the reference scores'; its check of the sftmix stage's rows reads the target's tokenizer
+            inputs = {"reference": self.stage_inputs("reference"), "model": run_state.model_fingerprint(self.model)}
+        elif stage == "sftmix":
+            inputs = {
+                "score": self.stage_inputs("score"),
+                "training": run_state.training_fields(self.args),
+                "peft": peft,
+            }
+        elif stage == "baseline":
+            inputs = {
+                "data": self.data_fingerprint,
+                "model": run_state.model_fingerprint(self.model),
+                "training": run_state.training_fields(self.args, exclude=sft_only),
+                "peft": peft,
+            }
+        else:
+            recipe = self.recipe
+            inputs = {
+                "sftmix": self.stage_inputs("sftmix"),
+                # the NTP twin is evaluated when it is trained in this run or was before
+                "baseline": (
+                    self.stage_inputs("baseline")
+                    if self.recipe.train_ntp_baseline or self.is_done("baseline")
+                    else None
+                ),
+                "held_out": [recipe.eval_dataset_name, recipe.eval_dataset_config, recipe.eval_dataset_split,
+                             recipe.eval_dataset_format, recipe.max_eval_examples, recipe.subset_seed,
+                             recipe.drop_duplicates],
+                "generate": [recipe.generate_benchmarks, recipe.generate_max_prompts, recipe.generate_max_new_tokens],
+                "lm_eval": [recipe.lm_eval_tasks, recipe.lm_eval_num_fewshot, recipe.lm_eval_limit,
+                            recipe.lm_eval_include_path],
+                "scoring": run_state.training_fields(self.args, exclude=sft_only),
+            }  # fmt: skip
+        self._stage_inputs[stage] = run_state.jsonable(inputs)
+        return self._stage_inputs[stage]
+
+    @property
+    def data_fingerprint(self) -> str:
+        if self._data_fingerprint is None:
+            self._data_fingerprint = run_state.dataset_fingerprint(self.train_dataset)
+        return self._data_fingerprint
+
+    def reusable(self, stage: str) -> bool:
+        """Whether the stage's folder holds work made from this run's inputs (raises when it holds other work). The
+        score stage, cheap and made from the reference stage's files alone, is redone instead of refused."""
+        try:
+            return run_state.check_stage_inputs(stage, self.stage_dir(stage), self.stage_inputs(stage))
+        except run_state.StageInputsMismatch as error:
+            if stage != "score":
+                raise
+            self.state.print(f"[sftmix] stage score: redoing it. {str(error).split(' Use a new output_dir')[0]}")
+            self.state.wait_for_everyone()
+            if self.state.is_main_process:
+                shutil.rmtree(self.stage_dir(stage))
+            self.state.wait_for_everyone()
+            return False
+
+    def check_upstream_done(self, stage: str) -> None:
+        """The stages whose outputs `stage` reads are done, from this run's inputs."""
+        upstream_stages = UPSTREAM.get(stage, ())
+        if stage == "evaluate" and self.recipe.train_ntp_baseline:
+            upstream_stages = (*upstream_stages, "baseline")
+        for upstream in upstream_stages:
+            if not (self.reusable(upstream) and self.is_done(upstream)):
+                raise ValueError(
+                    f"The {stage} stage reads the outputs of the {upstream} stage, which is not done in "
+                    f"{self.stage_dir(upstream)}: run `--stage {upstream}` (or `--stage all`) first."
+                )
+
+    def check_run_dir(self) -> None:
+        """The run folder is a folder this process can write to."""
+        run_dir = self.run_dir
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ValueError(f"`output_dir` {str(run_dir)!r} is a file, not a folder: choose another `output_dir`.")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as error:
+            raise ValueError(
+                f"`output_dir` {str(run_dir)!r} cannot be written ({error.strerror or error}): choose a folder you "
+                "can write to, or fix its permissions."
+            ) from None
+
+    def check_before_training(self, stages: list[str]) -> None:
+        """What cannot work, found before the first long step: the loss backend on this device, and data that leaves
+        no example to train after truncation."""
+        if "sftmix" in stages:
+            checks.check_loss_impl_runs(self.args.loss_impl, self.args.device)
+        if any(stage in stages for stage in ("reference", "sftmix", "baseline")):
+            for model in dict.fromkeys((self.model, self.reference_model)):
+                rows = self.trained_rows(model)
+                if rows is not None and not rows:
+                    raise ValueError(
+                        f"None of the {len(self.train_dataset)} training examples of {self.recipe.dataset_name} has a "
+                        f"response token left after truncation at max_length={self.args.max_length} with "
+                        f"{model}'s tokenizer, so there is nothing to train. Raise `max_length`, or check the data's "
+                        "prompt and completion columns."
+                    )
 
     def stages_to_run(self) -> list[str]:
         if self.recipe.stage != "all":
@@ -413,28 +554,61 @@ class Recipe:
         return stages
 
     def run(self) -> None:
+        self.check_run_dir()
+        if len(self.train_dataset) == 0:
+            raise ValueError(f"The training data {self.recipe.dataset_name} holds no example: nothing to train on.")
+        to_run = []
         for stage in self.stages_to_run():
-            if self.is_done(stage):
+            # every stage's folder is checked before any work, so that a stale one stops the run at once
+            if self.reusable(stage) and self.is_done(stage):
                 self.state.print(f"[sftmix] stage {stage}: already done in {self.stage_dir(stage)}, skipping.")
-                continue
+            else:
+                to_run.append(stage)
+        if to_run:
+            self.check_before_training(to_run)
+        for stage in to_run:
+            self.check_upstream_done(stage)
             self.state.print(f"[sftmix] stage {stage} -> {self.stage_dir(stage)}")
+            self.state.wait_for_everyone()
+            if self.state.is_main_process:
+                run_state.record_stage_inputs(stage, self.stage_dir(stage), self.stage_inputs(stage))
             getattr(self, f"run_{stage}")()
         if self.state.is_main_process:
             self.print_outputs()
 
     def _train(self, trainer, stage: str, save_model: bool = True) -> None:
         output_dir = self.stage_dir(stage)
-        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        if self.state.is_main_process:
+            for removed in run_state.remove_incomplete_checkpoints(output_dir):
+                print(f"[sftmix] stage {stage}: removed {removed}, cut short while saving; its steps are redone.")
+        self.state.wait_for_everyone()
+        last = run_state.last_complete_checkpoint(output_dir)
         if last is not None:
             self.state.print(f"[sftmix] stage {stage}: resuming from {last}")
         trainer.add_callback(KeepResumeStateOfNewestCheckpoint())
-        trainer.train(resume_from_checkpoint=last)
+        trainer.train(resume_from_checkpoint=None if last is None else str(last))
         if save_model:
             trainer.save_model(str(output_dir))
+        if stage == "reference":
+            self.check_reference_scores_complete()
         self._mark_done(stage, global_step=trainer.state.global_step)
         if self.state.is_main_process:  # done: nothing will resume from its checkpoints
-            for checkpoint in output_dir.glob("checkpoint-*"):
+            for checkpoint in run_state.checkpoints(output_dir):
                 drop_resume_state(checkpoint)
+
+    def check_reference_scores_complete(self) -> None:
+        """Every checkpoint of the reference run has its score file: the stage is not done otherwise."""
+        scores_dir = self.stage_dir("reference") / SCORES_DIRNAME
+        unscored = [
+            c.name
+            for c in run_state.checkpoints(self.stage_dir("reference"))
+            if not (scores_dir / f"{c.name}{SCORES_SUFFIX}").is_file()
+        ]
+        if unscored:
+            raise RuntimeError(
+                f"The reference run left {unscored} without a score file in {scores_dir}, so the stage is not done: "
+                "rerun it to score them."
+            )
 
     def trained_rows(self, model: str) -> list[int] | None:
         """The rows of the training set that TRL's preparation keeps for `model` (its tokenizer) with the run's
@@ -567,7 +741,7 @@ class Recipe:
         # that every process evaluates the same models
         self.state.wait_for_everyone()
         models = {"base": self.model, "sftmix": str(self.stage_dir("sftmix"))}
-        if self.stage_dir("baseline").joinpath(DONE_FILE).is_file():
+        if self.is_done("baseline"):
             models["ntp"] = str(self.stage_dir("baseline"))
         self.stage_dir("evaluate").mkdir(parents=True, exist_ok=True)
         if self.recipe.eval_dataset_name:

@@ -162,6 +162,7 @@ class SFTMixTrainer(SFTTrainer):
         checks.check_lm_head(self.model)
         checks.check_head_reproduces_logits(self.model)
         checks.check_sequences_stay_whole(self.accelerator.parallelism_config)
+        checks.check_loss_impl_runs(self.args.loss_impl, self.args.device)
 
         self.data_collator = PairedBatchCollator(self.data_collator)
         self._forward_redirection = _ForwardRedirection()
