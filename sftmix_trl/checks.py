@@ -3,7 +3,7 @@ to change, before any training. The README's "Differences from SFTTrainer" lists
 
 import torch
 from accelerate.utils import is_peft_model
-from datasets import IterableDataset
+from datasets import Dataset, IterableDataset
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
@@ -49,6 +49,8 @@ def check_model(model, peft_config) -> None:
 def check_training_setup(train_dataset, is_vision: bool, compute_loss_func) -> None:
     """What SFTMix refuses in the training data and setup, once SFTTrainer has validated them. `is_vision`: a
     vision-language model or an image dataset, as SFTTrainer detected it."""
+    if isinstance(train_dataset, Dataset) and len(train_dataset) == 0:
+        raise ValueError("The training dataset holds no example: there is nothing to train on.")
     if isinstance(train_dataset, IterableDataset):
         raise TypeError(
             "SFTMixTrainer needs a map-style `datasets.Dataset`: the confidence split is a median over the whole "

@@ -23,7 +23,6 @@ does not repeat a failure as a `CalledProcessError` traceback.
 """
 
 import dataclasses
-import difflib
 import json
 import math
 import os
@@ -40,6 +39,7 @@ from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, 
 
 from . import checks, run_state
 from .assets import resolve_asset
+from .cli import parse_arguments
 from .confidence import ConfidenceCallback, add_example_ids, aggregate_scores, read_scores, score_checkpoints
 from .confidence.callback import SCORES_DIRNAME
 from .confidence.datamap import write_data_map
@@ -47,6 +47,7 @@ from .confidence.offline import adapter_base
 from .confidence.scoring import SCORES_SUFFIX
 from .config import SFTMixConfig
 from .data_utils import (
+    check_sft_examples,
     drop_duplicate_examples,
     load_raw_dataset,
     normalize_content_parts,
@@ -230,29 +231,18 @@ def make_parser() -> TrlParser:
 def parse_recipe_args(argv: list[str] | None = None) -> tuple[RecipeArguments, SFTMixConfig, ModelConfig]:
     """The recipe's arguments from a YAML config (`--config`) and the command line. An unknown field, in either, is a
     `ValueError` that names it and suggests the closest known fields."""
-    parser = make_parser()
-    *parsed, from_config, from_command_line = parser.parse_args_and_config(
-        args=argv, return_remaining_strings=True, separate_remaining_strings=True
-    )
-    # the config's leftovers come as ["--key", "value", ...]; the command line's as argparse left them
-    config = argv[argv.index("--config") + 1] if argv and "--config" in argv[:-1] else "the config file"
-    unknown = [(config, key) for key in from_config[::2]]
-    unknown += [("the command line", item) for item in from_command_line if item.startswith("--")]
-    if from_command_line and not unknown:
-        unknown = [("the command line", from_command_line[0])]
-    if unknown:
-        known = sorted({action.dest for action in parser._actions if action.dest != "help"})
-        problems = []
-        for where, item in unknown:
-            name = item.removeprefix("--").split("=")[0]
-            close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-            hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-            problems.append(f"{name!r} in {where}{hint}")
+    try:
+        return parse_arguments(make_parser(), argv)
+    except ValueError as error:
+        message = str(error)
+        if not message.startswith("Unknown argument(s): "):
+            raise
+        # the recipe's own wording: which dataclasses it takes
+        problems = message.removeprefix("Unknown argument(s): ").split(". `--help` lists")[0]
         raise ValueError(
-            f"Unknown recipe argument(s): {'; '.join(problems)}. The recipe takes the fields of RecipeArguments, "
-            "SFTMixConfig (every SFTConfig field) and ModelConfig; `--help` lists them."
-        )
-    return tuple(parsed)
+            f"Unknown recipe argument(s): {problems}. The recipe takes the fields of RecipeArguments, SFTMixConfig "
+            "(every SFTConfig field) and ModelConfig; `--help` lists them."
+        ) from None
 
 
 class EvenlySpacedCheckpoints(TrainerCallback):
@@ -341,6 +331,9 @@ def _load(
         dataset = alpaca_to_prompt_completion(dataset)
     elif data_format == "multiturn":
         dataset = expand_multiturn(dataset)
+    if len(dataset) == 0:
+        raise ValueError(f"The data {name!r} (split {split!r}) holds no example: nothing to train on or score.")
+    check_sft_examples(dataset, f"The data {name!r}")
     if drop_duplicates:
         dataset = drop_duplicate_examples(dataset)
     return add_example_ids(random_subset(dataset, limit, seed))

@@ -27,7 +27,7 @@ from .batch_plan import (
     token_halves,
 )
 from .config import SFTMixConfig
-from .data_utils import normalize_content_parts
+from .data_utils import check_sft_examples, normalize_content_parts
 from .fused_call import PairLambdas, backbone_and_fused_loss, loss_inputs
 from .sampler import BalancedPairSampler
 from .training_data import (
@@ -185,6 +185,8 @@ class SFTMixTrainer(SFTTrainer):
             raise ValueError("When packing is enabled, `max_length` can't be `None`.")  # SFTTrainer's own check
         # prepared without TRL's packing, so that examples are truncated and dropped as without packing, and each
         # confidence half is packed on its own afterwards
+        if formatting_func is None:
+            check_sft_examples(dataset, "The training dataset", args.dataset_text_field)
         dataset = self._attach_confidence(dataset, args)
         prepared = super()._prepare_dataset(dataset, processing_class, args, False, formatting_func, dataset_name)
         halved = self._split(prepared, args)
