@@ -168,6 +168,11 @@ class SFTMixConfig(SFTConfig):
                 f"`packing_strategy='bfd'` (whole examples, truncated to `max_length`), got "
                 f"{self.packing_strategy!r}, which cuts examples apart. Use 'bfd', or `packing=False`."
             )
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError(
+                f"`gradient_accumulation_steps` must be at least 1 (1: no accumulation), got "
+                f"{self.gradient_accumulation_steps}."
+            )
         batch_size = self.per_device_train_batch_size
         if batch_size < 2:
             raise ValueError(

@@ -146,21 +146,16 @@ def score_checkpoints(
 
     paths = [output_dir / f"{name}{SCORES_SUFFIX}" for name in names]
     settings = jsonable({name: getattr(args, name, None) for name in SCORING_FIELDS})
+
     # what each score file is made from besides the examples: the checkpoint's files, its tokenizer, the settings
-    made_from = {}
-    for checkpoint, path in zip(checkpoints, paths):
-        try:
-            source_tokenizer = tokenizer or _own_tokenizer(checkpoint)
-        except (OSError, ValueError) as error:
-            raise ValueError(
-                f"The tokenizer of checkpoint {str(checkpoint)!r} cannot be loaded ({type(error).__name__}: {error}): "
-                "save it beside the weights, or pass one tokenizer for every checkpoint (`--tokenizer_name_or_path`)."
-            ) from None
-        made_from[path] = {
+    def made_from(checkpoint) -> dict:
+        """What a score file is made from besides the examples: the checkpoint's files, its tokenizer, the settings."""
+        return {
             "weights": jsonable(model_fingerprint(str(checkpoint), modification_times=True)),
-            "tokenizer_source": tokenizer_fingerprint(source_tokenizer),
+            "tokenizer_source": tokenizer_fingerprint(tokenizer or _own_tokenizer(checkpoint)),
             "settings": settings,
         }
+
     to_score = []
     for checkpoint, path in zip(checkpoints, paths):
         if path.is_file() and not overwrite:
@@ -174,7 +169,7 @@ def score_checkpoints(
                 if metadata.get("raw_ids_fingerprint", metadata.get("ids_fingerprint")) == fingerprint
                 else ["examples"]
             )
-            stale += [key for key, value in made_from[path].items() if metadata.get(key) != value]
+            stale += [key for key, value in made_from(checkpoint).items() if metadata.get(key) != value]
             if stale:
                 raise FileExistsError(
                     f"{path} already holds scores made from other {', '.join(stale)} than these (weights: the "
@@ -221,7 +216,7 @@ def score_checkpoints(
                     "tokenizer": trainer.processing_class.name_or_path,
                     "tokenizer_fingerprint": tokenizer_fingerprint(trainer.processing_class),
                     "raw_ids_fingerprint": fingerprint,
-                    **made_from[path],
+                    **made_from(checkpoint),
                     "left_out_ids": left_out,
                 }
                 write_scores(records, path, metadata)

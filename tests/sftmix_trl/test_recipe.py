@@ -322,3 +322,96 @@ def test_a_reference_model_that_drops_rows_the_target_trains_is_refused_before_t
         error.value
     )
     assert not recipe.stage_dir("reference").exists()  # refused before any training
+
+
+# ---- interrupted and rerun: kill -9 at chosen moments, stale folders, inputs refused before the long work ----
+
+# Runs the recipe in this process after arranging to SIGKILL itself at one moment: `<stage> <moment> <step>`, where
+# moment is "scoring" (a checkpoint saved, its scoring under way) or "save" (a checkpoint's weights written, its
+# optimizer and trainer state not yet), then the recipe's arguments.
+KILLER = """
+import os, signal, sys
+from pathlib import Path
+
+stage, moment, step = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+def here(trainer):
+    return Path(trainer.args.output_dir).name == stage and trainer.state.global_step == step
+
+if moment == "scoring":
+    from sftmix_trl.confidence import callback
+    score_trainer = callback.score_trainer
+    def killing_score_trainer(trainer, *args, **kwargs):
+        if here(trainer):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return score_trainer(trainer, *args, **kwargs)
+    callback.score_trainer = killing_score_trainer
+elif moment == "save":
+    from transformers import Trainer
+    save = Trainer._save_optimizer_and_scheduler
+    def killing_save(self, output_dir):
+        if here(self):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return save(self, output_dir)
+    Trainer._save_optimizer_and_scheduler = killing_save
+
+from sftmix_trl.recipe import main
+main(sys.argv[4:])
+"""
+
+
+def _run_recipe(args: list[str], cwd: Path, kill_at: tuple[str, str, int] | None = None):
+    script = cwd / "killer.py"
+    script.write_text(KILLER)
+    command = [sys.executable, str(script), *map(str, kill_at or ("none", "none", -1)), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _results(run: Path) -> dict[str, bytes]:
+    """What a run computes, byte for byte: the reference scores, the confidence table, the SFTMix model."""
+    files = sorted((run / "reference/confidence_scores").glob("*.jsonl"))
+    files += [run / "confidence/confidence.jsonl", run / "sftmix/model.safetensors"]
+    return {str(path.relative_to(run)): path.read_bytes() for path in files}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, llama_dir):
+    """An uninterrupted run (24 rows, 6 steps a stage; reference checkpoints at steps 3 and 6, SFTMix checkpoints every
+    2 steps) and the arguments that made it."""
+    base = tmp_path_factory.mktemp("finished")
+    tiny.prompt_completion_dataset(24).to_json(base / "train.jsonl")
+
+    def arguments(run: Path, **fields) -> list[str]:
+        fields = {"dataset_name": base / "train.jsonl", "save_strategy": "steps", "save_steps": "2", **fields}
+        return _recipe_args(llama_dir, run, **fields)
+
+    result = _run_recipe(arguments(base / "run"), base)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return base / "run", arguments
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_every_moment_finishes_bit_identical_to_an_uninterrupted_one(tmp_path, finished_run):
+    reference_run, arguments = finished_run
+    run = tmp_path / "run"
+    args = arguments(run)
+    kills = [
+        # a reference checkpoint saved, its scoring under way: the rerun resumes from it and scores it first
+        ("reference", "scoring", 3),
+        # the last reference checkpoint half saved: the rerun removes it and resumes from the one before
+        ("reference", "save", 6),
+        # the last reference checkpoint saved, its scoring under way: the rerun resumes with no step left, scores it
+        ("reference", "scoring", 6),
+        # an SFTMix checkpoint half saved: the rerun resumes from the complete one before it
+        ("sftmix", "save", 4),
+    ]
+    for kill_at in kills:
+        result = _run_recipe(args, tmp_path, kill_at)
+        assert result.returncode == -9, (kill_at, result.stderr[-3000:])  # killed where it was meant to be
+    assert (run / "sftmix/checkpoint-4").is_dir() and not (run / "sftmix/checkpoint-4/trainer_state.json").exists()
+    result = _run_recipe(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert f"removed {run / 'sftmix/checkpoint-4'}, cut short while saving" in result.stdout
+    assert f"resuming from {run / 'sftmix/checkpoint-2'}" in result.stdout
+    assert _results(run) == _results(reference_run)
