@@ -415,3 +415,136 @@ def test_a_run_killed_at_every_moment_finishes_bit_identical_to_an_uninterrupted
     assert f"removed {run / 'sftmix/checkpoint-4'}, cut short while saving" in result.stdout
     assert f"resuming from {run / 'sftmix/checkpoint-2'}" in result.stdout
     assert _results(run) == _results(reference_run)
+
+
+def _refusal(args: list[str], capsys) -> str:
+    """The one-line error with which the recipe's entry point refuses `args` (exit status 1, no traceback)."""
+    from sftmix_trl.recipe import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "change, stage, named",
+    [
+        ("dataset", "reference", "data: "),
+        ("model", "reference", "model.name: "),
+        ("max_length", "reference", "training.max_length: 64 -> 48"),
+        ("mixup_coef", "sftmix", "training.mixup_coef: 0.2 -> 0.3"),
+        ("older_folder", "reference", "without a record of the inputs"),
+    ],
+)
+def test_a_finished_run_rerun_with_other_inputs_is_refused_naming_what_changed(
+    tmp_path, finished_run, llama_dir, capsys, change, stage, named
+):
+    finished, arguments = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = _results(run)
+    fields = {}
+    if change == "dataset":  # the same ids (an id column of the data's own), other content
+        other = tiny.prompt_completion_dataset(24, seed=3)
+        other = other.remove_columns("id").add_column("id", tiny.prompt_completion_dataset(24)["id"])
+        other.to_json(tmp_path / "other.jsonl")
+        fields["dataset_name"] = tmp_path / "other.jsonl"
+    elif change == "model":
+        shutil.copytree(llama_dir, tmp_path / "other-model")
+        (tmp_path / "other-model/config.json").write_text(
+            (tmp_path / "other-model/config.json")
+            .read_text()
+            .replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e-05')
+        )
+        fields["model_name_or_path"] = tmp_path / "other-model"
+    elif change == "max_length":
+        fields["max_length"] = "48"
+    elif change == "mixup_coef":
+        fields["mixup_coef"] = "0.3"
+    else:  # a run folder of an older sftmix-trl: done files, no record of the inputs
+        for record in run.glob("*/stage_inputs.json"):
+            record.unlink()
+    err = _refusal(arguments(run, **fields), capsys)
+    assert f"{run / STAGE_DIRS[stage]} holds" in err and named in err
+    assert f"Use a new output_dir, or remove {run / STAGE_DIRS[stage]} to redo the {stage} stage" in err
+    assert _results(run) == before  # nothing was touched
+
+
+def test_rerun_refusals_name_the_changed_field(tmp_path):
+    from sftmix_trl import run_state
+
+    stage_dir = tmp_path / "sftmix"
+    inputs = {"training": {"max_length": 64, "seed": 1}, "data": "abc"}
+    assert not run_state.check_stage_inputs("sftmix", stage_dir, inputs)  # nothing there: a fresh start
+    run_state.record_stage_inputs("sftmix", stage_dir, inputs)
+    assert not run_state.check_stage_inputs("sftmix", stage_dir, {"other": 1})  # a record but no work: afresh
+    (stage_dir / "checkpoint-2").mkdir()
+    assert run_state.check_stage_inputs("sftmix", stage_dir, inputs)  # the same inputs: resumed
+    with pytest.raises(run_state.StageInputsMismatch) as error:
+        run_state.check_stage_inputs("sftmix", stage_dir, {**inputs, "training": {"max_length": 128, "seed": 1}})
+    assert "training.max_length: 64 -> 128" in str(error.value) and "seed" not in str(error.value)
+
+
+def test_incomplete_checkpoints_are_never_resumed_from(tmp_path):
+    from sftmix_trl import run_state
+
+    for step, complete in ((2, True), (4, True), (6, False)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}/model.safetensors").write_bytes(b"w")
+        if complete:
+            (tmp_path / f"checkpoint-{step}/trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (tmp_path / "checkpoint-4/trainer_state.json").write_text('{"global_st')  # cut short while written
+    assert run_state.last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    assert run_state.remove_incomplete_checkpoints(tmp_path) == [tmp_path / "checkpoint-4", tmp_path / "checkpoint-6"]
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-2"]
+
+
+def test_data_fingerprint_follows_the_content():
+    from sftmix_trl.run_state import dataset_fingerprint
+
+    data = tiny.prompt_completion_dataset(12)
+    assert dataset_fingerprint(data) == dataset_fingerprint(tiny.prompt_completion_dataset(12))
+    edited = data.map(lambda row, i: {"completion": row["completion"] + ("!" if i == 5 else "")}, with_indices=True)
+    assert dataset_fingerprint(edited) != dataset_fingerprint(data)
+    assert dataset_fingerprint(data.select(range(11))) != dataset_fingerprint(data)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        # more checkpoints than the reference run's 6 optimizer steps: refused before the first step
+        ({"reference_num_checkpoints": "7"}, "`reference_num_checkpoints` is 7, but the reference run takes only 6"),
+        # truncation leaves no row a response token
+        ({"max_length": "6"}, "None of the 24 training examples of .* has a response token left"),
+        ({"loss_impl": "triton"}, r"`loss_impl='triton'` cannot run on this run's device: impl='triton' needs CUDA"),
+    ],
+    ids=["K>steps", "no-example-left", "triton-without-cuda"],
+)
+def test_inputs_that_cannot_work_are_refused_before_the_reference_run(
+    tmp_path, llama_dir, monkeypatch, capsys, fields, message
+):
+    import re
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # as on a machine without CUDA, outside the test suite
+    tiny.prompt_completion_dataset(24).to_json(tmp_path / "train.jsonl")
+    run = tmp_path / "run"
+    err = _refusal(_recipe_args(llama_dir, run, dataset_name=tmp_path / "train.jsonl", **fields), capsys)
+    assert re.search(message, err), err
+    assert not list(run.glob("reference/checkpoint-*"))  # no step was trained
+    # nothing there holds a rerun back: with the input fixed it starts afresh
+    from sftmix_trl import run_state
+
+    assert not run_state.has_work(run / "reference")
+
+
+@pytest.mark.parametrize("where", ["file", "under-a-file"])
+def test_an_output_dir_that_cannot_be_written_is_named(tmp_path, llama_dir, capsys, where):
+    tiny.prompt_completion_dataset(8).to_json(tmp_path / "train.jsonl")
+    (tmp_path / "a-file").write_text("")
+    run = tmp_path / "a-file" if where == "file" else tmp_path / "a-file" / "run"
+    expected = "is a file, not a folder" if where == "file" else "cannot be written (Not a directory)"
+    err = _refusal(_recipe_args(llama_dir, run, dataset_name=tmp_path / "train.jsonl"), capsys)
+    assert f"`output_dir` {str(run)!r}" in err and expected in err
