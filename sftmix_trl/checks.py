@@ -46,11 +46,15 @@ def check_model(model, peft_config) -> None:
             )
 
 
+def check_not_empty(train_dataset) -> None:
+    """A training set with no row (SFTTrainer fails on it with a bare `StopIteration` as it peeks at the first)."""
+    if isinstance(train_dataset, Dataset) and len(train_dataset) == 0:
+        raise ValueError("The training dataset holds no example: there is nothing to train on.")
+
+
 def check_training_setup(train_dataset, is_vision: bool, compute_loss_func) -> None:
     """What SFTMix refuses in the training data and setup, once SFTTrainer has validated them. `is_vision`: a
     vision-language model or an image dataset, as SFTTrainer detected it."""
-    if isinstance(train_dataset, Dataset) and len(train_dataset) == 0:
-        raise ValueError("The training dataset holds no example: there is nothing to train on.")
     if isinstance(train_dataset, IterableDataset):
         raise TypeError(
             "SFTMixTrainer needs a map-style `datasets.Dataset`: the confidence split is a median over the whole "

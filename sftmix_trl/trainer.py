@@ -137,6 +137,7 @@ class SFTMixTrainer(SFTTrainer):
         self._confidence_scores = confidence_scores
         self._sftmix_compute_loss_func = compute_loss_func
         self.confidence_split = None  # set when the training set is split into halves
+        checks.check_not_empty(train_dataset)
         if isinstance(train_dataset, Dataset | IterableDataset):
             checks.check_model(model, peft_config)
 
