@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset, load_from_disk
 
-from ..data_utils import split_by_confidence
+from ..data_utils import ConfidenceSplit, split_by_confidence
 from .scoring import SCORES_SUFFIX, read_scores
 
 OUTPUT_FILES = ("state.json", "dataset_info.json", "confidence.jsonl", "confidence.parquet", "summary.json")
@@ -212,7 +212,8 @@ def aggregate_scores(score_files: Sequence[str | Path]) -> ConfidenceTable:
     num_tokens = [tables[0][example_id]["num_tokens"] for example_id in ids]
     confidence = -ppl.mean(axis=1)
     variability = ppl.std(axis=1, ddof=0)
-    split = split_by_confidence(confidence.tolist(), ids)
+    # one example has nothing to pair with: it trains with the next-token loss alone, as SFTMixTrainer trains it
+    split = split_by_confidence(confidence.tolist(), ids) if len(ids) >= 2 else ConfidenceSplit([], [], [0])
     half = [""] * len(ids)
     for name, rows in zip(HALVES, (split.confident, split.unconfident, split.remainder)):
         for row in rows:

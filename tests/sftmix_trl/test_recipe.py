@@ -548,3 +548,20 @@ def test_an_output_dir_that_cannot_be_written_is_named(tmp_path, llama_dir, caps
     expected = "is a file, not a folder" if where == "file" else "cannot be written (Not a directory)"
     err = _refusal(_recipe_args(llama_dir, run, dataset_name=tmp_path / "train.jsonl"), capsys)
     assert f"`output_dir` {str(run)!r}" in err and expected in err
+
+
+@pytest.mark.slow
+def test_one_training_example_trains_in_the_recipe_as_in_the_trainer(tmp_path, llama_dir):
+    from sftmix_trl.recipe import main
+
+    tiny.prompt_completion_dataset(1).to_json(tmp_path / "train.jsonl")
+    run = tmp_path / "run"
+    args = _recipe_args(llama_dir, run, dataset_name=tmp_path / "train.jsonl", reference_num_checkpoints="1")
+    # nothing to pair it with: next-token loss alone, with the trainer's one warning
+    with pytest.warns(
+        UserWarning, match="With 1 training example\\(s\\), SFTMix cannot form a confident / unconfident"
+    ):
+        main(args)
+    table = [json.loads(line) for line in (run / "confidence/confidence.jsonl").read_text().splitlines()]
+    assert [row["half"] for row in table] == ["remainder"]
+    assert (run / "sftmix/model.safetensors").is_file() and (run / "sftmix/stage_done.json").is_file()
