@@ -342,8 +342,9 @@ def _expected_type(hint, value) -> str | None:
         accepted, name = SIMPLE_TYPES[hint]
         is_bool_as_number = hint is not bool and isinstance(value, bool)
         return name if is_bool_as_number or not isinstance(value, accepted) else None
-    is_string_list = isinstance(value, list) and all(isinstance(v, str) for v in value)
-    if typing.get_origin(hint) is list and typing.get_args(hint) == (str,) and not is_string_list:
+    # one string stands for a list of one (TRL turns a one-element `lora_target_modules` into its string)
+    is_strings = isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+    if typing.get_origin(hint) is list and typing.get_args(hint) == (str,) and not is_strings:
         return "a list of strings"
     return None
 

@@ -211,6 +211,10 @@ class RecipeArguments(ScriptArguments):
     )
 
     def __post_init__(self):
+        # a config's `lm_eval_tasks: pubmedqa` means the list of one, as `--lm_eval_tasks pubmedqa` does
+        for name in ("generate_benchmarks", "lm_eval_tasks"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
         if self.dataset_format not in DATASET_FORMATS or self.eval_dataset_format not in DATASET_FORMATS:
             raise ValueError(f"Dataset formats must be one of {DATASET_FORMATS}.")
         if self.stage not in (*STAGES, "all"):

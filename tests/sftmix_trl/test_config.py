@@ -112,7 +112,7 @@ def test_the_mixup_alpha_bound_is_where_the_sampler_stops_drawing_half():
     [
         ("mixup_alpha: [0.3]", r"`mixup_alpha` must be a number, got \[0.3\] \(list\)"),
         ("per_device_train_batch_size: 2.5", r"`per_device_train_batch_size` must be an integer, got 2.5 \(float\)"),
-        ("lm_eval_tasks: pubmedqa", r"`lm_eval_tasks` must be a list of strings, got 'pubmedqa'"),
+        ("lm_eval_tasks: [pubmedqa, 3]", r"`lm_eval_tasks` must be a list of strings, got \['pubmedqa', 3\]"),
     ],
 )
 def test_wrongly_typed_config_values_are_named(tmp_path, line, message):
@@ -122,3 +122,13 @@ def test_wrongly_typed_config_values_are_named(tmp_path, line, message):
     config.write_text(f"model_name_or_path: m\ndataset_name: d\nuse_cpu: true\n{line}\n")
     with pytest.raises(TypeError, match=message):
         parse_recipe_args(["--config", str(config)])
+
+
+def test_a_list_field_given_one_string_in_a_config_is_a_list_of_one(tmp_path):
+    from sftmix_trl.recipe import parse_recipe_args
+
+    config = tmp_path / "config.yaml"
+    config.write_text("model_name_or_path: m\ndataset_name: d\nuse_cpu: true\nlm_eval_tasks: pubmedqa\n")
+    config.write_text(config.read_text() + "use_peft: true\nlora_target_modules: all-linear\n")
+    recipe, _, model_args = parse_recipe_args(["--config", str(config)])
+    assert recipe.lm_eval_tasks == ["pubmedqa"] and model_args.lora_target_modules == "all-linear"
