@@ -44,7 +44,7 @@ from .confidence import ConfidenceCallback, add_example_ids, aggregate_scores, r
 from .confidence.callback import SCORES_DIRNAME
 from .confidence.datamap import write_data_map
 from .confidence.offline import adapter_base
-from .confidence.scoring import SCORES_SUFFIX
+from .confidence.scoring import SCORES_SUFFIX, is_complete_score_file
 from .config import SFTMixConfig
 from .data_utils import (
     check_sft_examples,
@@ -587,24 +587,39 @@ class Recipe:
         if save_model:
             trainer.save_model(str(output_dir))
         if stage == "reference":
-            self.check_reference_scores_complete()
+            self.complete_reference_scores()
         self._mark_done(stage, global_step=trainer.state.global_step)
         if self.state.is_main_process:  # done: nothing will resume from its checkpoints
             for checkpoint in run_state.checkpoints(output_dir):
                 drop_resume_state(checkpoint)
 
-    def check_reference_scores_complete(self) -> None:
-        """Every checkpoint of the reference run has its score file: the stage is not done otherwise."""
-        scores_dir = self.stage_dir("reference") / SCORES_DIRNAME
+    def complete_reference_scores(self) -> None:
+        """Every checkpoint of the reference run has a complete score file (its records match its sidecar), and
+        there are K of them. A checkpoint without one (its file damaged or deleted after the run) is rescored from
+        its weights by the offline scorer, which writes the records the training-time scorer writes."""
+        reference_dir = self.stage_dir("reference")
+        scores_dir = reference_dir / SCORES_DIRNAME
         unscored = [
-            c.name
-            for c in run_state.checkpoints(self.stage_dir("reference"))
-            if not (scores_dir / f"{c.name}{SCORES_SUFFIX}").is_file()
+            checkpoint
+            for checkpoint in run_state.checkpoints(reference_dir)
+            if not is_complete_score_file(scores_dir / f"{checkpoint.name}{SCORES_SUFFIX}")
         ]
         if unscored:
-            raise RuntimeError(
-                f"The reference run left {unscored} without a score file in {scores_dir}, so the stage is not done: "
-                "rerun it to score them."
+            self.state.print(
+                f"[sftmix] stage reference: scoring {[c.name for c in unscored]}, which have no complete score file"
+            )
+            args = sft_config_from(self.args, output_dir=str(reference_dir), report_to="none", push_to_hub=False)
+            score_checkpoints(
+                unscored, self.train_dataset, scores_dir, args=args, dataset_name=self.recipe.dataset_name,
+                overwrite=True,
+            )  # fmt: skip
+        complete = [path for path in sorted(scores_dir.glob(f"*{SCORES_SUFFIX}")) if is_complete_score_file(path)]
+        expected = self.recipe.reference_num_checkpoints
+        if len(complete) != expected:
+            raise ValueError(
+                f"The reference stage in {reference_dir} holds {len(complete)} complete score file(s) where it makes "
+                f"{expected} (one per checkpoint), and the checkpoints of the others are gone (`save_total_limit`). "
+                f"Use a new output_dir, or remove {reference_dir} to redo the reference stage."
             )
 
     def trained_rows(self, model: str) -> list[int] | None:
@@ -690,6 +705,7 @@ class Recipe:
 
     def run_score(self) -> None:
         output_dir = self.stage_dir("score")
+        self.complete_reference_scores()
         # every process aggregates and checks (a few files read; TRL's preparation in the check synchronizes the
         # processes), so that a bad input stops every one of them with the same message; the main process writes
         table = aggregate_scores([self.stage_dir("reference")])

@@ -96,8 +96,11 @@ def differences(recorded: Mapping, wanted: Mapping, limit: int = 6) -> list[str]
 
 
 def has_work(stage_dir: Path) -> bool:
-    """Whether a stage folder holds anything besides its inputs record and the loggers' folders."""
-    return stage_dir.is_dir() and any(entry.name not in NOT_WORK for entry in stage_dir.iterdir())
+    """Whether a stage folder holds anything besides its inputs record (or one cut short while written) and the
+    loggers' folders."""
+    return stage_dir.is_dir() and any(
+        entry.name not in NOT_WORK and not entry.name.startswith(f"{INPUTS_FILE}.") for entry in stage_dir.iterdir()
+    )
 
 
 def read_json(path: Path) -> dict | None:

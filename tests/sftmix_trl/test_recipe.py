@@ -565,3 +565,23 @@ def test_one_training_example_trains_in_the_recipe_as_in_the_trainer(tmp_path, l
     table = [json.loads(line) for line in (run / "confidence/confidence.jsonl").read_text().splitlines()]
     assert [row["half"] for row in table] == ["remainder"]
     assert (run / "sftmix/model.safetensors").is_file() and (run / "sftmix/stage_done.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_damaged_reference_score_file_is_rescored_from_its_checkpoint(tmp_path, finished_run, capsys):
+    from sftmix_trl.confidence import read_scores
+    from sftmix_trl.recipe import main
+
+    finished, arguments = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    scores = run / "reference/confidence_scores/checkpoint-3.jsonl"
+    scores.write_text(scores.read_text()[:-30])  # cut short
+    shutil.rmtree(run / "confidence")  # the score stage runs again, and reads it
+    main(arguments(run, stage="score"))
+    assert "stage reference: scoring ['checkpoint-3'], which have no complete score file" in capsys.readouterr().out
+    rescored, _ = read_scores(scores)
+    original, _ = read_scores(finished / "reference/confidence_scores/checkpoint-3.jsonl")
+    assert [r["id"] for r in rescored] == [r["id"] for r in original]
+    assert [r["ppl"] for r in rescored] == pytest.approx([r["ppl"] for r in original], rel=1e-5)
+    assert (run / "confidence/stage_done.json").is_file()
