@@ -419,6 +419,8 @@ class Recipe:
         self.state.wait_for_everyone()
         if self.state.is_main_process:
             run_state.mark_done(stage, self.stage_dir(stage), self.stage_inputs(stage), **info)
+        # every process sees the stage done before the next one checks it
+        self.state.wait_for_everyone()
 
     # ---- what each stage is made from (`run_state`) ----
 
@@ -750,9 +752,6 @@ class Recipe:
     def run_evaluate(self) -> None:
         """The base model and every trained model on what the recipe asks for: the held-out response NLL, answers
         to the instruction-following benchmarks for their judges, the lm-evaluation-harness tasks."""
-        # the main process writes the baseline's done file after the others have passed its barrier: wait for it, so
-        # that every process evaluates the same models
-        self.state.wait_for_everyone()
         models = {"base": self.model, "sftmix": str(self.stage_dir("sftmix"))}
         if self.is_done("baseline"):
             models["ntp"] = str(self.stage_dir("baseline"))
