@@ -201,7 +201,18 @@ def load_raw_dataset(name: str, config: str | None = None, split: str = "train")
     if path.is_file():
         if path.suffix not in DATA_FILE_BUILDERS:
             raise ValueError(f"Cannot read {path}: expected one of {sorted(DATA_FILE_BUILDERS)}.")
-        return load_dataset(DATA_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
+        if path.stat().st_size == 0:
+            raise ValueError(f"The data file {path} is empty: it holds no example.")
+        try:
+            return load_dataset(DATA_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
+        except Exception as error:  # the file's content, as the `datasets` builder for its suffix reads it
+            cause = error
+            while cause.__cause__ is not None or cause.__context__ is not None:  # the parser's own words
+                cause = cause.__cause__ or cause.__context__
+            raise ValueError(
+                f"Cannot read {path} as a {path.suffix} data file ({type(cause).__name__}: {str(cause)[:300]}). Check "
+                "that every line or record is well formed and that each column holds one type."
+            ) from error
     return load_dataset(str(path) if path.is_dir() else name, name=config, split=split)
 
 
