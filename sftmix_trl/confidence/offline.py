@@ -14,9 +14,11 @@ import json
 import logging
 import re
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from datasets import Dataset
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from trl import SFTConfig, SFTTrainer
@@ -156,51 +158,65 @@ def score_checkpoints(
             "settings": settings,
         }
 
-    to_score = []
-    for checkpoint, path in zip(checkpoints, paths):
-        if path.is_file() and not overwrite:
+    # one writer per score file: the main process holds the lock of every file it may write from before it looks at
+    # them until they are written, so a second scorer of the same files fails at once instead of both succeeding
+    state = PartialState()
+    with ExitStack() as locks:
+        refusal = None
+        if state.is_main_process:
             try:
-                _, metadata = read_scores(path)
-            except ValueError as error:
-                raise FileExistsError(f"{error} (Or pass `overwrite=True`, `--overwrite`, to replace it.)") from None
-            # the raw data's ids (a file holds records only for the rows TRL's preparation kept); older files: theirs
-            stale = (
-                []
-                if metadata.get("raw_ids_fingerprint", metadata.get("ids_fingerprint")) == fingerprint
-                else ["examples"]
-            )
-            stale += [key for key, value in made_from(checkpoint).items() if metadata.get(key) != value]
-            if stale:
-                raise FileExistsError(
-                    f"{path} already holds scores made from other {', '.join(stale)} than these (weights: the "
-                    f"checkpoint's files; settings: {', '.join(SCORING_FIELDS)}). Pass `overwrite=True` "
-                    "(`--overwrite`) to replace them, or choose another output folder."
+                for path in paths:
+                    locks.enter_context(exclusive_writer(path))
+            except FileExistsError as error:
+                refusal = str(error)
+        if state.num_processes > 1:  # every process stops, with the main process's message
+            refusal = broadcast_object_list([refusal])[0]
+        if refusal is not None:
+            raise FileExistsError(refusal)
+        to_score = []
+        for checkpoint, path in zip(checkpoints, paths):
+            if path.is_file() and not overwrite:
+                try:
+                    _, metadata = read_scores(path)
+                except ValueError as error:
+                    raise FileExistsError(
+                        f"{error} (Or pass `overwrite=True`, `--overwrite`, to replace it.)"
+                    ) from None
+                # the raw data's ids (a file holds records only for the rows TRL's preparation kept); older files: theirs
+                stale = (
+                    []
+                    if metadata.get("raw_ids_fingerprint", metadata.get("ids_fingerprint")) == fingerprint
+                    else ["examples"]
                 )
-            logger.info("%s already scored on these examples (%s): skipping.", checkpoint, path)
-            continue
-        to_score.append((checkpoint, path))
+                stale += [key for key, value in made_from(checkpoint).items() if metadata.get(key) != value]
+                if stale:
+                    raise FileExistsError(
+                        f"{path} already holds scores made from other {', '.join(stale)} than these (weights: the "
+                        f"checkpoint's files; settings: {', '.join(SCORING_FIELDS)}). Pass `overwrite=True` "
+                        "(`--overwrite`) to replace them, or choose another output folder."
+                    )
+                logger.info("%s already scored on these examples (%s): skipping.", checkpoint, path)
+                continue
+            to_score.append((checkpoint, path))
 
-    for checkpoint, path in to_score:
-        name = path.name.removesuffix(SCORES_SUFFIX)
-        try:
-            # SFTTrainer loads the model as TRL does (`model_init_kwargs`, device placement) and prepares the data
-            model = str(checkpoint)
-            if adapter_base(checkpoint) is not None:
-                model = load_merged_adapter(checkpoint, args.model_init_kwargs)
-            processing_class = tokenizer
-            if processing_class is None and isinstance(model, PreTrainedModel):
-                processing_class = _own_tokenizer(checkpoint)
-            trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processing_class)
-        except (OSError, ValueError, RuntimeError) as error:
-            raise ValueError(
-                f"Checkpoint {str(checkpoint)!r} cannot be loaded for scoring, or its tokenizer cannot prepare the "
-                f"data ({type(error).__name__}: {error}). Score files written so far are kept in {output_dir}."
-            ) from error
-        is_main = trainer.accelerator.is_main_process
-        # one writer per score file: a second `sftmix score` of the same file fails here, before scoring
-        with exclusive_writer(path) if is_main else nullcontext():
+        for checkpoint, path in to_score:
+            name = path.name.removesuffix(SCORES_SUFFIX)
+            try:
+                # SFTTrainer loads the model as TRL does (`model_init_kwargs`, device placement) and prepares the data
+                model = str(checkpoint)
+                if adapter_base(checkpoint) is not None:
+                    model = load_merged_adapter(checkpoint, args.model_init_kwargs)
+                processing_class = tokenizer
+                if processing_class is None and isinstance(model, PreTrainedModel):
+                    processing_class = _own_tokenizer(checkpoint)
+                trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processing_class)
+            except (OSError, ValueError, RuntimeError) as error:
+                raise ValueError(
+                    f"Checkpoint {str(checkpoint)!r} cannot be loaded for scoring, or its tokenizer cannot prepare the "
+                    f"data ({type(error).__name__}: {error}). Score files written so far are kept in {output_dir}."
+                ) from error
             scored = score_trainer(trainer, id_column=id_column, desc=f"Scoring {name}")
-            if is_main:
+            if trainer.accelerator.is_main_process:
                 by_id = {record["id"]: record for record in scored}
                 # every distinct example of the raw data that TRL's preparation kept, in the raw order (identical rows
                 # share an id and one record); those it dropped cannot train and get no record, as in the callback's
@@ -229,9 +245,9 @@ def score_checkpoints(
                         len(left_out) + len(records),
                         args.max_length,
                     )
-        trainer.accelerator.wait_for_everyone()
-        del trainer
-        gc.collect()
+            trainer.accelerator.wait_for_everyone()
+            del trainer
+            gc.collect()
     return paths
 
 
