@@ -69,7 +69,6 @@ STAGE_DIRS = {
 }
 STAGES = tuple(STAGE_DIRS)
 DATASET_FORMATS = ("auto", "alpaca", "multiturn")
-DONE_FILE = run_state.DONE_FILE
 # the fields SFTMixConfig adds to SFTConfig: inputs of the sftmix stage only
 SFTMIX_ONLY_FIELDS = frozenset(f.name for f in dataclasses.fields(SFTMixConfig)) - frozenset(
     f.name for f in dataclasses.fields(SFTConfig)
@@ -428,14 +427,12 @@ class Recipe:
         """Everything the outputs of `stage` depend on, including the inputs of the stages whose outputs it reads."""
         if stage in self._stage_inputs:
             return self._stage_inputs[stage]
-        sft_only = SFTMIX_ONLY_FIELDS
         peft = run_state.jsonable(self.peft_config.to_dict() if self.peft_config is not None else None)
         if stage == "reference":
             inputs = {
                 "data": self.data_fingerprint,
-                "dataset_name": self.recipe.dataset_name,
                 "model": run_state.model_fingerprint(self.reference_model),
-                "training": run_state.training_fields(self.args, exclude=sft_only | {"num_train_epochs"}),
+                "training": run_state.training_fields(self.args, exclude=SFTMIX_ONLY_FIELDS | {"num_train_epochs"}),
                 "num_train_epochs": self.recipe.reference_num_train_epochs or self.args.num_train_epochs,
                 "reference_num_checkpoints": self.recipe.reference_num_checkpoints,
                 "peft": peft,
@@ -453,7 +450,7 @@ class Recipe:
             inputs = {
                 "data": self.data_fingerprint,
                 "model": run_state.model_fingerprint(self.model),
-                "training": run_state.training_fields(self.args, exclude=sft_only),
+                "training": run_state.training_fields(self.args, exclude=SFTMIX_ONLY_FIELDS),
                 "peft": peft,
             }
         else:
@@ -472,7 +469,7 @@ class Recipe:
                 "generate": [recipe.generate_benchmarks, recipe.generate_max_prompts, recipe.generate_max_new_tokens],
                 "lm_eval": [recipe.lm_eval_tasks, recipe.lm_eval_num_fewshot, recipe.lm_eval_limit,
                             recipe.lm_eval_include_path],
-                "scoring": run_state.training_fields(self.args, exclude=sft_only),
+                "scoring": run_state.training_fields(self.args, exclude=SFTMIX_ONLY_FIELDS),
             }  # fmt: skip
         self._stage_inputs[stage] = run_state.jsonable(inputs)
         return self._stage_inputs[stage]

@@ -57,9 +57,9 @@ def dataset_fingerprint(dataset: Dataset) -> str:
 
 
 def model_fingerprint(name: str, modification_times: bool = False) -> dict[str, Any]:
-    """What identifies a model: its name, and for a local folder a hash of its config, tokenizer and training state
-    files and the sizes of its weight files (with `modification_times`, their modification times too: weights
-    retrained in place in a folder without `trainer_state.json`)."""
+    """What identifies a model: its name (a Hub id), or for a local folder, wherever it lies, a hash of its config,
+    tokenizer and training state files and the sizes of its weight files (with `modification_times`, their
+    modification times too: weights retrained in place in a folder without `trainer_state.json`)."""
     path = Path(name)
     if not path.is_dir():
         return {"name": name}
@@ -70,7 +70,7 @@ def model_fingerprint(name: str, modification_times: bool = False) -> dict[str, 
             weights[file.name] = [stat.st_size, stat.st_mtime_ns] if modification_times else stat.st_size
         elif file.suffix in (".json", ".jinja", ".model", ".txt") and file.stat().st_size < 50_000_000:
             small[file.name] = hashlib.sha1(file.read_bytes()).hexdigest()[:16]
-    return {"name": name, "files": small, "weights": weights}
+    return {"files": small, "weights": weights}
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:

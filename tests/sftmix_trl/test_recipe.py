@@ -433,7 +433,7 @@ def _refusal(args: list[str], capsys) -> str:
     "change, stage, named",
     [
         ("dataset", "reference", "data: "),
-        ("model", "reference", "model.name: "),
+        ("model", "reference", "model.files.config.json: "),
         ("max_length", "reference", "training.max_length: 64 -> 48"),
         ("mixup_coef", "sftmix", "training.mixup_coef: 0.2 -> 0.3"),
         ("older_folder", "reference", "without a record of the inputs"),
