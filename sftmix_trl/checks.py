@@ -3,7 +3,7 @@ to change, before any training. The README's "Differences from SFTTrainer" lists
 
 import torch
 from accelerate.utils import is_peft_model
-from datasets import IterableDataset
+from datasets import Dataset, IterableDataset
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
@@ -44,6 +44,12 @@ def check_model(model, peft_config) -> None:
                 f"weight directly, so an adapter there would never train: remove {head_name!r} from "
                 "`target_modules`."
             )
+
+
+def check_not_empty(train_dataset) -> None:
+    """A training set with no row (SFTTrainer fails on it with a bare `StopIteration` as it peeks at the first)."""
+    if isinstance(train_dataset, Dataset) and len(train_dataset) == 0:
+        raise ValueError("The training dataset holds no example: there is nothing to train on.")
 
 
 def check_training_setup(train_dataset, is_vision: bool, compute_loss_func) -> None:
@@ -144,3 +150,15 @@ def check_head_reproduces_logits(model) -> None:
             "SFTMix loss, which computes the logits from the head's weight, cannot reproduce. Models that scale or "
             "offset their logits outside the head are not supported; a soft cap (`final_logit_softcapping`) is."
         )
+
+
+def check_loss_impl_runs(loss_impl: str, device: torch.device) -> None:
+    """The fused loss backend `loss_impl` can run on the training device (the Triton backends need CUDA, or Triton's
+    CPU interpreter): refused at construction, not at the first training step."""
+    from .kernels.functional import resolve_impl
+
+    try:
+        # the dtype only picks among the backends for "auto", which always resolves
+        resolve_impl(loss_impl, torch.device(device), torch.float32)
+    except RuntimeError as error:
+        raise ValueError(f"`loss_impl={loss_impl!r}` cannot run on this run's device: {error}") from None

@@ -8,6 +8,13 @@ from trl import SFTConfig
 from .kernels.options import IMPLS as LOSS_IMPLS
 
 NTP_LOSS_SUBSETS = ("all", "confident", "unconfident", "none")
+# Below this concentration torch's float32 Beta sampler no longer draws what Beta(alpha, alpha) means (lam at 0 or 1
+# almost always): from alpha = 5e-3 some draws come out exactly 0.5 (0.06% at 5e-3, 6% at 2e-3, 25% at 1e-3, 48% at
+# 5e-4; 20,000 draws on CPU), while at 1e-2 and above none do.
+MIN_MIXUP_ALPHA = 1e-2
+# Above this weight the Mixup term outweighs the next-token loss ten-thousandfold and its gradients overflow half
+# precision (float16's largest value is 65504), or the weight itself float32 (beyond ~3.4e38).
+MAX_MIXUP_COEF = 1e4
 
 
 @dataclass
@@ -26,10 +33,11 @@ class SFTMixConfig(SFTConfig):
 
         mixup_alpha (`float`, *optional*, defaults to `0.5`):
             Concentration of the symmetric Beta distribution the interpolation weight of each pair is drawn from.
-            Must be positive. The paper's choice after its sweep (§B.1).
+            At least `0.01` (below it torch's float32 sampler draws `lam = 0.5` instead of values near 0 or 1). The
+            paper's choice after its sweep (§B.1).
         mixup_coef (`float`, *optional*, defaults to `0.2`):
-            Weight `mu` of the Mixup loss in `L = L_NTP + mu * L_Mixup`. Must be non-negative; `0.0` trains with the
-            next-token loss alone (the batches are still balanced and paired).
+            Weight `mu` of the Mixup loss in `L = L_NTP + mu * L_Mixup`. Between `0.0` and `1e4`; `0.0` trains with
+            the next-token loss alone (the batches are still balanced and paired).
         ntp_loss_on (`str`, *optional*, defaults to `"all"`):
             Which examples the next-token loss applies to: `"all"` (the paper's recipe), `"confident"` or
             `"unconfident"` (one half only), or `"none"` (Mixup loss alone), the ablations of the paper's §5.3-5.4.
@@ -67,13 +75,13 @@ class SFTMixConfig(SFTConfig):
         default=0.5,
         metadata={
             "help": "Concentration of the symmetric Beta distribution the interpolation weight of each pair is drawn "
-            "from. Must be positive."
+            "from. At least 0.01."
         },
     )
     mixup_coef: float = field(
         default=0.2,
         metadata={
-            "help": "Weight `mu` of the Mixup loss in `L = L_NTP + mu * L_Mixup`. Must be non-negative; 0.0 trains with "
+            "help": "Weight `mu` of the Mixup loss in `L = L_NTP + mu * L_Mixup`. Between 0.0 and 1e4; 0.0 trains with "
             "the next-token loss alone."
         },
     )
@@ -128,12 +136,21 @@ class SFTMixConfig(SFTConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not (math.isfinite(self.mixup_alpha) and self.mixup_alpha > 0):
+        for name in ("mixup_alpha", "mixup_coef"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"`{name}` must be a number, got {value!r} ({type(value).__name__}).")
+        if not (math.isfinite(self.mixup_alpha) and self.mixup_alpha >= MIN_MIXUP_ALPHA):
             raise ValueError(
-                f"`mixup_alpha` must be a positive number (the Beta concentration), got {self.mixup_alpha}."
+                f"`mixup_alpha` (the Beta concentration) must be a number of at least {MIN_MIXUP_ALPHA}, got "
+                f"{self.mixup_alpha}: below it torch's float32 Beta sampler draws lam = 0.5 for many pairs instead of "
+                f"values near 0 or 1. For almost no interpolation, use mixup_alpha={MIN_MIXUP_ALPHA}, or mixup_coef=0."
             )
-        if not (math.isfinite(self.mixup_coef) and self.mixup_coef >= 0):
-            raise ValueError(f"`mixup_coef` must be a non-negative number, got {self.mixup_coef}.")
+        if not (math.isfinite(self.mixup_coef) and 0 <= self.mixup_coef <= MAX_MIXUP_COEF):
+            raise ValueError(
+                f"`mixup_coef` must be a number between 0 and {MAX_MIXUP_COEF:g}, got {self.mixup_coef}: a larger "
+                "weight drowns the next-token loss and overflows in half precision (or is infinite in float32)."
+            )
         if self.ntp_loss_on not in NTP_LOSS_SUBSETS:
             raise ValueError(f"`ntp_loss_on` must be one of {NTP_LOSS_SUBSETS}, got {self.ntp_loss_on!r}.")
         if self.ntp_loss_on == "none" and self.mixup_coef == 0:
@@ -150,6 +167,11 @@ class SFTMixConfig(SFTConfig):
                 f"SFTMix packs each confidence half on its own and pairs whole examples, so it needs "
                 f"`packing_strategy='bfd'` (whole examples, truncated to `max_length`), got "
                 f"{self.packing_strategy!r}, which cuts examples apart. Use 'bfd', or `packing=False`."
+            )
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError(
+                f"`gradient_accumulation_steps` must be at least 1 (1: no accumulation), got "
+                f"{self.gradient_accumulation_steps}."
             )
         batch_size = self.per_device_train_batch_size
         if batch_size < 2:

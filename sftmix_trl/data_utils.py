@@ -201,7 +201,18 @@ def load_raw_dataset(name: str, config: str | None = None, split: str = "train")
     if path.is_file():
         if path.suffix not in DATA_FILE_BUILDERS:
             raise ValueError(f"Cannot read {path}: expected one of {sorted(DATA_FILE_BUILDERS)}.")
-        return load_dataset(DATA_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
+        if path.stat().st_size == 0:
+            raise ValueError(f"The data file {path} is empty: it holds no example.")
+        try:
+            return load_dataset(DATA_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
+        except Exception as error:  # the file's content, as the `datasets` builder for its suffix reads it
+            cause = error
+            while cause.__cause__ is not None or cause.__context__ is not None:  # the parser's own words
+                cause = cause.__cause__ or cause.__context__
+            raise ValueError(
+                f"Cannot read {path} as a {path.suffix} data file ({type(cause).__name__}: {str(cause)[:300]}). Check "
+                "that every line or record is well formed and that each column holds one type."
+            ) from error
     return load_dataset(str(path) if path.is_dir() else name, name=config, split=split)
 
 
@@ -301,3 +312,82 @@ def unscored_examples_error(ids: Sequence, scored: Container, id_column: str = "
         f"{len(missing)} of {len(ids)} training example(s) have no confidence score, e.g. {shown} (joined on "
         f"{id_column!r}). Score every training example, or drop the unscored ones."
     )
+
+
+def _example_format(values: Mapping, row: int, where: str, text_field: str) -> str:
+    """The SFTTrainer format of one row (`values`: its non-null fields among the format columns), or a ValueError
+    naming the row and what is wrong with it."""
+    at = f"{where}, row {row}"
+    if "prompt" in values or "completion" in values:
+        if set(values) - {"prompt", "completion"}:
+            raise ValueError(
+                f"{at} mixes formats: it has {sorted(values)}. SFTTrainer reads one format per dataset (`messages`, "
+                f"prompt/completion, or `{text_field}`): give every row the same fields."
+            )
+        if "completion" not in values:
+            raise ValueError(f"{at} has a prompt but no completion (null or missing): give it one, or drop the row.")
+        prompt, completion = values.get("prompt", ""), values["completion"]
+        if isinstance(completion, str) and isinstance(prompt, str):
+            return "prompt/completion (text)"
+        if isinstance(completion, list) and isinstance(prompt, list):
+            for field, messages in (("prompt", prompt), ("completion", completion)):
+                _check_messages(messages, f"{at}, {field!r}", allow_empty=field == "prompt")
+            return "prompt/completion (conversational)"
+        raise ValueError(
+            f"{at}: the prompt is {type(prompt).__name__} and the completion {type(completion).__name__}; both must "
+            "be text (str), or both lists of chat messages."
+        )
+    if "messages" in values:
+        if text_field in values:
+            raise ValueError(f"{at} mixes formats: it has both `messages` and `{text_field}`; keep one of them.")
+        if not isinstance(values["messages"], list):
+            raise ValueError(f"{at}: `messages` is {type(values['messages']).__name__}, not a list of chat messages.")
+        _check_messages(values["messages"], f"{at}, 'messages'", allow_empty=False)
+        return "messages"
+    if text_field in values:
+        if not isinstance(values[text_field], str):
+            raise ValueError(f"{at}: `{text_field}` is {type(values[text_field]).__name__}, not text.")
+        return "text"
+    raise ValueError(
+        f"{at} has none of `messages`, prompt/completion or `{text_field}` (all null or missing): fill it in, or drop "
+        "the row."
+    )
+
+
+def _check_messages(messages: list, where: str, allow_empty: bool) -> None:
+    if not messages and not allow_empty:
+        raise ValueError(f"{where} is an empty list of messages: there is nothing to train on; drop the row.")
+    for turn, message in enumerate(messages):
+        if not (isinstance(message, Mapping) and isinstance(message.get("role"), str)):
+            raise ValueError(f"{where}, message {turn} is not a chat message with a `role`: {str(message)[:80]}")
+        if not isinstance(message.get("content"), str) and not message.get("tool_calls"):
+            raise ValueError(
+                f"{where}, message {turn} ({message['role']}) has {type(message.get('content')).__name__} content, "
+                "not text: fill it in, or drop the row."
+            )
+
+
+def check_sft_examples(dataset, where: str = "the training data", text_field: str = "text") -> None:
+    """Refuse, naming the row, the examples that would crash inside SFTTrainer's preparation: rows of different
+    formats, a null or non-text prompt, completion or text, chat messages without a role or text content, an empty
+    conversation or conversational completion. Pre-tokenized data (`input_ids`) and data without any of the format
+    columns (left to SFTTrainer and a `formatting_func`) are not checked."""
+    from datasets import Dataset
+
+    if not isinstance(dataset, Dataset) or "input_ids" in dataset.column_names:
+        return
+    columns = [c for c in ("messages", "prompt", "completion", text_field) if c in dataset.column_names]
+    if not columns:
+        return
+    table = dataset.with_format(None).select_columns(columns)
+    first = None
+    for row, example in enumerate(table):
+        values = {name: value for name, value in example.items() if value is not None}
+        kind = _example_format(values, row, where, text_field)
+        if first is None:
+            first = kind
+        elif kind != first:
+            raise ValueError(
+                f"{where}, row {row} is {kind} while row 0 is {first}: SFTTrainer reads one format per dataset; "
+                "convert the rows to one format."
+            )

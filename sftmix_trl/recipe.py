@@ -11,9 +11,11 @@ Stages, each writing under the run folder (`output_dir`):
     baseline   an NTP-only twin with the same data and budget (optional)      -> ntp/
     evaluate   held-out response NLL of the trained models (optional)          -> evaluation/
 
-A stage whose outputs exist is skipped; an interrupted training stage resumes from its last checkpoint. Checkpoints
-keep their optimizer state only while it is needed to resume: once a reference checkpoint is scored and a newer one
-exists, and once a stage is done, only the model weights stay.
+A stage that is done and was made from the inputs asked for now is skipped; an interrupted training stage resumes from
+its last complete checkpoint (and a reference run scores any checkpoint whose scoring a kill cut short); a stage
+folder made from other inputs is refused (`sftmix_trl.run_state`). Checkpoints keep their optimizer state only while
+it is needed to resume: once a reference checkpoint is scored and a newer one exists, and once a stage is done, only
+the model weights stay.
 
 An input error (a missing file, an unknown config field, data the recipe cannot use) ends the run with one message;
 `--debug` (or `SFTMIX_DEBUG=1`) shows its traceback too. Under `accelerate launch`, add `--quiet` so that accelerate
@@ -21,7 +23,6 @@ does not repeat a failure as a `CalledProcessError` traceback.
 """
 
 import dataclasses
-import difflib
 import json
 import math
 import os
@@ -33,15 +34,20 @@ from pathlib import Path
 from accelerate import PartialState
 from datasets import Dataset
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
+from . import checks, run_state
 from .assets import resolve_asset
+from .cli import parse_arguments
 from .confidence import ConfidenceCallback, add_example_ids, aggregate_scores, read_scores, score_checkpoints
+from .confidence.callback import SCORES_DIRNAME
 from .confidence.datamap import write_data_map
 from .confidence.offline import adapter_base
+from .confidence.scoring import SCORES_SUFFIX, is_complete_score_file
 from .config import SFTMixConfig
 from .data_utils import (
+    check_sft_examples,
     drop_duplicate_examples,
     load_raw_dataset,
     normalize_content_parts,
@@ -63,7 +69,12 @@ STAGE_DIRS = {
 }
 STAGES = tuple(STAGE_DIRS)
 DATASET_FORMATS = ("auto", "alpaca", "multiturn")
-DONE_FILE = "stage_done.json"
+# the fields SFTMixConfig adds to SFTConfig: inputs of the sftmix stage only
+SFTMIX_ONLY_FIELDS = frozenset(f.name for f in dataclasses.fields(SFTMixConfig)) - frozenset(
+    f.name for f in dataclasses.fields(SFTConfig)
+)
+# the stages each stage reads the outputs of
+UPSTREAM = {"score": ("reference",), "sftmix": ("score",), "evaluate": ("sftmix",)}
 
 
 @dataclass
@@ -199,6 +210,10 @@ class RecipeArguments(ScriptArguments):
     )
 
     def __post_init__(self):
+        # a config's `lm_eval_tasks: pubmedqa` means the list of one, as `--lm_eval_tasks pubmedqa` does
+        for name in ("generate_benchmarks", "lm_eval_tasks"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
         if self.dataset_format not in DATASET_FORMATS or self.eval_dataset_format not in DATASET_FORMATS:
             raise ValueError(f"Dataset formats must be one of {DATASET_FORMATS}.")
         if self.stage not in (*STAGES, "all"):
@@ -219,29 +234,18 @@ def make_parser() -> TrlParser:
 def parse_recipe_args(argv: list[str] | None = None) -> tuple[RecipeArguments, SFTMixConfig, ModelConfig]:
     """The recipe's arguments from a YAML config (`--config`) and the command line. An unknown field, in either, is a
     `ValueError` that names it and suggests the closest known fields."""
-    parser = make_parser()
-    *parsed, from_config, from_command_line = parser.parse_args_and_config(
-        args=argv, return_remaining_strings=True, separate_remaining_strings=True
-    )
-    # the config's leftovers come as ["--key", "value", ...]; the command line's as argparse left them
-    config = argv[argv.index("--config") + 1] if argv and "--config" in argv[:-1] else "the config file"
-    unknown = [(config, key) for key in from_config[::2]]
-    unknown += [("the command line", item) for item in from_command_line if item.startswith("--")]
-    if from_command_line and not unknown:
-        unknown = [("the command line", from_command_line[0])]
-    if unknown:
-        known = sorted({action.dest for action in parser._actions if action.dest != "help"})
-        problems = []
-        for where, item in unknown:
-            name = item.removeprefix("--").split("=")[0]
-            close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-            hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-            problems.append(f"{name!r} in {where}{hint}")
+    try:
+        return parse_arguments(make_parser(), argv)
+    except ValueError as error:
+        message = str(error)
+        if not message.startswith("Unknown argument(s): "):
+            raise
+        # the recipe's own wording: which dataclasses it takes
+        problems = message.removeprefix("Unknown argument(s): ").split(". `--help` lists")[0]
         raise ValueError(
-            f"Unknown recipe argument(s): {'; '.join(problems)}. The recipe takes the fields of RecipeArguments, "
-            "SFTMixConfig (every SFTConfig field) and ModelConfig; `--help` lists them."
-        )
-    return tuple(parsed)
+            f"Unknown recipe argument(s): {problems}. The recipe takes the fields of RecipeArguments, SFTMixConfig "
+            "(every SFTConfig field) and ModelConfig; `--help` lists them."
+        ) from None
 
 
 class EvenlySpacedCheckpoints(TrainerCallback):
@@ -253,6 +257,13 @@ class EvenlySpacedCheckpoints(TrainerCallback):
         self.save_steps: set[int] = set()
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if state.max_steps < self.num_checkpoints:
+            raise ValueError(
+                f"`reference_num_checkpoints` is {self.num_checkpoints}, but the reference run takes only "
+                f"{state.max_steps} optimizer step(s), so it cannot save {self.num_checkpoints} distinct checkpoints "
+                "to score. Lower `reference_num_checkpoints`, or raise `reference_num_train_epochs` (or train on more "
+                "data, or with a smaller batch)."
+            )
         self.save_steps = {
             max(1, round(k * state.max_steps / self.num_checkpoints)) for k in range(1, self.num_checkpoints + 1)
         }
@@ -290,9 +301,10 @@ class KeepResumeStateOfNewestCheckpoint(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        newest = get_last_checkpoint(args.output_dir)
-        for checkpoint in Path(args.output_dir).glob("checkpoint-*"):
-            if checkpoint.is_dir() and str(checkpoint) != newest:
+        # the checkpoint this save just completed
+        newest = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        for checkpoint in run_state.checkpoints(Path(args.output_dir)):
+            if checkpoint != newest:
                 drop_resume_state(checkpoint)
 
 
@@ -322,6 +334,9 @@ def _load(
         dataset = alpaca_to_prompt_completion(dataset)
     elif data_format == "multiturn":
         dataset = expand_multiturn(dataset)
+    if len(dataset) == 0:
+        raise ValueError(f"The data {name!r} (split {split!r}) holds no example: nothing to train on or score.")
+    check_sft_examples(dataset, f"The data {name!r}")
     if drop_duplicates:
         dataset = drop_duplicate_examples(dataset)
     return add_example_ids(random_subset(dataset, limit, seed))
@@ -375,6 +390,8 @@ class Recipe:
             **(args.model_init_kwargs or {}),
         }
         self._train_dataset = None
+        self._data_fingerprint = None
+        self._stage_inputs: dict[str, dict] = {}
 
     def _model_path(self, name: str | None) -> str:
         if name is None:
@@ -395,12 +412,132 @@ class Recipe:
         return self.run_dir / STAGE_DIRS[stage]
 
     def is_done(self, stage: str) -> bool:
-        return (self.stage_dir(stage) / DONE_FILE).is_file()
+        return run_state.is_done(self.stage_dir(stage))
 
     def _mark_done(self, stage: str, **info) -> None:
         self.state.wait_for_everyone()
         if self.state.is_main_process:
-            (self.stage_dir(stage) / DONE_FILE).write_text(json.dumps({"stage": stage, **info}, indent=2) + "\n")
+            run_state.mark_done(stage, self.stage_dir(stage), self.stage_inputs(stage), **info)
+        # every process sees the stage done before the next one checks it
+        self.state.wait_for_everyone()
+
+    # ---- what each stage is made from (`run_state`) ----
+
+    def stage_inputs(self, stage: str) -> dict:
+        """Everything the outputs of `stage` depend on, including the inputs of the stages whose outputs it reads."""
+        if stage in self._stage_inputs:
+            return self._stage_inputs[stage]
+        peft = run_state.jsonable(self.peft_config.to_dict() if self.peft_config is not None else None)
+        if stage == "reference":
+            inputs = {
+                "data": self.data_fingerprint,
+                "model": run_state.model_fingerprint(self.reference_model),
+                "training": run_state.training_fields(self.args, exclude=SFTMIX_ONLY_FIELDS | {"num_train_epochs"}),
+                "num_train_epochs": self.recipe.reference_num_train_epochs or self.args.num_train_epochs,
+                "reference_num_checkpoints": self.recipe.reference_num_checkpoints,
+                "peft": peft,
+            }
+        elif stage == "score":
+            # the table is the reference scores'; its check of the sftmix stage's rows reads the target's tokenizer
+            inputs = {"reference": self.stage_inputs("reference"), "model": run_state.model_fingerprint(self.model)}
+        elif stage == "sftmix":
+            inputs = {
+                "score": self.stage_inputs("score"),
+                "training": run_state.training_fields(self.args),
+                "peft": peft,
+            }
+        elif stage == "baseline":
+            inputs = {
+                "data": self.data_fingerprint,
+                "model": run_state.model_fingerprint(self.model),
+                "training": run_state.training_fields(self.args, exclude=SFTMIX_ONLY_FIELDS),
+                "peft": peft,
+            }
+        else:
+            recipe = self.recipe
+            inputs = {
+                "sftmix": self.stage_inputs("sftmix"),
+                # the NTP twin is evaluated when it is trained in this run or was before
+                "baseline": (
+                    self.stage_inputs("baseline")
+                    if self.recipe.train_ntp_baseline or self.is_done("baseline")
+                    else None
+                ),
+                "held_out": [recipe.eval_dataset_name, recipe.eval_dataset_config, recipe.eval_dataset_split,
+                             recipe.eval_dataset_format, recipe.max_eval_examples, recipe.subset_seed,
+                             recipe.drop_duplicates],
+                "generate": [recipe.generate_benchmarks, recipe.generate_max_prompts, recipe.generate_max_new_tokens],
+                "lm_eval": [recipe.lm_eval_tasks, recipe.lm_eval_num_fewshot, recipe.lm_eval_limit,
+                            recipe.lm_eval_include_path],
+                "scoring": run_state.training_fields(self.args, exclude=SFTMIX_ONLY_FIELDS),
+            }  # fmt: skip
+        self._stage_inputs[stage] = run_state.jsonable(inputs)
+        return self._stage_inputs[stage]
+
+    @property
+    def data_fingerprint(self) -> str:
+        if self._data_fingerprint is None:
+            self._data_fingerprint = run_state.dataset_fingerprint(self.train_dataset)
+        return self._data_fingerprint
+
+    def reusable(self, stage: str) -> bool:
+        """Whether the stage's folder holds work made from this run's inputs (raises when it holds other work). The
+        score stage, cheap and made from the reference stage's files alone, is redone instead of refused."""
+        try:
+            return run_state.check_stage_inputs(stage, self.stage_dir(stage), self.stage_inputs(stage))
+        except run_state.StageInputsMismatch as error:
+            if stage != "score":
+                raise
+            self.state.print(f"[sftmix] stage score: redoing it. {str(error).split(' Use a new output_dir')[0]}")
+            self.state.wait_for_everyone()
+            if self.state.is_main_process:
+                shutil.rmtree(self.stage_dir(stage))
+            self.state.wait_for_everyone()
+            return False
+
+    def check_upstream_done(self, stage: str) -> None:
+        """The stages whose outputs `stage` reads are done, from this run's inputs."""
+        upstream_stages = UPSTREAM.get(stage, ())
+        if stage == "evaluate" and self.recipe.train_ntp_baseline:
+            upstream_stages = (*upstream_stages, "baseline")
+        for upstream in upstream_stages:
+            if not (self.reusable(upstream) and self.is_done(upstream)):
+                raise ValueError(
+                    f"The {stage} stage reads the outputs of the {upstream} stage, which is not done in "
+                    f"{self.stage_dir(upstream)}: run `--stage {upstream}` (or `--stage all`) first."
+                )
+
+    def check_run_dir(self) -> None:
+        """The run folder is a folder this process can write to."""
+        run_dir = self.run_dir
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ValueError(f"`output_dir` {str(run_dir)!r} is a file, not a folder: choose another `output_dir`.")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as error:
+            raise ValueError(
+                f"`output_dir` {str(run_dir)!r} cannot be written ({error.strerror or error}): choose a folder you "
+                "can write to, or fix its permissions."
+            ) from None
+
+    def check_before_training(self, stages: list[str]) -> None:
+        """What cannot work, found before the first long step: the loss backend on this device, and data that leaves
+        no example to train after truncation."""
+        if "sftmix" in stages:
+            checks.check_loss_impl_runs(self.args.loss_impl, self.args.device)
+        if any(stage in stages for stage in ("reference", "sftmix", "baseline")):
+            for model in dict.fromkeys((self.model, self.reference_model)):
+                rows = self.trained_rows(model)
+                if rows is not None and not rows:
+                    raise ValueError(
+                        f"None of the {len(self.train_dataset)} training examples of {self.recipe.dataset_name} has a "
+                        f"response token left after truncation at max_length={self.args.max_length} with "
+                        f"{model}'s tokenizer, so there is nothing to train. Raise `max_length`, or check the data's "
+                        "prompt and completion columns."
+                    )
 
     def stages_to_run(self) -> list[str]:
         if self.recipe.stage != "all":
@@ -413,28 +550,76 @@ class Recipe:
         return stages
 
     def run(self) -> None:
+        self.check_run_dir()
+        if len(self.train_dataset) == 0:
+            raise ValueError(f"The training data {self.recipe.dataset_name} holds no example: nothing to train on.")
+        to_run = []
         for stage in self.stages_to_run():
-            if self.is_done(stage):
+            # every stage's folder is checked before any work, so that a stale one stops the run at once
+            if self.reusable(stage) and self.is_done(stage):
                 self.state.print(f"[sftmix] stage {stage}: already done in {self.stage_dir(stage)}, skipping.")
-                continue
+            else:
+                to_run.append(stage)
+        if to_run:
+            self.check_before_training(to_run)
+        for stage in to_run:
+            self.check_upstream_done(stage)
             self.state.print(f"[sftmix] stage {stage} -> {self.stage_dir(stage)}")
+            self.state.wait_for_everyone()
+            if self.state.is_main_process:
+                run_state.record_stage_inputs(stage, self.stage_dir(stage), self.stage_inputs(stage))
             getattr(self, f"run_{stage}")()
         if self.state.is_main_process:
             self.print_outputs()
 
     def _train(self, trainer, stage: str, save_model: bool = True) -> None:
         output_dir = self.stage_dir(stage)
-        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        if self.state.is_main_process:
+            for removed in run_state.remove_incomplete_checkpoints(output_dir):
+                print(f"[sftmix] stage {stage}: removed {removed}, cut short while saving; its steps are redone.")
+        self.state.wait_for_everyone()
+        last = run_state.last_complete_checkpoint(output_dir)
         if last is not None:
             self.state.print(f"[sftmix] stage {stage}: resuming from {last}")
         trainer.add_callback(KeepResumeStateOfNewestCheckpoint())
-        trainer.train(resume_from_checkpoint=last)
+        trainer.train(resume_from_checkpoint=None if last is None else str(last))
         if save_model:
             trainer.save_model(str(output_dir))
+        if stage == "reference":
+            self.complete_reference_scores()
         self._mark_done(stage, global_step=trainer.state.global_step)
         if self.state.is_main_process:  # done: nothing will resume from its checkpoints
-            for checkpoint in output_dir.glob("checkpoint-*"):
+            for checkpoint in run_state.checkpoints(output_dir):
                 drop_resume_state(checkpoint)
+
+    def complete_reference_scores(self) -> None:
+        """Every checkpoint of the reference run has a complete score file (its records match its sidecar), and
+        there are K of them. A checkpoint without one (its file damaged or deleted after the run) is rescored from
+        its weights by the offline scorer, which writes the records the training-time scorer writes."""
+        reference_dir = self.stage_dir("reference")
+        scores_dir = reference_dir / SCORES_DIRNAME
+        unscored = [
+            checkpoint
+            for checkpoint in run_state.checkpoints(reference_dir)
+            if not is_complete_score_file(scores_dir / f"{checkpoint.name}{SCORES_SUFFIX}")
+        ]
+        if unscored:
+            self.state.print(
+                f"[sftmix] stage reference: scoring {[c.name for c in unscored]}, which have no complete score file"
+            )
+            args = sft_config_from(self.args, output_dir=str(reference_dir), report_to="none", push_to_hub=False)
+            score_checkpoints(
+                unscored, self.train_dataset, scores_dir, args=args, dataset_name=self.recipe.dataset_name,
+                overwrite=True,
+            )  # fmt: skip
+        complete = [path for path in sorted(scores_dir.glob(f"*{SCORES_SUFFIX}")) if is_complete_score_file(path)]
+        expected = self.recipe.reference_num_checkpoints
+        if len(complete) != expected:
+            raise ValueError(
+                f"The reference stage in {reference_dir} holds {len(complete)} complete score file(s) where it makes "
+                f"{expected} (one per checkpoint), and the checkpoints of the others are gone (`save_total_limit`). "
+                f"Use a new output_dir, or remove {reference_dir} to redo the reference stage."
+            )
 
     def trained_rows(self, model: str) -> list[int] | None:
         """The rows of the training set that TRL's preparation keeps for `model` (its tokenizer) with the run's
@@ -519,6 +704,7 @@ class Recipe:
 
     def run_score(self) -> None:
         output_dir = self.stage_dir("score")
+        self.complete_reference_scores()
         # every process aggregates and checks (a few files read; TRL's preparation in the check synchronizes the
         # processes), so that a bad input stops every one of them with the same message; the main process writes
         table = aggregate_scores([self.stage_dir("reference")])
@@ -563,11 +749,8 @@ class Recipe:
     def run_evaluate(self) -> None:
         """The base model and every trained model on what the recipe asks for: the held-out response NLL, answers
         to the instruction-following benchmarks for their judges, the lm-evaluation-harness tasks."""
-        # the main process writes the baseline's done file after the others have passed its barrier: wait for it, so
-        # that every process evaluates the same models
-        self.state.wait_for_everyone()
         models = {"base": self.model, "sftmix": str(self.stage_dir("sftmix"))}
-        if self.stage_dir("baseline").joinpath(DONE_FILE).is_file():
+        if self.is_done("baseline"):
             models["ntp"] = str(self.stage_dir("baseline"))
         self.stage_dir("evaluate").mkdir(parents=True, exist_ok=True)
         if self.recipe.eval_dataset_name:

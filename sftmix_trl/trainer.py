@@ -27,7 +27,7 @@ from .batch_plan import (
     token_halves,
 )
 from .config import SFTMixConfig
-from .data_utils import normalize_content_parts
+from .data_utils import check_sft_examples, normalize_content_parts
 from .fused_call import PairLambdas, backbone_and_fused_loss, loss_inputs
 from .sampler import BalancedPairSampler
 from .training_data import (
@@ -137,6 +137,7 @@ class SFTMixTrainer(SFTTrainer):
         self._confidence_scores = confidence_scores
         self._sftmix_compute_loss_func = compute_loss_func
         self.confidence_split = None  # set when the training set is split into halves
+        checks.check_not_empty(train_dataset)
         if isinstance(train_dataset, Dataset | IterableDataset):
             checks.check_model(model, peft_config)
 
@@ -162,6 +163,7 @@ class SFTMixTrainer(SFTTrainer):
         checks.check_lm_head(self.model)
         checks.check_head_reproduces_logits(self.model)
         checks.check_sequences_stay_whole(self.accelerator.parallelism_config)
+        checks.check_loss_impl_runs(self.args.loss_impl, self.args.device)
 
         self.data_collator = PairedBatchCollator(self.data_collator)
         self._forward_redirection = _ForwardRedirection()
@@ -184,6 +186,8 @@ class SFTMixTrainer(SFTTrainer):
             raise ValueError("When packing is enabled, `max_length` can't be `None`.")  # SFTTrainer's own check
         # prepared without TRL's packing, so that examples are truncated and dropped as without packing, and each
         # confidence half is packed on its own afterwards
+        if formatting_func is None:
+            check_sft_examples(dataset, "The training dataset", args.dataset_text_field)
         dataset = self._attach_confidence(dataset, args)
         prepared = super()._prepare_dataset(dataset, processing_class, args, False, formatting_func, dataset_name)
         halved = self._split(prepared, args)

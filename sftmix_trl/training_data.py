@@ -162,9 +162,16 @@ def split_into_halves(
             "confidence scores: keep the columns of the dataset when preparing it."
         )
     rows = table[ROW_COLUMN]
+    num_given = len(example_confidence.ids)
+    if not rows:
+        # SFTTrainer fails on such data too (its sampler refuses zero samples): said here, before any work
+        raise ValueError(
+            f"None of the {num_given} training example(s) has a trainable token left after SFTTrainer's preparation "
+            f"(truncation to max_length={args.max_length}, the prompt and completion masks), so there is nothing to "
+            "train. Raise `max_length`, or check the data's prompt and completion columns."
+        )
     confidence, ids = example_confidence.of_prepared_rows(rows)
     notes = []
-    num_given = len(example_confidence.ids)
     if len(rows) < num_given:
         notes.append(
             f"SFTTrainer's preparation dropped {num_given - len(rows)} of the {num_given} training examples (no "

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset, load_from_disk
 
-from ..data_utils import check_unique_ids, split_by_confidence
+from ..data_utils import ConfidenceSplit, split_by_confidence
 from .scoring import SCORES_SUFFIX, read_scores
 
 OUTPUT_FILES = ("state.json", "dataset_info.json", "confidence.jsonl", "confidence.parquet", "summary.json")
@@ -153,12 +153,18 @@ def aggregate_scores(score_files: Sequence[str | Path]) -> ConfidenceTable:
         )
     tables = []
     unscorable = {}  # ids of records with no response token, in the order first seen
-    for path, (records, _) in zip(files, loaded):
-        ids = [record["id"] for record in records]
-        try:
-            check_unique_ids(ids)
-        except ValueError as error:
-            raise ValueError(f"{path}: {error}") from None
+    # what the scores were made with: one data preparation for every file
+    for setting, what in (("max_length", "`max_length`s"), ("tokenizer_fingerprint", "tokenizers")):
+        values = {
+            json.dumps(metadata[setting]): path for path, (_, metadata) in zip(files, loaded) if setting in metadata
+        }
+        if len(values) > 1:
+            shown = "; ".join(f"{path}: {value}" for value, path in values.items())
+            raise ValueError(
+                f"The score files were made with different {what} ({shown}), so they score different tokens. Score "
+                f"every checkpoint with the same {setting.removesuffix('_fingerprint')}."
+            )
+    for records, _ in loaded:
         unscorable.update((r["id"], None) for r in records if r["ppl"] is None)
         tables.append({record["id"]: record for record in records if record["ppl"] is not None})
 
@@ -206,7 +212,8 @@ def aggregate_scores(score_files: Sequence[str | Path]) -> ConfidenceTable:
     num_tokens = [tables[0][example_id]["num_tokens"] for example_id in ids]
     confidence = -ppl.mean(axis=1)
     variability = ppl.std(axis=1, ddof=0)
-    split = split_by_confidence(confidence.tolist(), ids)
+    # one example has nothing to pair with: it trains with the next-token loss alone, as SFTMixTrainer trains it
+    split = split_by_confidence(confidence.tolist(), ids) if len(ids) >= 2 else ConfidenceSplit([], [], [0])
     half = [""] * len(ids)
     for name, rows in zip(HALVES, (split.confident, split.unconfident, split.remainder)):
         for row in rows:

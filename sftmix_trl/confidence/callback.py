@@ -8,7 +8,14 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.trainer.utils import get_config_model_id
 
-from .scoring import SCORES_SUFFIX, check_scorable, score_trainer, write_scores
+from .scoring import (
+    SCORES_SUFFIX,
+    check_scorable,
+    is_complete_score_file,
+    score_trainer,
+    tokenizer_fingerprint,
+    write_scores,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +37,10 @@ class ConfidenceCallback(TrainerCallback):
 
     Each save writes `<scores_dir>/checkpoint-<step>.jsonl` and its `.json` sidecar (see `scoring`). The scores live
     outside the checkpoint folders, so that `save_total_limit` deleting old checkpoints does not delete their scores.
-    A checkpoint whose score file already exists is skipped (a resumed run does not score it twice). In a
-    data-parallel run each process scores a shard and the main process writes the file.
+    A checkpoint whose score file already exists, complete (its records match its sidecar), is skipped (a resumed run
+    does not score it twice); a run resumed from a checkpoint that has no complete score file (a kill cut its scoring
+    short) scores it first, with the weights it resumed from, which are that checkpoint's. In a data-parallel run
+    each process scores a shard and the main process writes the file.
 
     Args:
         trainer (`trl.SFTTrainer`): the trainer to score; its training set needs an id column (see `add_example_ids`).
@@ -62,11 +71,17 @@ class ConfidenceCallback(TrainerCallback):
         scores_dir = self.scores_dir if self.scores_dir is not None else Path(args.output_dir) / SCORES_DIRNAME
         return scores_dir / f"{PREFIX_CHECKPOINT_DIR}-{global_step}{SCORES_SUFFIX}"
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        # resumed from a checkpoint (the model holds its weights now): score it if a kill cut its scoring short
+        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if state.global_step > 0 and broadcast_object_list([checkpoint.is_dir()])[0]:
+            self.on_save(args, state, control)
+
     def on_save(self, args, state, control, **kwargs):
         path = self.scores_path(args, state.global_step)
         accelerator = self.trainer.accelerator
         # the main process decides, so that every process takes the same branch
-        already_scored = broadcast_object_list([path.is_file()])[0]
+        already_scored = broadcast_object_list([is_complete_score_file(path)])[0]
         if already_scored:
             logger.info("Checkpoint at step %d already scored (%s): skipping.", state.global_step, path)
             return
@@ -84,6 +99,7 @@ class ConfidenceCallback(TrainerCallback):
                 "model": get_config_model_id(self.trainer.model.config),
                 "dataset": self.dataset_name,
                 "max_length": getattr(args, "max_length", None),
+                "tokenizer_fingerprint": tokenizer_fingerprint(self.trainer.processing_class),
             }
             self.written.append(write_scores(records, path, metadata))
         accelerator.wait_for_everyone()

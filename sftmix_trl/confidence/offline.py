@@ -14,21 +14,34 @@ import json
 import logging
 import re
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from datasets import Dataset
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import create_model_from_path
 
+from ..run_state import jsonable, model_fingerprint
 from .scoring import (
     SCORES_SUFFIX,
     add_example_ids,
+    exclusive_writer,
     ids_fingerprint,
     read_scores,
     score_trainer,
+    tokenizer_fingerprint,
     write_scores,
 )
+
+# The SFTConfig fields that change which tokens are scored, and how: a score file made with other values is stale.
+SCORING_FIELDS = (
+    "max_length", "truncation_mode", "completion_only_loss", "assistant_only_loss", "dataset_text_field",
+    "dataset_kwargs", "chat_template_path", "eos_token", "pad_token", "padding_free", "pad_to_multiple_of", "bf16",
+    "fp16", "model_init_kwargs",
+)  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +98,9 @@ def score_checkpoints(
     files on the same data hold the same ids; the sidecar lists them (`left_out_ids`).
 
     Every checkpoint's config is loaded before any scoring, so a bad path fails at once. A score file that already
-    exists for the same examples is kept (resuming an interrupted run); one for other examples is refused unless
-    `overwrite`.
+    exists, complete, for the same examples, checkpoint (its weights' files), tokenizer and settings is kept (resuming
+    an interrupted run); one made from anything else is refused unless `overwrite`. Each file is written under an
+    exclusive lock (`<file>.lock`): a second scorer of the same file fails instead of overwriting the first's.
 
     Args:
         checkpoints (`Sequence[str | Path]`): checkpoint folders or model ids, e.g. a reference run's `checkpoint-*`.
@@ -133,69 +147,113 @@ def score_checkpoints(
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
 
     paths = [output_dir / f"{name}{SCORES_SUFFIX}" for name in names]
-    to_score = []
-    for checkpoint, path in zip(checkpoints, paths):
-        if path.is_file() and not overwrite:
-            _, metadata = read_scores(path)
-            # the raw data's ids (a file holds records only for the rows TRL's preparation kept); older files: theirs
-            if metadata.get("raw_ids_fingerprint", metadata.get("ids_fingerprint")) != fingerprint:
-                raise FileExistsError(
-                    f"{path} already holds scores of other examples. Pass `overwrite=True` (`--overwrite`) to replace "
-                    "them, or choose another output folder."
-                )
-            logger.info("%s already scored on these examples (%s): skipping.", checkpoint, path)
-            continue
-        to_score.append((checkpoint, path))
+    settings = jsonable({name: getattr(args, name, None) for name in SCORING_FIELDS})
 
-    for checkpoint, path in to_score:
-        name = path.name.removesuffix(SCORES_SUFFIX)
-        try:
-            # SFTTrainer loads the model as TRL does (`model_init_kwargs`, device placement) and prepares the data
-            model = str(checkpoint)
-            if adapter_base(checkpoint) is not None:
-                model = load_merged_adapter(checkpoint, args.model_init_kwargs)
-            processing_class = tokenizer
-            if processing_class is None and isinstance(model, PreTrainedModel):
-                # the adapter folder's own tokenizer (a trainer saves it beside the adapter), else the base model's
-                has_tokenizer = (Path(checkpoint) / "tokenizer_config.json").is_file()
-                processing_class = AutoTokenizer.from_pretrained(
-                    str(checkpoint) if has_tokenizer else adapter_base(checkpoint)
+    # what each score file is made from besides the examples: the checkpoint's files, its tokenizer, the settings
+    def made_from(checkpoint) -> dict:
+        """What a score file is made from besides the examples: the checkpoint's files, its tokenizer, the settings."""
+        return {
+            "weights": jsonable(model_fingerprint(str(checkpoint), modification_times=True)),
+            "tokenizer_source": tokenizer_fingerprint(tokenizer or _own_tokenizer(checkpoint)),
+            "settings": settings,
+        }
+
+    # one writer per score file: the main process holds the lock of every file it may write from before it looks at
+    # them until they are written, so a second scorer of the same files fails at once instead of both succeeding
+    state = PartialState()
+    with ExitStack() as locks:
+        refusal = None
+        if state.is_main_process:
+            try:
+                for path in paths:
+                    locks.enter_context(exclusive_writer(path))
+            except FileExistsError as error:
+                refusal = str(error)
+        if state.num_processes > 1:  # every process stops, with the main process's message
+            refusal = broadcast_object_list([refusal])[0]
+        if refusal is not None:
+            raise FileExistsError(refusal)
+        to_score = []
+        for checkpoint, path in zip(checkpoints, paths):
+            if path.is_file() and not overwrite:
+                try:
+                    _, metadata = read_scores(path)
+                except ValueError as error:
+                    raise FileExistsError(
+                        f"{error} (Or pass `overwrite=True`, `--overwrite`, to replace it.)"
+                    ) from None
+                # the raw data's ids (a file holds records only for the rows TRL's preparation kept); older files: theirs
+                stale = (
+                    []
+                    if metadata.get("raw_ids_fingerprint", metadata.get("ids_fingerprint")) == fingerprint
+                    else ["examples"]
                 )
-            trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processing_class)
-        except (OSError, ValueError, RuntimeError) as error:
-            raise ValueError(
-                f"Checkpoint {str(checkpoint)!r} cannot be loaded for scoring, or its tokenizer cannot prepare the "
-                f"data ({type(error).__name__}: {error}). Score files written so far are kept in {output_dir}."
-            ) from error
-        scored = score_trainer(trainer, id_column=id_column, desc=f"Scoring {name}")
-        if trainer.accelerator.is_main_process:
-            by_id = {record["id"]: record for record in scored}
-            # every distinct example of the raw data that TRL's preparation kept, in the raw order (identical rows
-            # share an id and one record); those it dropped cannot train and get no record, as in the callback's files
-            records = [by_id[example_id] for example_id in dict.fromkeys(ids) if example_id in by_id]
-            left_out = [example_id for example_id in dict.fromkeys(ids) if example_id not in by_id]
-            metadata = {
-                "source": "score_checkpoints",
-                "checkpoint": str(checkpoint),
-                "global_step": _global_step(name),
-                "model": adapter_base(checkpoint) or str(checkpoint),
-                "dataset": dataset_name,
-                "max_length": args.max_length,
-                "tokenizer": trainer.processing_class.name_or_path,
-                "raw_ids_fingerprint": fingerprint,
-                "left_out_ids": left_out,
-            }
-            write_scores(records, path, metadata)
-            if left_out:
-                logger.warning(
-                    "%s: %d of %d example(s) left out: no response token after truncation at max_length=%s (TRL's "
-                    "preparation drops them, so they cannot train and need no score).",
-                    name,
-                    len(left_out),
-                    len(left_out) + len(records),
-                    args.max_length,
-                )
-        trainer.accelerator.wait_for_everyone()
-        del trainer
-        gc.collect()
+                stale += [key for key, value in made_from(checkpoint).items() if metadata.get(key) != value]
+                if stale:
+                    raise FileExistsError(
+                        f"{path} already holds scores made from other {', '.join(stale)} than these (weights: the "
+                        f"checkpoint's files; settings: {', '.join(SCORING_FIELDS)}). Pass `overwrite=True` "
+                        "(`--overwrite`) to replace them, or choose another output folder."
+                    )
+                logger.info("%s already scored on these examples (%s): skipping.", checkpoint, path)
+                continue
+            to_score.append((checkpoint, path))
+
+        for checkpoint, path in to_score:
+            name = path.name.removesuffix(SCORES_SUFFIX)
+            try:
+                # SFTTrainer loads the model as TRL does (`model_init_kwargs`, device placement) and prepares the data
+                model = str(checkpoint)
+                if adapter_base(checkpoint) is not None:
+                    model = load_merged_adapter(checkpoint, args.model_init_kwargs)
+                processing_class = tokenizer
+                if processing_class is None and isinstance(model, PreTrainedModel):
+                    processing_class = _own_tokenizer(checkpoint)
+                trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processing_class)
+            except (OSError, ValueError, RuntimeError) as error:
+                raise ValueError(
+                    f"Checkpoint {str(checkpoint)!r} cannot be loaded for scoring, or its tokenizer cannot prepare the "
+                    f"data ({type(error).__name__}: {error}). Score files written so far are kept in {output_dir}."
+                ) from error
+            scored = score_trainer(trainer, id_column=id_column, desc=f"Scoring {name}")
+            if trainer.accelerator.is_main_process:
+                by_id = {record["id"]: record for record in scored}
+                # every distinct example of the raw data that TRL's preparation kept, in the raw order (identical rows
+                # share an id and one record); those it dropped cannot train and get no record, as in the callback's
+                records = [by_id[example_id] for example_id in dict.fromkeys(ids) if example_id in by_id]
+                left_out = [example_id for example_id in dict.fromkeys(ids) if example_id not in by_id]
+                metadata = {
+                    "source": "score_checkpoints",
+                    "checkpoint": str(checkpoint),
+                    "global_step": _global_step(name),
+                    "model": adapter_base(checkpoint) or str(checkpoint),
+                    "dataset": dataset_name,
+                    "max_length": args.max_length,
+                    "tokenizer": trainer.processing_class.name_or_path,
+                    "tokenizer_fingerprint": tokenizer_fingerprint(trainer.processing_class),
+                    "raw_ids_fingerprint": fingerprint,
+                    **made_from(checkpoint),
+                    "left_out_ids": left_out,
+                }
+                write_scores(records, path, metadata)
+                if left_out:
+                    logger.warning(
+                        "%s: %d of %d example(s) left out: no response token after truncation at max_length=%s "
+                        "(TRL's preparation drops them, so they cannot train and need no score).",
+                        name,
+                        len(left_out),
+                        len(left_out) + len(records),
+                        args.max_length,
+                    )
+            trainer.accelerator.wait_for_everyone()
+            del trainer
+            gc.collect()
     return paths
+
+
+def _own_tokenizer(checkpoint: str | Path) -> PreTrainedTokenizerBase:
+    """A checkpoint's tokenizer: its own, or for a PEFT adapter folder without one, its base model's."""
+    base = adapter_base(checkpoint)
+    if base is not None and not (Path(checkpoint) / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(base)
+    return AutoTokenizer.from_pretrained(str(checkpoint))

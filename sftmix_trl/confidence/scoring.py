@@ -31,7 +31,9 @@ import hashlib
 import json
 import math
 import os
+import socket
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from trl.trainer.utils import add_fused_lm_head
 
-from ..data_utils import check_repeated_ids_share_content, derive_example_id
+from ..data_utils import check_repeated_ids_share_content, check_unique_ids, derive_example_id
 
 SCORES_SUFFIX = ".jsonl"
 METADATA_SUFFIX = ".json"
@@ -243,8 +245,10 @@ def ids_fingerprint(ids: Sequence) -> str:
 
 
 def write_scores(records: Sequence[dict], path: str | Path, metadata: dict[str, Any]) -> Path:
-    """Write a score file and its sidecar. The sidecar goes first and the scores file appears last, by rename, so a
-    scores file exists only when it is complete (what resuming relies on)."""
+    """Write a score file and its sidecar. The records go to a temporary file first; then any older scores file is
+    removed, the sidecar written, and the scores file appears last, by rename. So a scores file exists only when it is
+    complete and its sidecar is the one written with it (what resuming relies on), and a kill at any moment leaves
+    either the old pair, or no scores file at all."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sidecar = {
@@ -254,14 +258,91 @@ def write_scores(records: Sequence[dict], path: str | Path, metadata: dict[str, 
         "ids_fingerprint": ids_fingerprint([r["id"] for r in records]),
         "unscorable_ids": [r["id"] for r in records if r["nll"] is None],
     }
-    metadata_path(path).write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
     partial = path.with_name(path.name + ".partial")
     with open(partial, "w", encoding="utf-8") as f:
         for record in records:
             # `allow_nan`: an infinite perplexity is written as Infinity and reported by aggregation
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    path.unlink(missing_ok=True)
+    sidecar_partial = path.with_name(path.name + ".sidecar.partial")
+    sidecar_partial.write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
+    os.replace(sidecar_partial, metadata_path(path))
     os.replace(partial, path)
     return path
+
+
+def is_complete_score_file(path: str | Path) -> bool:
+    """Whether `path` is a score file whose records match its sidecar (what a finished write leaves)."""
+    path = Path(path)
+    if not (path.is_file() and metadata_path(path).is_file()):
+        return False
+    try:
+        read_scores(path)
+    except ValueError:
+        return False
+    return True
+
+
+@contextmanager
+def exclusive_writer(path: str | Path):
+    """Hold `<path>.lock`, created exclusively (`O_EXCL`), while this process writes `path`: a second writer of the same
+    score file fails at once, naming the first, instead of both reporting success with one result lost. A lock left
+    by a process that no longer runs on this host (killed) is taken over."""
+    lock = Path(path).with_name(Path(path).name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    owner = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder is not None and not _is_alive(holder):
+                lock.unlink(missing_ok=True)  # its writer was killed: take the lock over
+                continue
+            raise FileExistsError(
+                f"{path} is being written by another process ({holder or 'unknown'}; lock file {lock}). Wait for it to "
+                "finish, or write to another output folder; if no such process runs, delete the lock file."
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(owner, f)
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _lock_holder(lock: Path) -> dict | None:
+    try:
+        holder = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def _is_alive(holder: dict) -> bool:
+    """Whether the process that wrote a lock still runs; one on another host is taken to."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(holder.get("pid", -1)), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, OverflowError):
+        return True
+    return True
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of what a tokenizer makes of text: its vocabulary and merges, special tokens and chat template (two
+    tokenizers with the same fingerprint prepare the same tokens)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocabulary = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    digest = hashlib.sha1(vocabulary.encode())
+    digest.update(
+        json.dumps([str(tokenizer.chat_template), str(tokenizer.eos_token), str(tokenizer.pad_token)]).encode()
+    )
+    return digest.hexdigest()[:16]
 
 
 def metadata_path(scores_path: str | Path) -> Path:
@@ -275,6 +356,7 @@ def read_scores(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]
     if not path.is_file():
         raise FileNotFoundError(f"Score file {str(path)!r} does not exist.")
     records = []
+    rescore = "rescore it (`sftmix score ... --overwrite`, or rerun the stage that wrote it)"
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
@@ -282,10 +364,33 @@ def read_scores(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number} is not valid JSON ({error}); is this a score file?") from None
+                raise ValueError(
+                    f"{path}:{line_number} is not valid JSON ({error}): the file is damaged or cut short, or is not "
+                    f"a score file; {rescore}."
+                ) from None
             if not isinstance(record, dict) or not {"id", "ppl"} <= record.keys():
                 raise ValueError(f"{path}:{line_number} is not a score record (needs 'id' and 'ppl'): {line[:80]!r}")
             records.append(record)
+    if not records:
+        raise ValueError(f"Score file {path} holds no record (an empty file): {rescore}.")
     sidecar = metadata_path(path)
-    metadata = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    try:
+        metadata = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    except ValueError:
+        raise ValueError(
+            f"The sidecar {sidecar} of {path} is not valid JSON (damaged or cut short): {rescore}."
+        ) from None
+    ids = [record["id"] for record in records]
+    try:
+        check_unique_ids(ids)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    # the records are what the sidecar says was written: as many, with the same ids
+    expected = (metadata.get("num_examples"), metadata.get("ids_fingerprint"))
+    if metadata and expected != (len(records), ids_fingerprint(ids)):
+        raise ValueError(
+            f"{path} holds {len(records)} record(s) that do not match its sidecar {sidecar.name} "
+            f"({metadata.get('num_examples')} record(s), ids fingerprint {metadata.get('ids_fingerprint')} vs "
+            f"{ids_fingerprint(ids)}): the pair was damaged or mixed up; {rescore}."
+        )
     return records, metadata

@@ -145,3 +145,46 @@ def test_missing_data_file_duplicates_and_content_parts(tmp_path, llama_dir, cap
     plain = [{"messages": [{"role": r, "content": t} for r, t in zip(("user", "assistant"), p)]} for p in pairs]
     assert [r["id"] for r in records] == [derive_example_id(row) for row in plain]
     assert all(r["num_tokens"] > 0 and 0 < r["prob"] < 1 and 0 <= r["accuracy"] <= 1 for r in records)
+
+
+def test_a_rerun_with_other_settings_weights_or_writers_never_keeps_a_stale_file(
+    tmp_path, llama_dir, tokenizer, data_file, capsys, monkeypatch
+):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    checkpoint = tmp_path / "checkpoint-2"
+    shutil.copytree(llama_dir, checkpoint)
+    score = ["score", "--checkpoints", str(checkpoint), "--dataset_name", str(data_file), "--output_dir", "s"]
+    path = tmp_path / "s" / "checkpoint-2.jsonl"
+
+    def run(*extra: str) -> tuple[int, str]:
+        code = main([*score, *extra])
+        return code, capsys.readouterr().err
+
+    assert run("--max_length", "64")[0] == 0
+    first = path.read_bytes()
+    assert run("--max_length", "64") == (0, "")  # the same inputs: kept, as a resumed run keeps it
+    code, err = run("--max_length", "48")
+    assert code == 1 and "s/checkpoint-2.jsonl already holds scores made from other settings than these" in err
+    # retrained weights in the same folder (same size, another modification time)
+    tiny.build_llama(tokenizer, seed=5).save_pretrained(checkpoint)
+    code, err = run("--max_length", "64")
+    assert code == 1 and "made from other weights" in err and "--overwrite" in err
+    assert path.read_bytes() == first  # refused, untouched
+    assert run("--max_length", "64", "--overwrite")[0] == 0 and path.read_bytes() != first
+    # a second writer of the same file while the first is at work is refused, naming the lock
+    (tmp_path / "s" / "checkpoint-2.jsonl.lock").write_text(json.dumps({"pid": 1, "host": "another-host"}))
+    code, err = run("--max_length", "64", "--overwrite")
+    assert code == 1 and "is being written by another process ({'pid': 1, 'host': 'another-host'}" in err
+
+
+def test_unknown_arguments_are_named_with_the_closest_known_ones(tmp_path, capsys):
+    (tmp_path / "score.yaml").write_text("checkpoints: [m]\nmax_lenght: 64\n")
+    code = main(["score", "--config", str(tmp_path / "score.yaml"), "--dataset_nmae", "d.json"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert (
+        f"sftmix score: error: Unknown argument(s): 'max_lenght' in {tmp_path / 'score.yaml'} (did you mean "
+        "'max_length'?); 'dataset_nmae' in the command line (did you mean 'dataset_name' or"
+    ) in err

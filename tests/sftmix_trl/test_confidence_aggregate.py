@@ -3,6 +3,10 @@ the saved table, the data map, and a clear error for every bad input before anyt
 
 import json
 import math
+import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -203,3 +207,87 @@ def test_report_truncates_long_instructions():
     line = next(line for line in confidence_report(table, examples, width=40).splitlines() if line.startswith("| 1 |"))
     instruction = line.split("|")[8].strip()
     assert len(instruction) == 40 and instruction.endswith("…") and instruction.startswith("word word")
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("line_dropped", r"holds 4 record\(s\) that do not match its sidecar checkpoint-10.json \(5 record\(s\)"),
+        ("id_changed", r"holds 5 record\(s\) that do not match its sidecar .*ids fingerprint"),
+        ("emptied", r"holds no record \(an empty file\): rescore it"),
+        ("cut_short", r"checkpoint-10.jsonl:5 is not valid JSON .*damaged or cut short"),
+        ("sidecar_cut_short", r"The sidecar .*checkpoint-10.json of .* is not valid JSON"),
+    ],
+)
+def test_a_score_file_is_used_only_when_its_records_match_its_sidecar(tmp_path, damage, message):
+    from sftmix_trl.confidence.scoring import is_complete_score_file, metadata_path
+
+    path, _ = write_run(tmp_path, PPL)
+    assert is_complete_score_file(path)
+    text = path.read_text()
+    if damage == "line_dropped":
+        path.write_text("".join(text.splitlines(keepends=True)[:-1]))
+    elif damage == "id_changed":
+        path.write_text(text.replace('"id": "e"', '"id": "f"'))
+    elif damage == "emptied":
+        path.write_text("")
+    elif damage == "cut_short":
+        path.write_text(text[: len(text) - 20])
+    else:
+        metadata_path(path).write_text(metadata_path(path).read_text()[:30])
+    with pytest.raises(ValueError, match=message):
+        aggregate_scores([tmp_path])
+    assert not is_complete_score_file(path)  # what a resumed reference run rescores
+
+
+def test_score_files_made_at_different_max_lengths_or_with_different_tokenizers_are_refused(tmp_path):
+    from sftmix_trl.confidence.scoring import metadata_path
+
+    first, second = write_run(tmp_path, PPL)
+    for path, (max_length, tokenizer) in zip((first, second), ((64, "aaa"), (128, "aaa"))):
+        sidecar = json.loads(metadata_path(path).read_text())
+        metadata_path(path).write_text(
+            json.dumps({**sidecar, "max_length": max_length, "tokenizer_fingerprint": tokenizer})
+        )
+    with pytest.raises(ValueError, match=r"different `max_length`s \(.*checkpoint-10.jsonl: 64; .*: 128\)"):
+        aggregate_scores([tmp_path])
+    sidecar = json.loads(metadata_path(second).read_text())
+    metadata_path(second).write_text(json.dumps({**sidecar, "max_length": 64, "tokenizer_fingerprint": "bbb"}))
+    with pytest.raises(ValueError, match=r"different tokenizers"):
+        aggregate_scores([tmp_path])
+
+
+def test_a_score_file_has_one_writer_at_a_time(tmp_path):
+    from sftmix_trl.confidence.scoring import exclusive_writer
+
+    path = tmp_path / "checkpoint-1.jsonl"
+    # a second writer, in this process or another, fails at once, naming the first
+    held = rf"is being written by another process \({{'pid': {os.getpid()}"
+    with exclusive_writer(path), pytest.raises(FileExistsError, match=held), exclusive_writer(path):
+        pass
+    assert not (tmp_path / "checkpoint-1.jsonl.lock").exists()
+    # a lock left by a writer that was killed (its process is gone) is taken over
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "checkpoint-1.jsonl.lock").write_text(
+        json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()})
+    )
+    with exclusive_writer(path):
+        assert json.loads((tmp_path / "checkpoint-1.jsonl.lock").read_text())["pid"] == os.getpid()
+
+
+def test_a_rewrite_cut_short_leaves_no_scores_file_beside_a_foreign_sidecar(tmp_path, monkeypatch):
+    from sftmix_trl.confidence import scoring
+
+    (path,) = write_run(tmp_path, {"checkpoint-1": PPL["checkpoint-10"]})
+    real_replace = scoring.os.replace
+
+    def killed_before_the_records_land(source, target):
+        real_replace(source, target)
+        if str(target).endswith(".json"):
+            raise KeyboardInterrupt  # the sidecar is in place, the records not yet
+
+    monkeypatch.setattr(scoring.os, "replace", killed_before_the_records_land)
+    with pytest.raises(KeyboardInterrupt):
+        write_run(tmp_path, {"checkpoint-1": PPL["checkpoint-20"]})
+    # the old records are gone with their sidecar: no pair that does not belong together
+    assert not path.exists() and not scoring.is_complete_score_file(path)

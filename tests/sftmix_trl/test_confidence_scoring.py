@@ -213,9 +213,12 @@ def test_weaker_reference_with_another_tokenizer_keys_by_the_same_ids(tokenizer,
         kept, dropped = assert_scores_match_reference(records, model, model_tokenizer, with_ids, SHORT)
         assert kept == len(records) > 0 and dropped == len(metadata["left_out_ids"])
 
-    # scored again: the files are kept (resume); other data in the same folder is refused
+    # scored again with the same settings: the files are kept (resume); other data in the same folder is refused
     mtimes = [p.stat().st_mtime_ns for p in paths]
-    assert score_checkpoints([llama_dir, reference_dir], dataset, tmp_path / "scores") == paths
+    again = score_checkpoints(
+        [llama_dir, reference_dir], dataset, tmp_path / "scores", args=sft_config(tmp_path, max_length=SHORT)
+    )
+    assert again == paths
     assert [p.stat().st_mtime_ns for p in paths] == mtimes
     with pytest.raises(FileExistsError, match="other examples.*overwrite"):
         score_checkpoints([llama_dir], dataset.select(range(5)), tmp_path / "scores")

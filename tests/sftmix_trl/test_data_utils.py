@@ -134,3 +134,16 @@ def test_unscored_examples_error_is_the_trainers_message():
         "3 of 4 training example(s) have no confidence score, e.g. 'b', 'c' (joined on 'uid'). Score every training "
         "example, or drop the unscored ones."
     )
+
+
+def test_an_empty_or_malformed_data_file_is_named(tmp_path):
+    from sftmix_trl.data_utils import load_raw_dataset
+
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"The data file .*empty.jsonl is empty: it holds no example"):
+        load_raw_dataset(str(tmp_path / "empty.jsonl"))
+    (tmp_path / "cut.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "compl\n')
+    with pytest.raises(
+        ValueError, match=r"Cannot read .*cut.jsonl as a .jsonl data file \(.*\). Check that every line"
+    ):
+        load_raw_dataset(str(tmp_path / "cut.jsonl"))

@@ -322,3 +322,266 @@ def test_a_reference_model_that_drops_rows_the_target_trains_is_refused_before_t
         error.value
     )
     assert not recipe.stage_dir("reference").exists()  # refused before any training
+
+
+# ---- interrupted and rerun: kill -9 at chosen moments, stale folders, inputs refused before the long work ----
+
+# Runs the recipe in this process after arranging to SIGKILL itself at one moment: `<stage> <moment> <step>`, where
+# moment is "scoring" (a checkpoint saved, its scoring under way) or "save" (a checkpoint's weights written, its
+# optimizer and trainer state not yet), then the recipe's arguments.
+KILLER = """
+import os, signal, sys
+from pathlib import Path
+
+stage, moment, step = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+def here(trainer):
+    return Path(trainer.args.output_dir).name == stage and trainer.state.global_step == step
+
+if moment == "scoring":
+    from sftmix_trl.confidence import callback
+    score_trainer = callback.score_trainer
+    def killing_score_trainer(trainer, *args, **kwargs):
+        if here(trainer):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return score_trainer(trainer, *args, **kwargs)
+    callback.score_trainer = killing_score_trainer
+elif moment == "save":
+    from transformers import Trainer
+    save = Trainer._save_optimizer_and_scheduler
+    def killing_save(self, output_dir):
+        if here(self):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return save(self, output_dir)
+    Trainer._save_optimizer_and_scheduler = killing_save
+
+from sftmix_trl.recipe import main
+main(sys.argv[4:])
+"""
+
+
+def _run_recipe(args: list[str], cwd: Path, kill_at: tuple[str, str, int] | None = None):
+    script = cwd / "killer.py"
+    script.write_text(KILLER)
+    command = [sys.executable, str(script), *map(str, kill_at or ("none", "none", -1)), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _results(run: Path) -> dict[str, bytes]:
+    """What a run computes, byte for byte: the reference scores, the confidence table, the SFTMix model."""
+    files = sorted((run / "reference/confidence_scores").glob("*.jsonl"))
+    files += [run / "confidence/confidence.jsonl", run / "sftmix/model.safetensors"]
+    return {str(path.relative_to(run)): path.read_bytes() for path in files}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, llama_dir):
+    """An uninterrupted run (24 rows, 6 steps a stage; reference checkpoints at steps 3 and 6, SFTMix checkpoints every
+    2 steps) and the arguments that made it."""
+    base = tmp_path_factory.mktemp("finished")
+    tiny.prompt_completion_dataset(24).to_json(base / "train.jsonl")
+
+    def arguments(run: Path, **fields) -> list[str]:
+        fields = {"dataset_name": base / "train.jsonl", "save_strategy": "steps", "save_steps": "2", **fields}
+        return _recipe_args(llama_dir, run, **fields)
+
+    result = _run_recipe(arguments(base / "run"), base)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return base / "run", arguments
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_every_moment_finishes_bit_identical_to_an_uninterrupted_one(tmp_path, finished_run):
+    reference_run, arguments = finished_run
+    run = tmp_path / "run"
+    args = arguments(run)
+    kills = [
+        # a reference checkpoint saved, its scoring under way: the rerun resumes from it and scores it first
+        ("reference", "scoring", 3),
+        # the last reference checkpoint half saved: the rerun removes it and resumes from the one before
+        ("reference", "save", 6),
+        # the last reference checkpoint saved, its scoring under way: the rerun resumes with no step left, scores it
+        ("reference", "scoring", 6),
+        # an SFTMix checkpoint half saved: the rerun resumes from the complete one before it
+        ("sftmix", "save", 4),
+    ]
+    for kill_at in kills:
+        result = _run_recipe(args, tmp_path, kill_at)
+        assert result.returncode == -9, (kill_at, result.stderr[-3000:])  # killed where it was meant to be
+    assert (run / "sftmix/checkpoint-4").is_dir() and not (run / "sftmix/checkpoint-4/trainer_state.json").exists()
+    result = _run_recipe(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert f"removed {run / 'sftmix/checkpoint-4'}, cut short while saving" in result.stdout
+    assert f"resuming from {run / 'sftmix/checkpoint-2'}" in result.stdout
+    assert _results(run) == _results(reference_run)
+
+
+def _refusal(args: list[str], capsys) -> str:
+    """The one-line error with which the recipe's entry point refuses `args` (exit status 1, no traceback)."""
+    from sftmix_trl.recipe import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "change, stage, named",
+    [
+        ("dataset", "reference", "data: "),
+        ("model", "reference", "model.files.config.json: "),
+        ("max_length", "reference", "training.max_length: 64 -> 48"),
+        ("mixup_coef", "sftmix", "training.mixup_coef: 0.2 -> 0.3"),
+        ("older_folder", "reference", "without a record of the inputs"),
+    ],
+)
+def test_a_finished_run_rerun_with_other_inputs_is_refused_naming_what_changed(
+    tmp_path, finished_run, llama_dir, capsys, change, stage, named
+):
+    finished, arguments = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = _results(run)
+    fields = {}
+    if change == "dataset":  # the same ids (an id column of the data's own), other content
+        other = tiny.prompt_completion_dataset(24, seed=3)
+        other = other.remove_columns("id").add_column("id", tiny.prompt_completion_dataset(24)["id"])
+        other.to_json(tmp_path / "other.jsonl")
+        fields["dataset_name"] = tmp_path / "other.jsonl"
+    elif change == "model":
+        shutil.copytree(llama_dir, tmp_path / "other-model")
+        (tmp_path / "other-model/config.json").write_text(
+            (tmp_path / "other-model/config.json")
+            .read_text()
+            .replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e-05')
+        )
+        fields["model_name_or_path"] = tmp_path / "other-model"
+    elif change == "max_length":
+        fields["max_length"] = "48"
+    elif change == "mixup_coef":
+        fields["mixup_coef"] = "0.3"
+    else:  # a run folder of an older sftmix-trl: done files, no record of the inputs
+        for record in run.glob("*/stage_inputs.json"):
+            record.unlink()
+    err = _refusal(arguments(run, **fields), capsys)
+    assert f"{run / STAGE_DIRS[stage]} holds" in err and named in err
+    assert f"Use a new output_dir, or remove {run / STAGE_DIRS[stage]} to redo the {stage} stage" in err
+    assert _results(run) == before  # nothing was touched
+
+
+def test_rerun_refusals_name_the_changed_field(tmp_path):
+    from sftmix_trl import run_state
+
+    stage_dir = tmp_path / "sftmix"
+    inputs = {"training": {"max_length": 64, "seed": 1}, "data": "abc"}
+    assert not run_state.check_stage_inputs("sftmix", stage_dir, inputs)  # nothing there: a fresh start
+    run_state.record_stage_inputs("sftmix", stage_dir, inputs)
+    assert not run_state.check_stage_inputs("sftmix", stage_dir, {"other": 1})  # a record but no work: afresh
+    (stage_dir / "checkpoint-2").mkdir()
+    assert run_state.check_stage_inputs("sftmix", stage_dir, inputs)  # the same inputs: resumed
+    with pytest.raises(run_state.StageInputsMismatch) as error:
+        run_state.check_stage_inputs("sftmix", stage_dir, {**inputs, "training": {"max_length": 128, "seed": 1}})
+    assert "training.max_length: 64 -> 128" in str(error.value) and "seed" not in str(error.value)
+
+
+def test_incomplete_checkpoints_are_never_resumed_from(tmp_path):
+    from sftmix_trl import run_state
+
+    for step, complete in ((2, True), (4, True), (6, False)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}/model.safetensors").write_bytes(b"w")
+        if complete:
+            (tmp_path / f"checkpoint-{step}/trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (tmp_path / "checkpoint-4/trainer_state.json").write_text('{"global_st')  # cut short while written
+    assert run_state.last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    assert run_state.remove_incomplete_checkpoints(tmp_path) == [tmp_path / "checkpoint-4", tmp_path / "checkpoint-6"]
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-2"]
+
+
+def test_data_fingerprint_follows_the_content():
+    from sftmix_trl.run_state import dataset_fingerprint
+
+    data = tiny.prompt_completion_dataset(12)
+    assert dataset_fingerprint(data) == dataset_fingerprint(tiny.prompt_completion_dataset(12))
+    edited = data.map(lambda row, i: {"completion": row["completion"] + ("!" if i == 5 else "")}, with_indices=True)
+    assert dataset_fingerprint(edited) != dataset_fingerprint(data)
+    assert dataset_fingerprint(data.select(range(11))) != dataset_fingerprint(data)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        # more checkpoints than the reference run's 6 optimizer steps: refused before the first step
+        ({"reference_num_checkpoints": "7"}, "`reference_num_checkpoints` is 7, but the reference run takes only 6"),
+        # truncation leaves no row a response token
+        ({"max_length": "6"}, "None of the 24 training examples of .* has a response token left"),
+        ({"loss_impl": "triton"}, r"`loss_impl='triton'` cannot run on this run's device: impl='triton' needs CUDA"),
+    ],
+    ids=["K>steps", "no-example-left", "triton-without-cuda"],
+)
+def test_inputs_that_cannot_work_are_refused_before_the_reference_run(
+    tmp_path, llama_dir, monkeypatch, capsys, fields, message
+):
+    import re
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # as on a machine without CUDA, outside the test suite
+    tiny.prompt_completion_dataset(24).to_json(tmp_path / "train.jsonl")
+    run = tmp_path / "run"
+    err = _refusal(_recipe_args(llama_dir, run, dataset_name=tmp_path / "train.jsonl", **fields), capsys)
+    assert re.search(message, err), err
+    assert not list(run.glob("reference/checkpoint-*"))  # no step was trained
+    # nothing there holds a rerun back: with the input fixed it starts afresh
+    from sftmix_trl import run_state
+
+    assert not run_state.has_work(run / "reference")
+
+
+@pytest.mark.parametrize("where", ["file", "under-a-file"])
+def test_an_output_dir_that_cannot_be_written_is_named(tmp_path, llama_dir, capsys, where):
+    tiny.prompt_completion_dataset(8).to_json(tmp_path / "train.jsonl")
+    (tmp_path / "a-file").write_text("")
+    run = tmp_path / "a-file" if where == "file" else tmp_path / "a-file" / "run"
+    expected = "is a file, not a folder" if where == "file" else "cannot be written (Not a directory)"
+    err = _refusal(_recipe_args(llama_dir, run, dataset_name=tmp_path / "train.jsonl"), capsys)
+    assert f"`output_dir` {str(run)!r}" in err and expected in err
+
+
+@pytest.mark.slow
+def test_one_training_example_trains_in_the_recipe_as_in_the_trainer(tmp_path, llama_dir):
+    from sftmix_trl.recipe import main
+
+    tiny.prompt_completion_dataset(1).to_json(tmp_path / "train.jsonl")
+    run = tmp_path / "run"
+    args = _recipe_args(llama_dir, run, dataset_name=tmp_path / "train.jsonl", reference_num_checkpoints="1")
+    # nothing to pair it with: next-token loss alone, with the trainer's one warning
+    with pytest.warns(
+        UserWarning, match="With 1 training example\\(s\\), SFTMix cannot form a confident / unconfident"
+    ):
+        main(args)
+    table = [json.loads(line) for line in (run / "confidence/confidence.jsonl").read_text().splitlines()]
+    assert [row["half"] for row in table] == ["remainder"]
+    assert (run / "sftmix/model.safetensors").is_file() and (run / "sftmix/stage_done.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_damaged_reference_score_file_is_rescored_from_its_checkpoint(tmp_path, finished_run, capsys):
+    from sftmix_trl.confidence import read_scores
+    from sftmix_trl.recipe import main
+
+    finished, arguments = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    scores = run / "reference/confidence_scores/checkpoint-3.jsonl"
+    scores.write_text(scores.read_text()[:-30])  # cut short
+    shutil.rmtree(run / "confidence")  # the score stage runs again, and reads it
+    main(arguments(run, stage="score"))
+    assert "stage reference: scoring ['checkpoint-3'], which have no complete score file" in capsys.readouterr().out
+    rescored, _ = read_scores(scores)
+    original, _ = read_scores(finished / "reference/confidence_scores/checkpoint-3.jsonl")
+    assert [r["id"] for r in rescored] == [r["id"] for r in original]
+    assert [r["ppl"] for r in rescored] == pytest.approx([r["ppl"] for r in original], rel=1e-5)
+    assert (run / "confidence/stage_done.json").is_file()

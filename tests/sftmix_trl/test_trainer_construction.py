@@ -252,3 +252,64 @@ def test_content_part_messages_train_as_their_text(tokenizer, tmp_path):
     with_parts, as_text = build(tokenizer, tmp_path, parts), build(tokenizer, tmp_path, dataset)
     assert with_parts.train_dataset["input_ids"] == as_text.train_dataset["input_ids"]
     assert with_parts.train_dataset["id"] == as_text.train_dataset["id"]
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_no_example_left_after_truncation_is_refused_as_sfttrainer_refuses_it(tokenizer, tmp_path, packing):
+    from trl import SFTTrainer
+
+    dataset = with_confidence(tiny.prompt_completion_dataset(6))
+    config = dict(max_length=4, packing=packing)
+    with pytest.raises(ValueError, match=r"None of the 6 training example\(s\) has a trainable token left .*"
+                       r"max_length=4.* nothing to train"):  # fmt: skip
+        build(tokenizer, tmp_path, dataset, config=config)
+    if packing:
+        return
+    # SFTTrainer fails on the same data too (where, and how, is TRL's and torch's business)
+    from sftmix_helpers import tiny_sft_config
+
+    with pytest.raises(Exception):  # noqa: B017
+        SFTTrainer(
+            tiny.build_llama(tokenizer), args=tiny_sft_config(tmp_path, **config), train_dataset=dataset,
+            processing_class=tokenizer,
+        ).train()  # fmt: skip
+
+
+def test_an_empty_training_dataset_is_named(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="The training dataset holds no example"):
+        build(tokenizer, tmp_path, with_confidence(tiny.prompt_completion_dataset(6)).select([]))
+
+
+def _rows(dataset) -> list[dict]:
+    return [dict(row) for row in dataset]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ("none_completion", r"row 3 has a prompt but no completion"),
+        ("int_completion", r"row 0: the prompt is str and the completion int"),
+        ("mixed_formats", r"row 2 mixes formats: it has \['completion', 'messages', 'prompt'\]"),
+        ("empty_conversational_completion", r"row 1, 'completion' is an empty list of messages"),
+        ("formats_across_rows", r"row 4 is messages while row 0 is prompt/completion \(text\)"),
+    ],
+)
+def test_rows_that_would_crash_inside_trl_are_named(tokenizer, tmp_path, edit, message):
+    rows = _rows(tiny.prompt_completion_dataset(6))
+    if edit == "none_completion":
+        rows[3]["completion"] = None
+    elif edit == "int_completion":
+        rows = [{**row, "completion": n} for n, row in enumerate(rows)]
+    elif edit == "mixed_formats":
+        rows = [{**row, "messages": None} for row in rows]
+        rows[2]["messages"] = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    elif edit == "empty_conversational_completion":
+        rows = _rows(tiny.conversational_prompt_completion_dataset(6))
+        rows[1]["completion"] = []
+    else:
+        rows = [{**row, "messages": None} for row in rows]
+        rows[4] = {"id": rows[4]["id"], "prompt": None, "completion": None, "messages": [
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}  # fmt: skip
+    dataset = with_confidence(Dataset.from_list(rows))
+    with pytest.raises(ValueError, match=f"The training dataset, {message}"):
+        build(tokenizer, tmp_path, dataset)
