@@ -271,7 +271,8 @@ def version_label():
     return f"sftmix-trl {sftmix_trl.__version__} {commit}; torch {torch.__version__}; triton {triton_version}"
 
 
-def _percentiles(values):
+def percentiles(values):
+    """(median, 20th, 80th percentile) of the timed repeats."""
     if len(values) == 1:
         return values[0], values[0], values[0]
     quantiles = statistics.quantiles(values, n=10, method="inclusive")
@@ -337,7 +338,7 @@ def main(argv=None):
             writer.writeheader()
 
         def emit(shape, num_rows, impl, mode, metric, unit, values, note=""):
-            median, p20, p80 = _percentiles(values)
+            median, p20, p80 = percentiles(values)
             hidden_size, vocab_size, _ = HEADS[shape]
             row = dict(kernel="sftmix_linear_cross_entropy", impl=impl, mode=mode, metric=metric, unit=unit)
             row.update(N=num_rows, D=hidden_size, V=vocab_size, dtype=_dtype_name(dtype), device=label, date=date)

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from . import ROOT, module_command
-from .kernel import device_label, reset_peak_rss, rss_bytes, version_label
+from .kernel import device_label, percentiles, reset_peak_rss, rss_bytes, version_label
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # "<impl>_nomix": the same loss implementation with mixup_coef=0 (balanced batches, next-token loss only): what
@@ -170,13 +170,6 @@ def run_config(trainer_name, impl, cli):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _percentiles(values):
-    if len(values) == 1:
-        return values[0], values[0], values[0]
-    quantiles = statistics.quantiles(values, n=10, method="inclusive")
-    return statistics.median(values), quantiles[1], quantiles[7]
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -231,7 +224,7 @@ def main(argv=None):
             writer.writeheader()
 
         def emit(trainer_name, impl, metric, unit, values):
-            median, p20, p80 = _percentiles(values)
+            median, p20, p80 = percentiles(values)
             row = dict(bench="trainer_step", trainer=trainer_name, impl=impl, metric=metric, unit=unit)
             row.update(model=cli.model, batch=cli.batch, seq_len=cli.seq_len, dtype=dtype, device=label, date=date)
             row.update(median=f"{median:.6g}", p20=f"{p20:.6g}", p80=f"{p80:.6g}", version=version)
