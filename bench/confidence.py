@@ -1,7 +1,7 @@
 """Confidence scoring against a plain `SFTTrainer.evaluate` on the same data: throughput and peak memory.
 
-    python bench/confidence.py                        # 999 Alpaca rows, SmolLM2-135M-Instruct, max_length 512
-    python bench/confidence.py --num_examples 64      # a quick look
+    python -m bench.confidence                        # 999 Alpaca rows, SmolLM2-135M-Instruct, max_length 512
+    python -m bench.confidence --num_examples 64      # a quick look
 
 Each measurement runs in a fresh Python process, so that peak RSS (`ru_maxrss`) belongs to it alone. Both load the
 same model and prepare the same data the same way (SFTTrainer, conversational prompt/completion, completion-only
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel import device_label, version_label  # noqa: E402
+from . import ROOT, module_command
+from .kernel import device_label, version_label
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = [
@@ -115,10 +115,10 @@ def main() -> None:
 
     results = []
     for mode in args.modes:
-        command = [sys.executable, __file__, "--worker", mode]
+        command = [*module_command(__spec__.name), "--worker", mode]
         command += ["--num_examples", str(args.num_examples), "--max_length", str(args.max_length)]
         command += ["--batch_size", str(args.batch_size)]
-        out = subprocess.run(command, capture_output=True, text=True)
+        out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
         if out.returncode != 0:
             sys.exit(f"The {mode} worker failed:\n{out.stderr[-3000:]}")
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))

@@ -19,11 +19,11 @@
 # default 450 s, so that the whole check with the machine's own start stays under 8 minutes); a step with under 20 s
 # left is skipped and says so:
 #   1. environment (GPU, driver, python, torch, triton), the package import check, and the preflight
-#      (bench/kernel.py --preflight: a trivial Triton launch, torch's fp32-output GEMM as rowchunk calls it, what
+#      (python -m bench.kernel --preflight: a trivial Triton launch, torch's fp32-output GEMM as rowchunk calls it, what
 #      impl="auto" picks), before any timing
 #   2. kernel benchmark, each head: rowchunk, rowchunk_nomix, triton, torch, reference (+ liger), --check (relative
 #      errors); an implementation that fails gets an error row and the others go on
-#   3. per-phase timings, each head (bench/kernel.py --phases): the rowchunk chunk's GEMMs and element-wise pass
+#   3. per-phase timings, each head (python -m bench.kernel --phases): the rowchunk chunk's GEMMs and element-wise pass
 #      (block_v 256 and 512) and the triton forward kernel, CUDA events, beside the cost model's phases
 #   4. the `gpu`-marked tests in tests/kernels (--dry-run: collection only, there is no GPU)
 #   5. kernel benchmark, each head: torch.compile of the reference (compile warm-up inside the step's timeout)
@@ -111,6 +111,9 @@ trap 'rm -rf "$(dirname "$SITE")"' EXIT
 mkdir -p "$SITE/sftmix_trl"
 cp -r "$REPO/sftmix_trl/." "$SITE/sftmix_trl/"
 cp -r "$REPO/kernels" "$SITE/sftmix_trl/kernels"
+# the bench package beside it, run as `python -P -m bench.<module>`
+mkdir -p "$SITE/bench"
+cp "$REPO"/bench/*.py "$SITE/bench/"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 # python -P: the working directory is not put on sys.path (the checkout's sftmix_trl/ lacks kernels/)
 BLOCK_TRL="import sys; sys.modules.update(trl=None, datasets=None, transformers=None)"
@@ -170,27 +173,27 @@ fi
 note "commit $COMMIT; dry run $DRY_RUN; python $PYTHON; steps $STEPS"
 if wants environment; then
     run_step environment 60 "$PYTHON" -P -c "$ENVIRONMENT_PY"
-    run_step preflight 90 "$PYTHON" bench/kernel.py --preflight "${DEVICE_ARGS[@]}"
+    run_step preflight 90 "$PYTHON" -P -m bench.kernel --preflight "${DEVICE_ARGS[@]}"
 fi
 if wants bench; then
     for head in "${HEAD_ARGS[@]}"; do
-        run_step "bench-$head" 110 "$PYTHON" bench/kernel.py --shapes "$head" "${BENCH_ARGS[@]}" \
+        run_step "bench-$head" 110 "$PYTHON" -P -m bench.kernel --shapes "$head" "${BENCH_ARGS[@]}" \
             --impls rowchunk rowchunk_nomix triton torch liger reference --check
     done
 fi
 if wants phases; then
     for head in "${HEAD_ARGS[@]}"; do
-        run_step "phases-$head" 60 "$PYTHON" bench/kernel.py --phases --shapes "$head" "${DEVICE_ARGS[@]}" \
+        run_step "phases-$head" 60 "$PYTHON" -P -m bench.kernel --phases --shapes "$head" "${DEVICE_ARGS[@]}" \
             "${PHASE_SIZE_ARGS[@]}" --csv "$CSV" "${MACHINE_ARGS[@]}"
     done
 fi
 wants tests && run_step gpu-tests 100 "$PYTHON" -P -c "$PYTEST_PY" "${TEST_ARGS[@]}"
 if wants compile; then
     for head in "${HEAD_ARGS[@]}"; do
-        run_step "compile-$head" 100 "$PYTHON" bench/kernel.py --shapes "$head" "${BENCH_ARGS[@]}" --impls compile
+        run_step "compile-$head" 100 "$PYTHON" -P -m bench.kernel --shapes "$head" "${BENCH_ARGS[@]}" --impls compile
     done
 fi
-"$PYTHON" bench/gpu_check_summary.py "$CSV" --commit "$COMMIT" 2>&1 | tee -a "$LOG" >>"$SUMMARY"
+"$PYTHON" -P -m bench.gpu_check_summary "$CSV" --commit "$COMMIT" 2>&1 | tee -a "$LOG" >>"$SUMMARY"
 log "gpu_check.sh: $((SECONDS - START_S))s in all"
 echo "----- $SUMMARY"
 cat "$SUMMARY"

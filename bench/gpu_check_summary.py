@@ -1,6 +1,6 @@
 """Issue #11's bars on the rows bench/kernel.py measured, beside the cost model's estimate for the same shapes.
 
-    python bench/gpu_check_summary.py RESULTS.csv [--commit SHA]
+    python -m bench.gpu_check_summary RESULTS.csv [--commit SHA]
 
 Priced for the device the rows were measured on (bench/kernel_model.py's H100 or H200, by the device name; any
 other device as an H200, and said so). For each measured shape: every implementation's full-step time (median), its
@@ -18,7 +18,7 @@ import os
 import sys
 from collections import defaultdict
 
-import kernel_model
+from . import kernel_model
 
 IMPLS = ("rowchunk", "rowchunk_nomix", "triton", "triton_nomix", "torch", "liger", "compile", "reference")
 
@@ -71,7 +71,9 @@ def summarize(csv_path, commit="unknown"):
     shapes, device, phases = read_medians(csv_path)
     priced_as, note = model_device(device)
     floor_flops = kernel_model.DEVICES[priced_as].floor_flops
-    lines = [f"MEASURED on {device} (commit {commit}): medians of the timed repeats, bench/kernel.py --modes full"]
+    lines = [
+        f"MEASURED on {device} (commit {commit}): medians of the timed repeats, python -m bench.kernel --modes full"
+    ]
     lines.append(f"priced as {priced_as}{note}")
     for (n, d, v), got in shapes.items():
         floor_ms = 6 * n * d * v / floor_flops * 1e3
@@ -105,7 +107,9 @@ def summarize(csv_path, commit="unknown"):
                     f"{row['x_floor']:.2f}x the floor, extra memory {row['extra_gb']:.2f} GB"
                 )
     for (n, d, v), rows in phases.items():
-        lines.append(f"PHASES N={n} D={d} V={v} (bench/kernel.py --phases; model: bench/kernel_model.py, {priced_as})")
+        lines.append(
+            f"PHASES N={n} D={d} V={v} (python -m bench.kernel --phases; model: bench.kernel_model, {priced_as})"
+        )
         for row in rows:
             value = "-" if row["median"] == "nan" else f"{float(row['median']):.4g} {row['unit']}"
             lines.append(f"  {row['impl']:>30} {row['metric']:>10} {value:>14}  {row.get('note') or ''}".rstrip())

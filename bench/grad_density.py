@@ -1,7 +1,7 @@
 """Density of the SFTMix loss's logit gradient at bf16 resolution: what gradient filtering could skip, on real logits.
 
-    python bench/grad_density.py                  # SmolLM2-135M-Instruct on 32 Alpaca demo rows, ~2k response tokens
-    python bench/grad_density.py --sequences 8    # a quick look
+    python -m bench.grad_density                  # SmolLM2-135M-Instruct on 32 Alpaca demo rows, ~2k response tokens
+    python -m bench.grad_density --sequences 8    # a quick look
 
 Gradient filtering (Cut Cross-Entropy) skips a tile's backward products (dH += G W, dW += G^T H) when every entry
 of the tile of G = dL/dz is below bf16's resolution. This measures, on the logits of the demo's model and data, the
@@ -33,15 +33,13 @@ non-commercial). ``tile_density_128k_est`` projects to a 128k vocabulary under s
 import argparse
 import csv
 import datetime
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel import device_label, version_label  # noqa: E402
+from sftmix_trl.kernels.layout import build_row_layout
 
-from sftmix_trl.kernels.layout import build_row_layout  # noqa: E402
+from .kernel import device_label, version_label
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TILE_ROWS, TILE_COLS = 64, 128

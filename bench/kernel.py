@@ -1,8 +1,8 @@
 """Microbenchmark of the fused SFTMix loss: time and peak memory of each implementation.
 
-    python bench/kernel.py                       # CUDA: all heads, N = 1k..16k, bf16
-    python bench/kernel.py --quick               # CPU: SmolLM2's head, N = 1024 timings + N = 4096 peak memory, fp32
-    python bench/kernel.py --shapes llama-3-8b --tokens 8192 --impls reference triton triton_nomix
+    python -m bench.kernel                       # CUDA: all heads, N = 1k..16k, bf16
+    python -m bench.kernel --quick               # CPU: SmolLM2's head, N = 1024 timings + N = 4096 peak memory, fp32
+    python -m bench.kernel --shapes llama-3-8b --tokens 8192 --impls reference triton triton_nomix
 
 Heads (bench/kernel_model.py's HEADS, which the cost model prices too): SmolLM2-135M, Llama-3-8B, Qwen2.5-7B and
 Gemma-2-2B, the last with its logit soft cap 30.0, which every implementation applies.
@@ -26,8 +26,8 @@ date, version, note) to `--csv` (default bench/results/kernel-<device>-<date>.cs
 peak-memory steps, each implementation's largest relative difference to the reference (loss, grads of hidden and
 weight). An implementation that raises gets an `error` row (its exception in `note`) and the others go on.
 
-    python bench/kernel.py --preflight           # what works here: a Triton launch, torch's fp32-output GEMM
-    python bench/kernel.py --phases --shapes llama-3-8b --tokens 8192   # per-phase times beside the cost model
+    python -m bench.kernel --preflight           # what works here: a Triton launch, torch's fp32-output GEMM
+    python -m bench.kernel --phases --shapes llama-3-8b --tokens 8192   # per-phase times beside the cost model
 
 `--phases`: each phase of one rowchunk chunk at the plan's chunk shape (cuBLAS Z = H W^T with fp32 output, the
 Triton element-wise pass at `block_v` 256 and 512, dH = G W, dW += G^T H), and the triton backend's forward kernel
@@ -46,13 +46,15 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from kernel_model import HEADS  # (hidden size, vocabulary, logit soft cap)
+
+from . import ROOT, module_command
+from .inputs import make_inputs
+from .kernel_model import HEADS  # (hidden size, vocabulary, logit soft cap)
 
 IMPLS = ("reference", "compile", "torch", "triton", "triton_nomix", "rowchunk", "rowchunk_nomix", "liger")
 MODES = ("fwd", "bwd", "full")
@@ -61,36 +63,6 @@ FIELDS = ("kernel", "impl", "mode", "metric", "unit", "N", "D", "V", "dtype", "m
 FIELDS += ("version", "note")
 RESULTS = Path(__file__).resolve().parent / "results"
 MIXUP_COEF = 0.2
-
-
-def make_inputs(num_rows, hidden_size, vocab_size, dtype, device, mix_fraction, seed=0, logit_softcap=None):
-    """Random head inputs; a tenth of the rows ignored (prompt); ``mix_fraction`` of the rows in mixed pairs;
-    ``logit_softcap`` the head's soft cap (None: none), which every implementation applies.
-
-    The two large tensors are drawn on the device (no multi-GB host tensor, no host-to-device copy of the weight),
-    before any measurement starts; the small ones on the host.
-    """
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    device_gen = torch.Generator(device=device).manual_seed(seed)
-    hidden = torch.randn(num_rows, hidden_size, generator=device_gen, device=device).to(dtype)
-    weight = torch.randn(vocab_size, hidden_size, generator=device_gen, device=device).div_(hidden_size**0.5).to(dtype)
-    targets = torch.randint(0, vocab_size, (num_rows,), generator=gen)
-    targets[torch.rand(num_rows, generator=gen) < 0.1] = -100
-    valid_rows = torch.nonzero(targets != -100).flatten()
-    valid_rows = valid_rows[torch.randperm(valid_rows.numel(), generator=gen)]
-    num_pairs = min(int(mix_fraction * num_rows) // 2, valid_rows.numel() // 2)
-    mix_index = torch.stack([valid_rows[:num_pairs], valid_rows[num_pairs : 2 * num_pairs]], dim=1)
-    return {
-        "hidden": hidden.requires_grad_(),
-        "weight": weight.requires_grad_(),
-        "targets": targets.to(device),
-        "mix_index": mix_index.to(device),
-        # Beta(0.5, 0.5) is the arcsine law: sin^2(pi U / 2) for U uniform (seeded, unlike torch.distributions)
-        "mix_lambda": torch.sin(torch.rand(num_pairs, generator=gen) * torch.pi / 2).square().to(device),
-        "mix_weight": torch.full((num_pairs,), 1.0 / max(num_pairs, 1), device=device),
-        "ntp_normalizer": (targets != -100).sum().to(device),
-        "logit_softcap": logit_softcap,
-    }
 
 
 def loss_function(impl, inputs):
@@ -224,9 +196,9 @@ def peak_memory(impl, num_rows, hidden_size, vocab_size, dtype, device, mix_frac
         return None
     with tempfile.TemporaryDirectory() as tmp:
         result_path = Path(tmp) / "result.pt"
-        command = [sys.executable, __file__, "--memory-probe", impl, str(num_rows), str(hidden_size)]
+        command = [*module_command(__spec__.name), "--memory-probe", impl, str(num_rows), str(hidden_size)]
         command += [str(vocab_size), _dtype_name(dtype), str(mix_fraction), str(softcap), str(result_path)]
-        probe = subprocess.run(command, capture_output=True, text=True, check=True)
+        probe = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT)
         return json.loads(probe.stdout.strip().splitlines()[-1])["peak_mib"], torch.load(result_path)
 
 
@@ -287,9 +259,7 @@ def version_label():
     import sftmix_trl
 
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-        ).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = ""
     try:
@@ -301,7 +271,8 @@ def version_label():
     return f"sftmix-trl {sftmix_trl.__version__} {commit}; torch {torch.__version__}; triton {triton_version}"
 
 
-def _percentiles(values):
+def percentiles(values):
+    """(median, 20th, 80th percentile) of the timed repeats."""
     if len(values) == 1:
         return values[0], values[0], values[0]
     quantiles = statistics.quantiles(values, n=10, method="inclusive")
@@ -367,7 +338,7 @@ def main(argv=None):
             writer.writeheader()
 
         def emit(shape, num_rows, impl, mode, metric, unit, values, note=""):
-            median, p20, p80 = _percentiles(values)
+            median, p20, p80 = percentiles(values)
             hidden_size, vocab_size, _ = HEADS[shape]
             row = dict(kernel="sftmix_linear_cross_entropy", impl=impl, mode=mode, metric=metric, unit=unit)
             row.update(N=num_rows, D=hidden_size, V=vocab_size, dtype=_dtype_name(dtype), device=label, date=date)
@@ -522,25 +493,27 @@ def _time_ms(fn, device, repeats, warmup):
 
 def _model_device(label):
     """The cost model's device for a device name: H100 / H200, else H200 (the model's default)."""
-    from kernel_model import DEVICES
+    from .kernel_model import DEVICES
 
     return next((name for name in DEVICES if name in label), "H200")
 
 
 def phase_rows(shape, num_rows, dtype, device, repeats, warmup, label):
     """Yield (impl, metric, unit, values, note) rows of `--phases` (an Exception for a phase that failed)."""
-    import kernel_model
-
     from sftmix_trl.kernels import triton_rowchunk as rowchunk
     from sftmix_trl.kernels import triton_sftmix
+    from sftmix_trl.kernels.gemm import product_into
     from sftmix_trl.kernels.layout import build_row_layout
     from sftmix_trl.kernels.options import SFTMixLossOptions
+    from sftmix_trl.kernels.triton_common import INTERPRET, grad_dtype_for
+
+    from . import kernel_model
 
     hidden_size, vocab_size, softcap = HEADS[shape]
     model_device = _model_device(label)
     model_spec = kernel_model.DEVICES[model_device]
     assumptions = kernel_model.Assumptions()
-    rows, chunks, fp32_dw = kernel_model.rowchunk_plan(num_rows, hidden_size, vocab_size, itemsize=dtype.itemsize)
+    rows, chunks, fp32_dw = kernel_model.rowchunk_plan(num_rows, hidden_size, vocab_size, dtype)
     rows = -(-num_rows // chunks)  # rows spread evenly over the chunks
     model = {phase.name: phase for phase in kernel_model.rowchunk_cost(shape, num_rows, model_device).phases}
     inputs = make_inputs(rows, hidden_size, vocab_size, dtype, device, 0.5, logit_softcap=softcap)
@@ -549,7 +522,7 @@ def phase_rows(shape, num_rows, dtype, device, repeats, warmup, label):
     chunk_hidden = hidden.index_select(0, layout.rows)
     stride = rowchunk.padded_row(vocab_size)
     logits = torch.zeros(rows, stride, dtype=torch.float32, device=device)[:, :vocab_size]
-    grad = logits.view(rowchunk.grad_dtype_for(device, dtype))[:, :vocab_size]
+    grad = logits.view(grad_dtype_for(device, dtype))[:, :vocab_size]
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32 if fp32_dw else dtype, device=device)
     grad_hidden = torch.empty(rows, hidden_size, dtype=torch.float32, device=device)
 
@@ -566,18 +539,18 @@ def phase_rows(shape, num_rows, dtype, device, repeats, warmup, label):
     yield ("rowchunk chunk", "rows", "rows", [rows], note)
     flops = 2 * rows * hidden_size * vocab_size
     yield from gemm_row("Z = H W^T", "Z = H W^T (cuBLAS, fp32 out)",
-                        lambda: rowchunk._gemm(logits, chunk_hidden, weight.T), flops)  # fmt: skip
+                        lambda: product_into(logits, chunk_hidden, weight.T), flops)  # fmt: skip
     num_pairs = layout.num_pairs
     rest_half = (rows - 2 * num_pairs + 1) // 2
     ntp_row_scale = torch.where(layout.ntp_targets != -100, 1.0 / rows, 0.0).float()
-    new = dict(dtype=torch.float32, device=device)
+    fp32 = dict(dtype=torch.float32, device=device)
     kernel_args = dict(
         logits_ptr=logits, grad_ptr=grad, bias_ptr=layout.ntp_targets, ntp_targets_ptr=layout.ntp_targets,
         ntp_row_scale_ptr=ntp_row_scale, lam_ptr=layout.mix_lambda.float().contiguous(),
-        mix_targets_ptr=layout.mix_targets.contiguous(), mix_scale_ptr=torch.full((num_pairs,), 0.1, **new),
-        lse_ptr=torch.empty(rows, **new), target_logit_ptr=torch.empty(rows, **new),
-        entropy_ptr=torch.empty(rows, **new), argmax_ptr=torch.empty(rows, dtype=torch.int32, device=device),
-        mix_lse_ptr=torch.empty(num_pairs, **new), mix_target_ptr=torch.empty(num_pairs, **new),
+        mix_targets_ptr=layout.mix_targets.contiguous(), mix_scale_ptr=torch.full((num_pairs,), 0.1, **fp32),
+        lse_ptr=torch.empty(rows, **fp32), target_logit_ptr=torch.empty(rows, **fp32),
+        entropy_ptr=torch.empty(rows, **fp32), argmax_ptr=torch.empty(rows, dtype=torch.int32, device=device),
+        mix_lse_ptr=torch.empty(num_pairs, **fp32), mix_target_ptr=torch.empty(num_pairs, **fp32),
         num_slots=rows, num_pairs=num_pairs, num_pair_slots=num_pairs + rest_half, rest_half=rest_half,
         slot_start=0, pair_start=0, vocab_size=vocab_size, stride_z=stride, stride_g=grad.stride(0),
         ignore_index=-100, softcap=float(softcap or 1.0), HAS_BIAS=False, SOFTCAP=softcap is not None, DFT=False,
@@ -587,7 +560,7 @@ def phase_rows(shape, num_rows, dtype, device, repeats, warmup, label):
     dram = rows * vocab_size * (8 + dtype.itemsize)  # Z read twice in fp32, G written once
     for block_v in (base.block_v, 2 * base.block_v):
         config = rowchunk.ElementwiseConfig(base.block_m, block_v, base.num_warps, base.num_stages)
-        if rowchunk.INTERPRET:
+        if INTERPRET:
             config = rowchunk.ElementwiseConfig(16, block_v, 4, 1)
         grid = (-(-(num_pairs + rest_half) // config.block_m),)
 
@@ -607,9 +580,9 @@ def phase_rows(shape, num_rows, dtype, device, repeats, warmup, label):
                f"{bandwidth:.0%} of {model_device} HBM (model: {assumptions.memory_efficiency:.0%}){race}")  # fmt: skip
     yield ("stats + G", "model_time", "ms", [model_ms("stats + G (Triton, element-wise)")], "")
     yield from gemm_row("dH = G W", "dH = G W (cuBLAS, fp32 out)",
-                        lambda: rowchunk._gemm(grad_hidden, grad, weight), flops)  # fmt: skip
+                        lambda: product_into(grad_hidden, grad, weight), flops)  # fmt: skip
     yield from gemm_row("dW += G^T H", "dW += G^T H (cuBLAS)",
-                        lambda: rowchunk._gemm(grad_weight, grad.T, chunk_hidden, accumulate=True), flops)  # fmt: skip
+                        lambda: product_into(grad_weight, grad.T, chunk_hidden, accumulate=True), flops)  # fmt: skip
     if device.type != "cuda":
         return  # the fused forward kernel at N rows is minutes under the interpreter
     # the triton backend's forward kernel (tl.dot) at N rows
@@ -619,7 +592,7 @@ def phase_rows(shape, num_rows, dtype, device, repeats, warmup, label):
     options = SFTMixLossOptions(impl="triton", logit_softcap=softcap)
     launch, _ = triton_sftmix.forward_launch(hidden_slots, inputs["weight"].detach(), None, layout, options)
     times = _time_ms(launch, device, repeats, warmup)
-    forward = kernel_model.design_cost(shape, num_rows, model_device).phases[0]
+    forward = kernel_model.triton_cost(shape, num_rows, model_device).phases[0]
     achieved = forward.flops / (statistics.median(times) * 1e-3) / model_spec.peak_flops
     yield ("triton forward (tl.dot)", "time", "ms", times,
            f"{achieved:.0%} of {model_device} peak (model: {assumptions.triton_mma_efficiency:.0%} for tl.dot)")  # fmt: skip

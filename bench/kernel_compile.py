@@ -1,9 +1,9 @@
 """Compile report of the Triton kernels for real GPU targets, on any machine (no GPU needed).
 
-    python bench/kernel_compile.py                 # table: every kernel x arch x dtype at the dispatcher's configs
-    python bench/kernel_compile.py --json          # the rows as one JSON list
-    python bench/kernel_compile.py --dump DIR      # also DIR/<kernel>-<arch>-<dtype>-<config>[-<variant>].ptx
-    python bench/kernel_compile.py --configs m64-v128-d64-w8-s3 m64-v64-d64-w8-s3   # try other tilings
+    python -m bench.kernel_compile                 # table: every kernel x arch x dtype at the dispatcher's configs
+    python -m bench.kernel_compile --json          # the rows as one JSON list
+    python -m bench.kernel_compile --dump DIR      # also DIR/<kernel>-<arch>-<dtype>-<config>[-<variant>].ptx
+    python -m bench.kernel_compile --configs m64-v128-d64-w8-s3 m64-v64-d64-w8-s3   # try other tilings
 
 Each kernel is compiled ahead of time by Triton for sm_80 (A100) and sm_90a (H100 / H200), for bf16 and fp32
 inputs (the dtypes the Triton backends take), with the launch configuration the dispatcher picks there (`triton_sftmix.TILE_CONFIGS`) and the hints the

@@ -1,22 +1,28 @@
 """Analytic cost model of the fused SFTMix loss on an H100 and an H200: a MODEL ESTIMATE, not a measurement.
 
-    python bench/kernel_model.py                          # every benchmark head, N = 1k..16k, H100 and H200
-    python bench/kernel_model.py --heads llama-3-8b --tokens 8192 --breakdown
-    python bench/kernel_model.py --json                   # the rows as one JSON list
-    python bench/kernel_model.py --csv model.csv          # the rows as CSV
+    python -m bench.kernel_model                          # every benchmark head, N = 1k..16k, H100 and H200
+    python -m bench.kernel_model --heads llama-3-8b --tokens 8192 --breakdown
+    python -m bench.kernel_model --json                   # the rows as one JSON list
+    python -m bench.kernel_model --csv model.csv          # the rows as CSV
 
-It prices one training step of the loss (forward + backward, bf16 inputs, no bias) for two implementations:
+It prices one training step of the loss (forward + backward, bf16 inputs, no bias) for each implementation
+(`COSTS`): `rowchunk` (`rowchunk_cost`: what impl="auto" runs for bf16 CUDA inputs, `AUTO_IMPL`), `triton`
+(`triton_cost`), `torch` (`torch_cost`), `eager` (`eager_cost`), and `filter@density` rows (`filter_cost`, gradient
+filtering priced on the triton backend, not shipped). The chunk sizes are the kernels' own planners, imported:
+`triton_rowchunk.plan_chunks`, `triton_sftmix.grad_chunk_columns`, `chunked.chunk_rows_for` / `chunk_columns_for`.
+`rowchunk` and `torch`: their cost functions' docstrings.
 
-`design`: the shipped Triton design. Rows sit in slots (`kernels/layout.py`); a pair tile holds BLOCK_M pair slots,
+`triton`: the fused Triton backend. Rows sit in slots (`kernels/layout.py`); a pair tile holds BLOCK_M pair slots,
     side a and side b, so 2 * BLOCK_M rows whose logits are computed once per pass.
     1. forward: one fused Triton kernel, grid (pair tiles, S vocabulary splits); each program walks its vocabulary
        range in BLOCK_V blocks and D in BLOCK_D slices, two `tl.dot`s (sides a and b) sharing the W tile, an online
        log-sum-exp, z~ = lam z_a + (1 - lam) z_b in registers. 2 N D V FLOPs; no logits tensor; O(S N) partials.
     2. H gathered into slot order (the GEMMs below need G and H rows in the same order).
-    3. per vocabulary chunk of C columns (C = the largest multiple of BLOCK_V with N C <= 2**26, at least BLOCK_V,
-       at most V): a Triton kernel recomputes the chunk's logits (2 N D C FLOPs) and writes the logit gradient G
-       (N x C) once in bf16; cuBLAS `dW[chunk] = G^T H` (2 N D C, straight into the bf16 dW output) and
-       `G W[chunk]` (2 N D C, a bf16 N x D result) added into an fp32 N x D accumulator. No atomics.
+    3. per vocabulary chunk of C columns (`triton_sftmix.grad_chunk_columns`: the largest multiple of BLOCK_V with
+       N C <= 2**26, at least BLOCK_V, at most V): a Triton kernel recomputes the chunk's logits (2 N D C FLOPs)
+       and writes the logit gradient G (N x C) once in bf16; cuBLAS `dW[chunk] = G^T H` (2 N D C, straight into
+       the bf16 dW output) and `G W[chunk]` (2 N D C, a bf16 N x D result) added into an fp32 N x D accumulator.
+       No atomics.
     4. dH scattered back to row order and cast to bf16; the autograd Function's backward scales both gradients
        into new tensors (kernels/function.py's `_scale`).
     FLOPs 8 N D V against the 6 N D V floor of any implementation (logits once, dH once, dW once).
@@ -53,13 +59,15 @@ Assumptions (each printed with the table):
   (dH, dW in bf16), at its peak.
 - Shapes: P = N / 4 mixed pairs (half the rows mixed, as bench/kernel.py), N a multiple of 2 BLOCK_M.
 
-Knobs (flags) price the alternatives: `--triton-efficiency` / `--gemm-efficiency`; `--no-l2-reuse`;
-`--split-fastest` (program ids split-fastest, so the resident programs hold ceil(132 / S) H panels instead of up to
-132: at the Llama-3-8B head, N = 16k, the forward's H working set drops from 128 MB to 44 MB, under the L2, and its
-HBM traffic from 86 GB to 3 GB);
-`--fused-accumulate` (dH accumulated in fp32 inside the GEMM); `--no-backward-copy` (the Function's backward reuses
-the saved gradients instead of writing scaled copies, the largest part of the design's extra memory at V >= 128k).
-The printed bar line gives the lowest fused-kernel efficiency at which the Llama-3-8B estimate stays within 2.2x.
+Flags (`--help`): `--heads`, `--tokens`, `--densities` (the filter rows' live-tile shares) choose the rows; `--json`,
+`--csv`, `--breakdown` (a per-phase table of each cost) the output. The knobs price alternatives to the shipped
+kernels: `--triton-efficiency` / `--gemm-efficiency` (fractions of peak); `--no-l2-reuse` (every H-panel re-read
+from DRAM); `--tile-fastest` (Triton's plain program order, tile index fastest over all tiles, instead of the
+kernels' groups of tiles, `_program_cell`: the resident programs then hold up to 132 distinct H panels instead of a
+few); `--bf16-accumulate` (dH via a bf16 G W result added in fp32, as torch without `addmm(out_dtype=)` would,
+instead of one GEMM with fp32 output). The printed lines give, at N = 8192, auto's pick (rowchunk) at each head
+against issue #21's bar, and the triton backend at the Llama-3-8B head against issue #11's 2.2x with the lowest
+fused-kernel efficiency at which it stays within it.
 """
 
 import argparse
@@ -70,6 +78,12 @@ import math
 import sys
 from dataclasses import dataclass
 
+import torch
+
+from sftmix_trl.kernels.chunked import DEVICE_CHUNK_BYTES, chunk_columns_for, chunk_rows_for
+from sftmix_trl.kernels.triton_rowchunk import default_memory_budget, plan_chunks
+from sftmix_trl.kernels.triton_sftmix import grad_chunk_columns
+
 # the benchmark's heads (bench/kernel.py): (hidden size D, vocabulary V, logit soft cap)
 HEADS = {
     "smollm2-135m": (576, 49152, None),
@@ -79,14 +93,15 @@ HEADS = {
 }
 TOKENS = (1024, 2048, 4096, 8192, 16384)
 BAR = 2.2  # issue #11: the Llama-3-8B head at N = 8192 within 2.2x of the 6 N D V floor
-CCE_BAR = 1.5  # issue #21: the chosen design within 1.5x of the floor at <= 0.1x eager's extra memory
+CCE_BAR = 1.5  # issue #21: auto's pick (rowchunk) within 1.5x of the floor at <= 0.1x eager's extra memory
 DENSITIES = (0.05, 0.25, 0.5)  # live-tile shares the filtering row is priced at (bench/grad_density.py measures)
 BF16 = 2  # bytes per element of the inputs
 FP32 = 4
 GB = 1e9
 TERA = 1e12
-# the gradient chunk: N_slots * C <= 2**26 elements
-CHUNK_ELEMENTS = 2**26
+# what impl="auto" runs for bf16 CUDA inputs where torch has the fp32-output GEMM (kernels/functional.py's
+# `resolve_impl`; tests/bench/test_kernel_model.py checks the two agree)
+AUTO_IMPL = "rowchunk"
 
 
 @dataclass(frozen=True)
@@ -232,12 +247,6 @@ def num_pairs(num_rows: int, assumptions: Assumptions) -> int:
     return int(assumptions.mix_fraction * num_rows) // 2
 
 
-def chunk_columns(num_slots: int, vocab_size: int, block_v: int) -> int:
-    """C: the largest multiple of BLOCK_V with N_slots * C <= 2**26, at least BLOCK_V, at most V."""
-    columns = (CHUNK_ELEMENTS // max(num_slots, 1)) // block_v * block_v
-    return min(max(columns, block_v), vocab_size)
-
-
 def grid(N, P, columns, device, assumptions):
     """(pair tiles, vocabulary splits) of a fused pass: P pairs plus the unpaired rows two to a pair slot."""
     pair_slots = P + math.ceil((N - 2 * P) / 2)
@@ -320,12 +329,12 @@ def elementwise(name, dram_bytes, device, assumptions, launches=1):
     return Phase(name, 0.0, dram_bytes, 0.0, _dram_s(dram_bytes, device, assumptions), launches)
 
 
-def design_cost(head, N, device_name, assumptions=Assumptions()):
-    """The shipped design's phases, extra memory and atomics for one step at ``N`` rows."""
+def triton_cost(head, N, device_name, assumptions=Assumptions()):
+    """`kernels/triton_sftmix.py` (impl="triton"): its phases, extra memory and atomics for one step at ``N`` rows."""
     D, V, softcap = HEADS[head]
     device, a = DEVICES[device_name], assumptions
     P = num_pairs(N, a)
-    C = chunk_columns(N, V, a.block_v)
+    C = grad_chunk_columns(N, V, a.block_v)
     chunks = math.ceil(V / C)
     phases = [triton_pass("forward (Triton)", N, P, D, V, softcap, device, a, a.forward_ops, False)]
     _, splits = grid(N, P, V, device, a)
@@ -391,22 +400,11 @@ def _merge(phases):
     return list(merged.values())
 
 
-# kernels/triton_rowchunk.py's plan (tests/bench/test_kernel_model.py checks the two agree)
-MIN_GEMM_ROWS = 1024
-
-
-def rowchunk_plan(N, D, V, budget=None, itemsize=BF16):
-    """(rows per chunk, chunks, fp32 dW accumulator) as `triton_rowchunk.plan_chunks` at the default budget
-    N V itemsize: an fp32 V x D dW when it leaves room for min(N, MIN_GEMM_ROWS) rows of fp32 logits."""
-    budget = N * V * itemsize if budget is None else budget
-    padded = -(-V // 16) * 16  # Z's rows padded to 16 columns (`triton_rowchunk.padded_row`)
-    row_bytes, accumulator = FP32 * padded + (itemsize + FP32) * D, FP32 * V * D
-    room = budget - FP32 * N * D  # the fp32 dH
-    rows, fp32 = room // row_bytes, False
-    if (room - accumulator) // row_bytes >= min(N, MIN_GEMM_ROWS):
-        rows, fp32 = (room - accumulator) // row_bytes, True
-    rows = int(min(max(rows, 2), N))
-    return rows, math.ceil(N / rows), fp32
+def rowchunk_plan(N, D, V, dtype=torch.bfloat16):
+    """(rows per chunk, chunks, fp32 dW accumulator): `triton_rowchunk.plan_chunks` at its default budget, the
+    batch's logits in the input dtype (N V itemsize bytes), for a head that needs dW."""
+    plan = plan_chunks(N, D, V, dtype, default_memory_budget(N, V, dtype), need_weight=True)
+    return plan.rows, plan.num_chunks, plan.fp32_weight_grad
 
 
 def rowchunk_cost(head, N, device_name, assumptions=Assumptions()):
@@ -416,7 +414,7 @@ def rowchunk_cost(head, N, device_name, assumptions=Assumptions()):
     device, a = DEVICES[device_name], assumptions
     P = num_pairs(N, a)
     rows, chunks, fp32_dw = rowchunk_plan(N, D, V)
-    rows = math.ceil(N / chunks)  # the rows spread evenly over the chunks (`triton_rowchunk.chunk_order`)
+    rows = math.ceil(N / chunks)  # the rows spread evenly over the chunks (`layout.even_chunks`)
     # per chunk: its hidden rows gathered, its fp32 dH added into row order (index_add)
     phases = [elementwise("gather H, scatter dH (torch)", 2 * N * D * BF16 + 3 * N * D * FP32, device, a,
                           launches=2 * chunks)]  # fmt: skip
@@ -459,7 +457,7 @@ def rowchunk_cost(head, N, device_name, assumptions=Assumptions()):
 
 
 def filter_cost(head, N, device_name, assumptions=Assumptions(), density=0.25):
-    """Gradient filtering on the Triton design: the gradient kernel also writes a (64-row x 128-column) tile mask
+    """Gradient filtering on the triton backend: the gradient kernel also writes a (64-row x 128-column) tile mask
     (a tile is live when any |G| >= the threshold) and only live tiles of G; dW and dH become block-sparse Triton
     products (each output block owned by one program walking the live tiles of its column / row, no atomics) at the
     fused kernels' efficiency, their FLOPs and G reads times ``density`` (the live-tile share). Load imbalance
@@ -467,7 +465,7 @@ def filter_cost(head, N, device_name, assumptions=Assumptions(), density=0.25):
     a = assumptions
     D, V, softcap = HEADS[head]
     device = DEVICES[device_name]
-    base = design_cost(head, N, device_name, a)
+    base = triton_cost(head, N, device_name, a)
     keep = [p for p in base.phases if not p.name.startswith(("dW", "dH +=", "dH accumulate"))]
     for index, phase in enumerate(keep):
         if phase.name == "G kernel (Triton)":
@@ -494,9 +492,8 @@ def torch_cost(head, N, device_name, assumptions=Assumptions()):
     D, V, softcap = HEADS[head]
     device, a = DEVICES[device_name], assumptions
     P = num_pairs(N, a)
-    budget = 2**29
-    rows = 1 << max(1, (budget // (FP32 * V)).bit_length() - 1)
-    columns = max(1, budget // (FP32 * N))
+    rows = chunk_rows_for(DEVICE_CHUNK_BYTES, V)
+    columns = chunk_columns_for(DEVICE_CHUNK_BYTES, N, V)
     row_chunks, vocab_chunks = math.ceil(N / rows), math.ceil(V / columns)
     dram = row_chunks * 2 * V * D + 4 * V * D + vocab_chunks * 4 * N * D + 2 * V * D + vocab_chunks * 8 * N * D
     dram += 2 * N * V * FP32  # the GEMMs' fp32 logits, forward and recomputed
@@ -562,7 +559,7 @@ def assumption_lines(a: Assumptions):
         f"H-panel re-reads hit L2 at min(1, L2 / working set){'' if a.l2_reuse else ' -> DISABLED (no L2 reuse)'}.",
         f"every DRAM term at {a.memory_efficiency:.0%} of HBM bandwidth; {a.launch_s * 1e6:.0f} us per launch; "
         "each phase max(compute, memory), phases serial.",
-        f"extra memory beyond inputs and returned gradients; design: dW scaled in place, dH accumulation "
+        f"extra memory beyond inputs and returned gradients; triton: dW scaled in place, dH accumulation "
         f"{'by a GEMM with fp32 output' if a.fused_accumulate else 'via a bf16 N x D result'}; "
         "eager: 20 N V bytes (24 with a soft cap).",
     ]
@@ -572,7 +569,7 @@ def assumption_lines(a: Assumptions):
 COLUMNS = ("device", "head", "N", "impl", "flops_ndv", "tflop", "hbm_gb", "atomics", "extra_gb", "time_ms")
 COLUMNS += ("floor_ms", "x_floor", "compute_bound_share", "fits", "extra_vs_eager", "mix_vs_nomix")
 # the priced implementations: (label, cost function); "filter" is priced once per density
-COSTS = {"triton": design_cost, "rowchunk": rowchunk_cost, "torch": torch_cost, "eager": eager_cost}
+COSTS = {"triton": triton_cost, "rowchunk": rowchunk_cost, "torch": torch_cost, "eager": eager_cost}
 
 
 def model_rows(heads, tokens, assumptions=Assumptions(), densities=DENSITIES):
@@ -630,11 +627,11 @@ def print_breakdown(cost: Cost):
 
 
 def break_even_efficiency(head, N, device_name, bar, assumptions=Assumptions()):
-    """The lowest Triton tl.dot efficiency at which the design stays within ``bar`` x the floor (bisection)."""
+    """The lowest Triton tl.dot efficiency at which the triton backend stays within ``bar`` x the floor (bisection)."""
     low, high = 0.05, 1.0
     for _ in range(40):
         middle = (low + high) / 2
-        cost = design_cost(head, N, device_name, dataclasses.replace(assumptions, triton_mma_efficiency=middle))
+        cost = triton_cost(head, N, device_name, dataclasses.replace(assumptions, triton_mma_efficiency=middle))
         if cost.time_s <= bar * cost.floor_s(DEVICES[device_name]):
             high = middle
         else:
@@ -685,15 +682,15 @@ def main(argv=None):
         return
     print_table(rows, assumptions)
     for row in rows:
-        if row["impl"] == "rowchunk" and row["N"] == 8192:
+        if row["impl"] == AUTO_IMPL and row["N"] == 8192:
             ok = row["x_floor"] <= CCE_BAR and row["extra_vs_eager"] <= 0.1
             print(
-                f"# {row['device']}, {row['head']}, N=8192: rowchunk {row['time_ms']:.1f} ms = {row['x_floor']:.2f}x "
-                f"the floor at {row['extra_vs_eager']:.3f}x eager's extra memory, mixing {row['mix_vs_nomix']:.3f}x "
+                f"# {row['device']}, {row['head']}, N=8192: {AUTO_IMPL} (auto, bf16) {row['time_ms']:.1f} ms = "
+                f"{row['x_floor']:.2f}x the floor at {row['extra_vs_eager']:.3f}x eager's extra memory, mixing {row['mix_vs_nomix']:.3f}x "
                 f"no mixing ({'within' if ok else 'OUTSIDE'} issue #21's {CCE_BAR}x / 0.1x bar)"
             )
     for device in DEVICES:
-        cost = design_cost("llama-3-8b", 8192, device, assumptions)
+        cost = triton_cost("llama-3-8b", 8192, device, assumptions)
         ratio = cost.time_s / cost.floor_s(DEVICES[device])
         needed = break_even_efficiency("llama-3-8b", 8192, device, BAR, assumptions)
         print(

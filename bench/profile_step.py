@@ -1,7 +1,7 @@
 """Where a training step's time goes: one step of TRL's SFTTrainer and one of SFTMixTrainer under torch.profiler.
 
-    python bench/profile_step.py                  # SmolLM2-135M-sized model, batch 8, sequence 256 (as bench/trainer.py)
-    python bench/profile_step.py --model tiny     # a 2-layer model: checks the script in seconds
+    python -m bench.profile_step                  # SmolLM2-135M-sized model, batch 8, sequence 256 (as bench/trainer.py)
+    python -m bench.profile_step --model tiny     # a 2-layer model: checks the script in seconds
 
 Same model, data and settings as `bench/trainer.py` (random pre-tokenized sequences, every position trained, gradient
 checkpointing on). Each trainer runs in a fresh subprocess: `--warmup` steps, then one step under the profiler. The
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trainer import MODELS, TESTS  # noqa: E402
+from . import ROOT, module_command
+from .trainer import MODELS
 
 # matrix products, and where their two factors sit among the inputs (addmm: bias or accumulator first)
 MATMULS = {"aten::mm": 0, "aten::addmm": 1, "aten::addmm_": 1}
@@ -44,9 +44,7 @@ def worker(trainer_name: str, model_name: str, batch: int, seq_len: int, warmup:
     from trl import SFTConfig, SFTTrainer
 
     from sftmix_trl import SFTMixConfig, SFTMixTrainer
-
-    sys.path.append(str(TESTS))
-    import tiny
+    from tests import tiny
 
     logging.set_verbosity_error()
     datasets.disable_progress_bars()
@@ -132,9 +130,17 @@ def main(argv=None):
         return
     results = []
     for trainer_name in ("sft", "sftmix"):
-        command = [sys.executable, __file__, "--worker", trainer_name, "--model", cli.model, "--batch", str(cli.batch)]
+        command = [
+            *module_command(__spec__.name),
+            "--worker",
+            trainer_name,
+            "--model",
+            cli.model,
+            "--batch",
+            str(cli.batch),
+        ]
         command += ["--seq-len", str(cli.seq_len), "--warmup", str(cli.warmup), "--top", str(cli.top)]
-        done = subprocess.run(command, capture_output=True, text=True)
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
         if done.returncode != 0:
             sys.exit(f"{trainer_name} failed:\n{done.stderr[-3000:]}")
         result = json.loads(done.stdout.strip().splitlines()[-1])

@@ -1,8 +1,8 @@
 """Training-step benchmark: TRL's SFTTrainer against SFTMixTrainer with each loss implementation.
 
-    python bench/trainer.py                               # SmolLM2-135M-sized model, batch 8, sequence 256
-    python bench/trainer.py --impls torch --steps 5       # SFTTrainer and SFTMixTrainer(loss_impl="torch") only
-    python bench/trainer.py --model tiny --steps 3        # a 2-layer model: checks the script in seconds
+    python -m bench.trainer                               # SmolLM2-135M-sized model, batch 8, sequence 256
+    python -m bench.trainer --impls torch --steps 5       # SFTTrainer and SFTMixTrainer(loss_impl="torch") only
+    python -m bench.trainer --model tiny --steps 3        # a 2-layer model: checks the script in seconds
 
 The model is built from SmolLM2-135M's configuration (hidden 576, 30 layers, 9 heads / 3 key-value heads,
 intermediate 1536, vocabulary 49,152, tied embeddings) with random weights: no download. The data are pre-tokenized
@@ -34,11 +34,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel import device_label, reset_peak_rss, rss_bytes, version_label  # noqa: E402
+from . import ROOT, module_command
+from .kernel import device_label, percentiles, reset_peak_rss, rss_bytes, version_label
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TESTS = Path(__file__).resolve().parents[1] / "tests"
 # "<impl>_nomix": the same loss implementation with mixup_coef=0 (balanced batches, next-token loss only): what
 # the Mixup term itself costs
 IMPLS = ("torch", "torch_nomix", "reference", "triton", "triton_nomix")
@@ -80,9 +79,7 @@ def worker(trainer_name, impl, model_name, batch, seq_len, steps, warmup, bf16, 
     from trl import SFTConfig, SFTTrainer
 
     from sftmix_trl import SFTMixConfig, SFTMixTrainer
-
-    sys.path.append(str(TESTS))  # after importing sftmix_trl: tests/sftmix_trl would shadow the package
-    import tiny
+    from tests import tiny
 
     logging.set_verbosity_error()
     datasets.disable_progress_bars()
@@ -160,24 +157,17 @@ def worker(trainer_name, impl, model_name, batch, seq_len, steps, warmup, bf16, 
 
 
 def run_config(trainer_name, impl, cli):
-    command = [sys.executable, __file__, "--worker", trainer_name, impl, "--model", cli.model]
+    command = [*module_command(__spec__.name), "--worker", trainer_name, impl, "--model", cli.model]
     command += ["--batch", str(cli.batch), "--seq-len", str(cli.seq_len), "--steps", str(cli.steps)]
     command += ["--warmup", str(cli.warmup), "--device", cli.device]
     command += ["--threads", str(cli.threads)] if cli.threads else []
     command += ["--bf16"] if cli.bf16 else []
     command += ["--no-gradient-checkpointing"] if not cli.gradient_checkpointing else []
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
         print(result.stderr[-3000:], file=sys.stderr)
         return None
     return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def _percentiles(values):
-    if len(values) == 1:
-        return values[0], values[0], values[0]
-    quantiles = statistics.quantiles(values, n=10, method="inclusive")
-    return statistics.median(values), quantiles[1], quantiles[7]
 
 
 def main(argv=None):
@@ -234,7 +224,7 @@ def main(argv=None):
             writer.writeheader()
 
         def emit(trainer_name, impl, metric, unit, values):
-            median, p20, p80 = _percentiles(values)
+            median, p20, p80 = percentiles(values)
             row = dict(bench="trainer_step", trainer=trainer_name, impl=impl, metric=metric, unit=unit)
             row.update(model=cli.model, batch=cli.batch, seq_len=cli.seq_len, dtype=dtype, device=label, date=date)
             row.update(median=f"{median:.6g}", p20=f"{p20:.6g}", p80=f"{p80:.6g}", version=version)

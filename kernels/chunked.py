@@ -5,9 +5,10 @@ Never more than one chunk of logits is alive. A chunk's size is set by a memory 
 Two schedules share the forward over row chunks (`_row_chunks`) and differ in where the gradients come from.
 
 Forward (both). Rows are visited in row chunks of the slots of `layout.RowLayout`, reordered so that every chunk is a
-contiguous range (`_chunk_plan`): first chunks of mixed pairs (the p rows of some pairs, then the q rows of the same
-pairs), then chunks of unpaired rows, C = budget / (4 V) rows each (a power of two). Each chunk's logits give the
-loss terms, the metrics and the per-row log-sum-exps; z~_k = lam z_p + (1 - lam) z_q mixes the raw logits.
+contiguous range (`layout.pair_chunks_first`): first chunks of mixed pairs (the p rows of some pairs, then the q
+rows of the same pairs), then chunks of unpaired rows, C = budget / (4 V) rows each (a power of two). Each chunk's
+logits give the loss terms, the metrics and the per-row log-sum-exps; z~_k = lam z_p + (1 - lam) z_q mixes the
+raw logits.
 
 The logit gradient G for an upstream gradient of 1, in which the mixup gradient of pair k rides on its p and q rows
 by linearity,
@@ -64,10 +65,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .gemm import has_fp32_out_gemm
-from .layout import RowLayout
-from .options import SFTMixLossOptions
+from .gemm import add_product, has_fp32_out_gemm, product_into
+from .layout import Chunk, pair_chunks_first
 from .outputs import SlotStats
+from .params import LossParams
 
 CPU_CHUNK_BYTES = 1 << 26  # 2**24 fp32 logits: 256 rows of a 49k vocabulary (128 is markedly slower, 512 no faster)
 DEVICE_CHUNK_BYTES = 1 << 29  # 512 MiB: 1,024 rows of a 128k vocabulary, 16,384 columns of 8,192 rows
@@ -101,54 +102,13 @@ def recomputes_by_vocabulary(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype == torch.promote_types(dtype, torch.float32) or has_fp32_out_gemm(device.type, dtype)
 
 
-def _product_into(out, a, b):
-    """out <- a @ b, accumulated in fp32 at least: one GEMM (with ``out_dtype`` for low-precision operands), or,
-    where torch has no such GEMM (CPU tests of the recompute schedule), the product of upcast operands."""
-    if a.dtype == out.dtype:
-        return torch.mm(a, b, out=out)
-    if has_fp32_out_gemm(out.device.type, a.dtype):
-        return torch.mm(a, b, out_dtype=out.dtype, out=out)
-    return torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
-
-
-def _accumulate_product(acc, a, b):
-    """Returns acc + a @ b, the partial product never rounded below ``acc``'s dtype."""
-    if a.dtype == acc.dtype:
-        return acc.addmm_(a, b)
-    if has_fp32_out_gemm(acc.device.type, a.dtype):
-        return torch.addmm(acc, a, b, out_dtype=acc.dtype)
-    return acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
-
-
 def _logits_into(out, hidden_rows, weight, bias):
     """out <- h W^T + b."""
     if bias is None:
-        return _product_into(out, hidden_rows, weight.T)
+        return product_into(out, hidden_rows, weight.T)
     if hidden_rows.dtype == out.dtype:
         return torch.addmm(bias, hidden_rows, weight.T, out=out)
-    return _product_into(out, hidden_rows, weight.T).add_(bias)
-
-
-def _chunk_plan(layout: RowLayout, chunk_rows: int):
-    """(order, chunks): slot ``order[i]`` sits at position i, and each chunk is positions [start, stop).
-
-    A pair chunk holds pairs [k0, k1): their p slots (k0..k1 - 1) then their q slots (P + k0..P + k1 - 1), at
-    positions [2 k0, 2 k1); its third element is ``slice(k0, k1)``. The unpaired slots keep their positions, in
-    chunks of ``chunk_rows`` with None as third element. Built from device aranges: no host-to-device copy.
-    """
-    num_pairs, num_slots, device = layout.num_pairs, layout.rows.numel(), layout.rows.device
-    pairs_per_chunk = chunk_rows // 2
-    order, chunks = [], []
-    for first in range(0, num_pairs, pairs_per_chunk):
-        last = min(first + pairs_per_chunk, num_pairs)
-        pairs = torch.arange(first, last, device=device)
-        order += [pairs, pairs + num_pairs]
-        chunks.append((2 * first, 2 * last, slice(first, last)))
-    order.append(torch.arange(2 * num_pairs, num_slots, device=device))
-    chunks += [
-        (start, min(start + chunk_rows, num_slots), None) for start in range(2 * num_pairs, num_slots, chunk_rows)
-    ]
-    return torch.cat(order), chunks
+    return product_into(out, hidden_rows, weight.T).add_(bias)
 
 
 def _softcap_(logits, softcap):
@@ -190,24 +150,33 @@ def _soft_ce_grad_(logits, lse, columns, col_weights, row_scale, dcap):
     return grad.mul_(row_scale[:, None])
 
 
+@dataclass(frozen=True)
+class _RowPlan:
+    """The forward's row chunks (`layout.pair_chunks_first`): slot ``order[i]`` sits at position i, ``chunks`` cover
+    the positions, and a chunk holds at most ``chunk_rows`` rows."""
+
+    order: torch.Tensor
+    chunks: list[Chunk]
+    chunk_rows: int
+
+
 @dataclass
 class _RowChunk:
-    """One forward row chunk, positions [start, stop) of the chunk plan (pairs ``pairs`` for a pair chunk): per row
-    lse(z) and dL/dNLL (None without gradients), per pair lse(z~), and, when the forward was asked for it, G."""
+    """One forward row chunk, ``span`` of the row plan: per row lse(z) and dL/dNLL (None without gradients), per pair
+    lse(z~), and, when the forward was asked for it, G."""
 
-    start: int
-    stop: int
-    pairs: slice | None
+    span: Chunk
     lse: torch.Tensor
     ntp_row_scale: torch.Tensor | None
     mix_lse: torch.Tensor | None
     grad: torch.Tensor | None
 
 
-def _row_chunks(hidden_rows, weight, bias, layout, options, order, chunks, chunk_rows, stats, ntp_scale, mix_scale):
+def _row_chunks(hidden_rows, weight, bias, params: LossParams, plan: _RowPlan, stats, form_grad: bool):
     """The forward: fills ``stats`` chunk by chunk and yields each chunk (`_RowChunk`; its buffers are reused by the
-    next one). ``hidden_rows`` are in chunk-plan order; ``ntp_scale`` None skips the per-row dL/dNLL; ``mix_scale``
-    given (the one-pass schedule) also forms each chunk's G, in place of its logits."""
+    next one). ``hidden_rows`` are in the plan's order; the per-row dL/dNLL only when an input needs a gradient;
+    ``form_grad`` (the one-pass schedule) also forms each chunk's G, in place of its logits."""
+    layout, options, order = params.layout, params.options, plan.order
     acc_dtype, device = stats.nll.dtype, stats.nll.device
     softcap, ignore_index = options.logit_softcap, options.ignore_index
     num_pairs, vocab_size = layout.num_pairs, weight.shape[0]
@@ -215,20 +184,21 @@ def _row_chunks(hidden_rows, weight, bias, layout, options, order, chunks, chunk
     valid = ntp_targets != ignore_index
     ntp_columns = torch.where(valid, ntp_targets, 0)[:, None]
     ntp_weights = valid.to(acc_dtype)[:, None]
-    ntp_row_scale = ntp_weights[:, 0] * ntp_scale if ntp_scale is not None else None
+    ntp_row_scale = ntp_weights[:, 0] * params.ntp_scale if params.any_grad else None
     mix_lambda = layout.mix_lambda.to(acc_dtype)[:, None]
     mix_weights = torch.cat([mix_lambda, 1 - mix_lambda], dim=1)
 
-    new = dict(dtype=acc_dtype, device=device)
-    logits_buffer = torch.empty(chunk_rows, vocab_size, **new)
-    exps_buffer = torch.empty(chunk_rows, vocab_size, **new)
-    mixed_buffer = torch.empty(min(chunk_rows // 2, num_pairs), vocab_size, **new)
-    for start, stop, pairs in chunks:
+    acc = dict(dtype=acc_dtype, device=device)
+    logits_buffer = torch.empty(plan.chunk_rows, vocab_size, **acc)
+    exps_buffer = torch.empty(plan.chunk_rows, vocab_size, **acc)
+    mixed_logits_buffer = torch.empty(min(plan.chunk_rows // 2, num_pairs), vocab_size, **acc)
+    for span in plan.chunks:
+        start, stop, pairs = span.start, span.stop, span.pairs if span.num_pairs else None
         logits = _logits_into(logits_buffer[: stop - start], hidden_rows[start:stop], weight, bias)
         if pairs is not None:
             # z~ = lam z_p + (1 - lam) z_q, on the raw logits: any soft cap comes after mixing
             half, lam = (stop - start) // 2, mix_lambda[pairs]
-            mixed = torch.lerp(logits[half:], logits[:half], lam, out=mixed_buffer[:half])
+            mixed_logits = torch.lerp(logits[half:], logits[:half], lam, out=mixed_logits_buffer[:half])
         exps = exps_buffer[: stop - start]
         columns, col_weights = ntp_columns[start:stop], ntp_weights[start:stop]
         nll, lse, argmax, sum_exp, dcap = _soft_ce(logits, exps, columns, col_weights, softcap)
@@ -244,84 +214,73 @@ def _row_chunks(hidden_rows, weight, bias, layout, options, order, chunks, chunk
         stats.correct[slots] = argmax == ntp_targets[start:stop]
         # entropy = lse(z) - sum_v softmax(z)_v z_v, softmax(z)_v = exp(z_v - max z) / sum_exp
         stats.entropy[slots] = lse - torch.bmm(exps[:, None, :], logits[:, :, None]).flatten() / sum_exp
-        chunk = _RowChunk(start, stop, pairs, lse, row_scale, None, None)
-        if mix_scale is not None:
+        chunk = _RowChunk(span, lse, row_scale, None, None)
+        if form_grad:
             chunk.grad = _soft_ce_grad_(logits, lse, columns, col_weights, row_scale, dcap)
         if pairs is not None:
             mix_columns, mix_col_weights = layout.mix_targets[pairs], mix_weights[pairs]
             stats.mix_nll[pairs], chunk.mix_lse, _, _, mix_dcap = _soft_ce(
-                mixed, exps[:half], mix_columns, mix_col_weights, softcap
+                mixed_logits, exps[:half], mix_columns, mix_col_weights, softcap
             )
-            if mix_scale is not None:
-                mixed_grad = _soft_ce_grad_(
-                    mixed, chunk.mix_lse, mix_columns, mix_col_weights, mix_scale[pairs], mix_dcap
+            if form_grad:
+                mixed_logits_grad = _soft_ce_grad_(
+                    mixed_logits, chunk.mix_lse, mix_columns, mix_col_weights, params.mix_scale[pairs], mix_dcap
                 )
                 # dz~/dz_p = lam, dz~/dz_q = 1 - lam
-                chunk.grad[:half].addcmul_(mixed_grad, lam)
-                chunk.grad[half:].addcmul_(mixed_grad, 1 - lam)
+                chunk.grad[:half].addcmul_(mixed_logits_grad, lam)
+                chunk.grad[half:].addcmul_(mixed_logits_grad, 1 - lam)
         yield chunk
 
 
 def _new_stats(num_slots, num_pairs, dtype, device):
-    new = dict(dtype=dtype, device=device)
     return SlotStats(
-        nll=torch.empty(num_slots, **new),
+        nll=torch.empty(num_slots, dtype=dtype, device=device),
         correct=torch.empty(num_slots, dtype=torch.bool, device=device),
-        entropy=torch.empty(num_slots, **new),
-        mix_nll=torch.empty(num_pairs, **new),
+        entropy=torch.empty(num_slots, dtype=dtype, device=device),
+        mix_nll=torch.empty(num_pairs, dtype=dtype, device=device),
     )
 
 
-def loss_and_grads(
-    hidden,
-    weight,
-    bias,
-    layout: RowLayout,
-    options: SFTMixLossOptions,
-    ntp_scale,
-    mix_scale,
-    needs_grad,
-):
-    """(SlotStats, (dH, dW, db) / grad_scale, grad_scale) for an upstream gradient of 1: ``ntp_scale`` (0-dim) =
-    1 / normalizer, ``mix_scale`` (P,) = mu * w_k. Each gradient is None unless its flag in ``needs_grad`` (hidden,
-    weight, bias) is set. One pass: gradients in the accumulation dtype, grad_scale None (1). Recompute: dW in the
-    input dtype, dH and db in fp32, grad_scale a 0-dim tensor (None without gradients)."""
+def loss_and_grads(hidden, weight, bias, params: LossParams):
+    """(SlotStats, (dH, dW, db) / grad_scale, grad_scale) for an upstream gradient of 1 (`params.LossParams`). Each
+    gradient is None unless its flag in ``params.needs_grad`` (hidden, weight, bias) is set. One pass: gradients in
+    the accumulation dtype, grad_scale None (1). Recompute: dW in the input dtype, dH and db in fp32, grad_scale a
+    0-dim tensor (None without gradients)."""
     acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
+    options = params.options
     budget = options.chunk_bytes or default_chunk_bytes(hidden.device)
-    num_slots = layout.rows.numel()
+    num_slots = params.layout.rows.numel()
     chunk_rows = options.chunk_rows or chunk_rows_for(budget, weight.shape[0], acc_dtype.itemsize)
     chunk_rows = min(chunk_rows, max(num_slots, 2))
-    schedule = _recompute if recomputes_by_vocabulary(hidden.device, hidden.dtype) else _one_pass
-    return schedule(hidden, weight, bias, layout, options, ntp_scale, mix_scale, needs_grad, chunk_rows, budget)
+    plan = _RowPlan(*pair_chunks_first(params.layout, chunk_rows), chunk_rows)
+    if recomputes_by_vocabulary(hidden.device, hidden.dtype):
+        return _recompute(hidden, weight, bias, params, plan, budget)
+    return _one_pass(hidden, weight, bias, params, plan)
 
 
-def _one_pass(hidden, weight, bias, layout, options, ntp_scale, mix_scale, needs_grad, chunk_rows, _budget):
+def _one_pass(hidden, weight, bias, params: LossParams, plan: _RowPlan):
     """The one-pass schedule (module docstring): fp32 copies of low-precision inputs, G per row chunk."""
     acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
-    need_hidden, need_weight, need_bias = needs_grad
-    need_logit_grad = any(needs_grad)
+    layout = params.layout
+    need_hidden, need_weight, need_bias = params.needs_grad
+    need_logit_grad = params.any_grad
     num_slots, num_pairs, vocab_size = layout.rows.numel(), layout.num_pairs, weight.shape[0]
-    order, chunks = _chunk_plan(layout, chunk_rows)
-    rows = layout.rows[order]
+    rows = layout.rows[plan.order]
     # fp32 copies of bf16 / fp16 inputs (no copy for fp32 / fp64 ones)
     hidden_rows = hidden[rows].to(acc_dtype)
     weight, bias = weight.to(acc_dtype), bias.to(acc_dtype) if bias is not None else None
     stats = _new_stats(num_slots, num_pairs, acc_dtype, hidden.device)
-    new = dict(dtype=acc_dtype, device=hidden.device)
+    acc = dict(dtype=acc_dtype, device=hidden.device)
     if need_logit_grad:
-        grad_hidden_rows = torch.empty(hidden_rows.shape, **new) if need_hidden else None
+        grad_hidden_rows = torch.empty(hidden_rows.shape, **acc) if need_hidden else None
         # dW: the first chunk's product overwrites the uninitialized buffer (addmm with beta = 0 ignores it)
-        grad_weight = (torch.empty if chunks else torch.zeros)(weight.shape, **new) if need_weight else None
-        grad_bias = torch.zeros(vocab_size, **new) if need_bias else None
+        grad_weight = (torch.empty if plan.chunks else torch.zeros)(weight.shape, **acc) if need_weight else None
+        grad_bias = torch.zeros(vocab_size, **acc) if need_bias else None
 
-    row_chunks = _row_chunks(
-        hidden_rows, weight, bias, layout, options, order, chunks, chunk_rows, stats,
-        ntp_scale if need_logit_grad else None, mix_scale if need_logit_grad else None,
-    )  # fmt: skip
-    for chunk in row_chunks:
+    for chunk in _row_chunks(hidden_rows, weight, bias, params, plan, stats, form_grad=need_logit_grad):
         if not need_logit_grad:
             continue
-        grad, start, stop = chunk.grad, chunk.start, chunk.stop
+        grad, start, stop = chunk.grad, chunk.span.start, chunk.span.stop
         if need_hidden:
             torch.mm(grad, weight, out=grad_hidden_rows[start:stop])
         if need_weight:
@@ -332,40 +291,36 @@ def _one_pass(hidden, weight, bias, layout, options, ntp_scale, mix_scale, needs
     if not need_logit_grad:
         return stats, (None, None, None), None
     # rows[i] may repeat only for a self-mixed row whose second slot carries no gradient: adding is exact
-    grad_hidden = torch.zeros(hidden.shape, **new).index_add_(0, rows, grad_hidden_rows) if need_hidden else None
+    grad_hidden = torch.zeros(hidden.shape, **acc).index_add_(0, rows, grad_hidden_rows) if need_hidden else None
     return stats, (grad_hidden, grad_weight, grad_bias), None
 
 
-def _recompute(hidden, weight, bias, layout, options, ntp_scale, mix_scale, needs_grad, chunk_rows, budget):
+def _recompute(hidden, weight, bias, params: LossParams, plan: _RowPlan, budget: int):
     """The recompute schedule (module docstring): products in the input dtype, G per vocabulary chunk."""
     acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
+    layout = params.layout
     num_slots, num_pairs, device = layout.rows.numel(), layout.num_pairs, hidden.device
-    order, chunks = _chunk_plan(layout, chunk_rows)
     stats = _new_stats(num_slots, num_pairs, acc_dtype, device)
     bias_acc = bias.to(acc_dtype) if bias is not None else None
-    need_logit_grad = any(needs_grad)
+    need_logit_grad = params.any_grad
     # what the backward reads, in slot order: lse(z) and dL/dNLL per slot, lse(z~) per pair
-    new = dict(dtype=acc_dtype, device=device)
-    lse, ntp_row_scale, mix_lse = (torch.empty(n, **new) for n in (num_slots, num_slots, num_pairs))
-    row_chunks = _row_chunks(
-        hidden.index_select(0, layout.rows[order]), weight, bias_acc, layout, options, order, chunks, chunk_rows,
-        stats, ntp_scale if need_logit_grad else None, None,
-    )  # fmt: skip
+    lse, ntp_row_scale, mix_lse = (
+        torch.empty(n, dtype=acc_dtype, device=device) for n in (num_slots, num_slots, num_pairs)
+    )
+    hidden_rows = hidden.index_select(0, layout.rows[plan.order])
+    row_chunks = _row_chunks(hidden_rows, weight, bias_acc, params, plan, stats, form_grad=False)
     for chunk in row_chunks:
         if need_logit_grad:
-            slots = order[chunk.start : chunk.stop]
+            slots = plan.order[chunk.span.start : chunk.span.stop]
             lse[slots], ntp_row_scale[slots] = chunk.lse, chunk.ntp_row_scale
-            if chunk.pairs is not None:
-                mix_lse[chunk.pairs] = chunk.mix_lse
-    del row_chunks  # frees the forward's buffers
+            if chunk.span.num_pairs:
+                mix_lse[chunk.span.pairs] = chunk.mix_lse
+    del row_chunks, hidden_rows  # frees the forward's buffers
     if not need_logit_grad:
         return stats, (None, None, None), None
-    # divide both scales by the larger, so that |G| <= 2 whatever the normalizer
-    grad_scale = ntp_scale.to(acc_dtype).reshape(())
-    if num_pairs:
-        grad_scale = torch.maximum(grad_scale, mix_scale.max())
-    saved = _SavedForward(lse, ntp_row_scale / grad_scale, mix_lse, mix_scale / grad_scale)
-    grads = _vocabulary_backward(hidden, weight, bias_acc, layout, options, saved, needs_grad, budget)
+    grad_scale = params.grad_scale(acc_dtype)
+    saved = _SavedForward(lse, ntp_row_scale / grad_scale, mix_lse, params.mix_scale / grad_scale)
+    grads = _vocabulary_backward(hidden, weight, bias_acc, params, saved, budget)
     return stats, grads, grad_scale
 
 
@@ -379,24 +334,25 @@ class _SavedForward:
     mix_scale: torch.Tensor
 
 
-def _vocabulary_backward(hidden, weight, bias, layout, options, saved: _SavedForward, needs_grad, budget):
+def _vocabulary_backward(hidden, weight, bias, params: LossParams, saved: _SavedForward, budget: int):
     """(dH, dW, db) / grad_scale by vocabulary chunks over all slots: dW[chunk] written once in the input dtype."""
-    need_hidden, need_weight, need_bias = needs_grad
+    layout, options = params.layout, params.options
+    need_hidden, need_weight, need_bias = params.needs_grad
     acc_dtype, input_dtype, device = saved.lse.dtype, hidden.dtype, hidden.device
     (vocab_size, hidden_size), num_slots, num_pairs = weight.shape, layout.rows.numel(), layout.num_pairs
     columns = chunk_columns_for(budget, num_slots, vocab_size, acc_dtype.itemsize)
-    new = dict(dtype=acc_dtype, device=device)
+    acc = dict(dtype=acc_dtype, device=device)
     hidden_slots = hidden.index_select(0, layout.rows)
     valid = layout.ntp_targets != options.ignore_index
     mix_lambda = layout.mix_lambda.to(acc_dtype)[:, None]
     mix_weights = torch.cat([mix_lambda, 1 - mix_lambda], dim=1)
     # flat buffers: a narrower last chunk is a contiguous prefix, plain GEMM operands
-    logits_buffer = torch.empty(num_slots * columns, **new)
-    mixed_buffer = torch.empty(num_pairs * columns, **new)
+    logits_buffer = torch.empty(num_slots * columns, **acc)
+    mixed_logits_buffer = torch.empty(num_pairs * columns, **acc)
     low_grad_buffer = torch.empty(num_slots * columns, dtype=input_dtype, device=device)
-    grad_hidden_slots = torch.zeros(num_slots, hidden_size, **new) if need_hidden else None
+    grad_hidden_slots = torch.zeros(num_slots, hidden_size, **acc) if need_hidden else None
     grad_weight = torch.empty_like(weight) if need_weight else None
-    grad_bias = torch.empty(vocab_size, **new) if need_bias else None
+    grad_bias = torch.empty(vocab_size, **acc) if need_bias else None
 
     for first in range(0, vocab_size, columns):
         last = min(first + columns, vocab_size)
@@ -406,20 +362,20 @@ def _vocabulary_backward(hidden, weight, bias, layout, options, saved: _SavedFor
         # each row's target columns, relative to the chunk, with weight 0 where the target lies outside it
         ntp_columns, ntp_weights = _columns_in_chunk(layout.ntp_targets[:, None], valid[:, None], first, last)
         if num_pairs:
-            mixed = mixed_buffer[: num_pairs * width].view(num_pairs, width)
+            mixed_logits = mixed_logits_buffer[: num_pairs * width].view(num_pairs, width)
             # z~ = lam z_p + (1 - lam) z_q (slots k and P + k), before any soft cap
-            torch.lerp(logits[num_pairs : 2 * num_pairs], logits[:num_pairs], mix_lambda, out=mixed)
+            torch.lerp(logits[num_pairs : 2 * num_pairs], logits[:num_pairs], mix_lambda, out=mixed_logits)
         dcap = _softcap_(logits, options.logit_softcap)
         grad = _soft_ce_grad_(logits, saved.lse, ntp_columns, ntp_weights.to(acc_dtype), saved.ntp_row_scale, dcap)
         if num_pairs:
             mix_columns, in_chunk = _columns_in_chunk(layout.mix_targets, True, first, last)
-            mix_dcap = _softcap_(mixed, options.logit_softcap)
-            mixed_grad = _soft_ce_grad_(
-                mixed, saved.mix_lse, mix_columns, mix_weights * in_chunk, saved.mix_scale, mix_dcap
+            mix_dcap = _softcap_(mixed_logits, options.logit_softcap)
+            mixed_logits_grad = _soft_ce_grad_(
+                mixed_logits, saved.mix_lse, mix_columns, mix_weights * in_chunk, saved.mix_scale, mix_dcap
             )
             # dz~/dz_p = lam, dz~/dz_q = 1 - lam
-            grad[:num_pairs].addcmul_(mixed_grad, mix_lambda)
-            grad[num_pairs : 2 * num_pairs].addcmul_(mixed_grad, 1 - mix_lambda)
+            grad[:num_pairs].addcmul_(mixed_logits_grad, mix_lambda)
+            grad[num_pairs : 2 * num_pairs].addcmul_(mixed_logits_grad, 1 - mix_lambda)
         if need_bias:
             # db[chunk] = sum_n G, from the fp32 G
             torch.sum(grad, dim=0, out=grad_bias[first:last])
@@ -431,12 +387,12 @@ def _vocabulary_backward(hidden, weight, bias, layout, options, saved: _SavedFor
             torch.mm(grad.T, hidden_slots, out=grad_weight[first:last])
         if need_hidden:
             # dH += G W[chunk], fp32 output
-            grad_hidden_slots = _accumulate_product(grad_hidden_slots, grad, weight[first:last])
-    del logits_buffer, mixed_buffer, low_grad_buffer
+            grad_hidden_slots = add_product(grad_hidden_slots, grad, weight[first:last])
+    del logits_buffer, mixed_logits_buffer, low_grad_buffer
     grad_hidden = None
     if need_hidden:
         # back from slot order to row order; a row in two slots (a repeated self-mixed row) gets both (one is 0)
-        grad_hidden = torch.zeros(hidden.shape, **new).index_add_(0, layout.rows, grad_hidden_slots)
+        grad_hidden = torch.zeros(hidden.shape, **acc).index_add_(0, layout.rows, grad_hidden_slots)
     return grad_hidden, grad_weight, grad_bias
 
 

@@ -1,10 +1,11 @@
-"""One autograd Function over the fused implementations (chunked torch, Triton).
+"""One autograd Function over the fused implementations (rowchunk, triton, torch; `reference` is plain autograd).
 
 The loss is a scalar, so its gradients for any upstream gradient g are g times those for g = 1. Forward therefore
 computes, for the inputs that require grad, the gradients for g = 1 together with the loss (the chunked torch
-implementation in the same pass over the head as the logits; Triton with its chunked backward right after the
-forward kernel) and saves them: fp32 accumulators, or, for Triton's dW, the input dtype (an fp32 V x D copy would
-cost 2 GB at a 128k vocabulary), each divided by a backend's ``grad_scale``. Backward multiplies them by
+implementation in the same pass over the head as the logits; rowchunk per row chunk; triton with its chunked
+backward right after the forward kernel) and saves them: fp32 accumulators, or, for the Triton backends' dW (rowchunk's
+when its budget has no fp32 accumulator), the input dtype (an fp32 V x D copy would cost 2 GB at a 128k vocabulary),
+each divided by a backend's ``grad_scale``. Backward multiplies them by
 g * grad_scale, in one rounding: into new tensors of the inputs' dtype for the fp32 ones, in place for the others
 (no second V x D tensor). No N x V tensor is kept, and without a gradient to compute (`torch.no_grad`, or no input
 requiring grad) `fused_sftmix_loss` skips the Function and the gradients.
@@ -18,6 +19,7 @@ from torch.autograd.function import once_differentiable
 
 from .layout import build_row_layout
 from .outputs import reduce_metrics
+from .params import LossParams
 
 BACKENDS = {"torch": ".chunked", "triton": ".triton_sftmix", "rowchunk": ".triton_rowchunk"}
 
@@ -50,13 +52,13 @@ def sftmix_loss_and_grads(
     acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
     normalizer = normalizer.to(acc_dtype)
     # upstream gradient 1: dL/dNLL_n = 1 / normalizer, dL/dl_mix_k = mu w_k
-    ntp_scale = 1 / normalizer
-    mix_scale = options.mixup_coef * mix_weight.to(acc_dtype)
+    params = LossParams(
+        layout, options, ntp_scale=1 / normalizer, mix_scale=options.mixup_coef * mix_weight.to(acc_dtype),
+        needs_grad=needs_grad,
+    )  # fmt: skip
     # Triton launches on the current CUDA device: make it the tensors' (cuBLAS and torch follow the tensors anyway)
     with device_guard(hidden.device):
-        stats, grads, grad_scale = backend_module(options.impl).loss_and_grads(
-            hidden, weight, bias, layout, options, ntp_scale, mix_scale, needs_grad
-        )
+        stats, grads, grad_scale = backend_module(options.impl).loss_and_grads(hidden, weight, bias, params)
     # L = sum NLL / normalizer + mu * sum_k w_k l_mix_k
     ntp_loss = stats.nll.sum() / normalizer
     mixup_loss = (mix_weight.to(stats.mix_nll.dtype) * stats.mix_nll).sum()
@@ -68,8 +70,9 @@ def sftmix_loss_and_grads(
 class SFTMixLinearCrossEntropyFunction(torch.autograd.Function):
     """``apply(hidden, weight, bias, targets, ntp_mask, mix_index, mix_lambda, mix_weight, normalizer, options)``.
 
-    ``ntp_mask`` is None or an (N,) bool tensor, ``normalizer`` a 0-dim tensor, and ``options.impl`` "torch" or
-    "triton" (already resolved). Returns ``(loss, ntp_loss, mixup_loss, num_tokens, num_correct, entropy)``; only
+    ``ntp_mask`` is None or an (N,) bool tensor, ``normalizer`` a 0-dim tensor, and ``options.impl`` "rowchunk",
+    "triton" or "torch" (already resolved).
+    Returns ``(loss, ntp_loss, mixup_loss, num_tokens, num_correct, entropy)``; only
     ``loss`` is differentiable. Forward computes the gradients of the inputs that require grad (even under
     `torch.no_grad`: use `fused_sftmix_loss` to skip them there); backward returns them times the upstream gradient.
     A gradient already in the inputs' dtype is scaled in place and handed out, so the graph supports one backward:

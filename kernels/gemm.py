@@ -1,4 +1,5 @@
-"""What the matrix products of the backends can ask of torch on a device."""
+"""Matrix products of the backends: what torch offers on a device (the fp32-output probe) and the products
+formed with it, accumulated in fp32 and rounded once."""
 
 import functools
 
@@ -26,3 +27,36 @@ def has_fp32_out_gemm(device_type: str, dtype: torch.dtype) -> bool:
     # 16 + 16 + 16 in every entry: the calls computed what they say (one host sync, once per process); the meta
     # device (allocation accounting) has no values, only the shapes and dtypes just checked
     return total.device.type == "meta" or bool(total.eq(48).all())
+
+
+def _wide(out: torch.Tensor) -> torch.dtype:
+    """The dtype a fallback product is formed in: ``out``'s, at least fp32."""
+    return torch.promote_types(out.dtype, torch.float32)
+
+
+def product_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
+    """out <- a @ b, or out <- out + a @ b in place with ``accumulate``: accumulated in fp32 at least and rounded
+    once into ``out``'s dtype. One GEMM when the dtypes agree, or, for low-precision operands and an fp32 ``out``,
+    where torch has the ``out_dtype`` GEMM; elsewhere (CPU tensors: the tests) the product of upcast operands."""
+    if a.dtype == b.dtype == out.dtype:
+        return out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
+    if a.dtype == b.dtype and has_fp32_out_gemm(out.device.type, a.dtype):
+        if accumulate:
+            return torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+        return torch.mm(a, b, out_dtype=out.dtype, out=out)
+    product = a.to(_wide(out)) @ b.to(_wide(out))
+    return out.add_(product) if accumulate else out.copy_(product)
+
+
+def add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Returns acc + a @ b for an ``acc`` at least as wide as the operands: in place when the dtypes agree; else one
+    GEMM with fp32 output into a new tensor where torch has it (the partial product never rounded); else, for CPU
+    tensors or mixed operands, acc += the product of upcast operands; else (CUDA without that GEMM) the product in
+    the operands' dtype, added."""
+    if a.dtype == b.dtype == acc.dtype:
+        return acc.addmm_(a, b)
+    if has_fp32_out_gemm(acc.device.type, a.dtype):
+        return torch.addmm(acc, a, b, out_dtype=acc.dtype)
+    if acc.device.type == "cpu" or a.dtype != b.dtype:
+        return acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+    return acc.add_(a @ b)

@@ -1,4 +1,4 @@
-"""Row layout shared by the chunked torch and the Triton implementations.
+"""Row layout shared by the three fused backends (rowchunk, triton, torch), and the two chunk orders over it.
 
 The mixup term of pair k needs the full logits of both of its rows at once, z~_k = lam z_p + (1 - lam) z_q, so
 both rows must sit in the same chunk / program. The layout orders the N rows into slots
@@ -73,3 +73,56 @@ def build_row_layout(targets, mix_index, mix_lambda, ignore_index: int, ntp_mask
         mix_lambda=lam,
         mix_targets=targets[mix_index],
     )
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Positions [start, stop) of a chunk order: pairs [pair_start, pair_start + num_pairs), their p slots then
+    their q slots, then unpaired slots."""
+
+    start: int
+    stop: int
+    pair_start: int
+    num_pairs: int
+
+    @property
+    def pairs(self) -> slice:
+        return slice(self.pair_start, self.pair_start + self.num_pairs)
+
+
+def pair_chunks_first(layout: RowLayout, chunk_rows: int):
+    """(order, chunks): slot ``order[i]`` sits at position i. Chunks of ``chunk_rows // 2`` pairs (their p slots,
+    then their q slots), then chunks of ``chunk_rows`` unpaired slots in their own positions (the torch backend's
+    row chunks). Built from device aranges: no host-to-device copy."""
+    num_pairs, num_slots, device = layout.num_pairs, layout.rows.numel(), layout.rows.device
+    pairs_per_chunk = chunk_rows // 2
+    order, chunks = [], []
+    for first in range(0, num_pairs, pairs_per_chunk):
+        last = min(first + pairs_per_chunk, num_pairs)
+        pairs = torch.arange(first, last, device=device)
+        order += [pairs, pairs + num_pairs]
+        chunks.append(Chunk(2 * first, 2 * last, first, last - first))
+    order.append(torch.arange(2 * num_pairs, num_slots, device=device))
+    chunks += [
+        Chunk(start, min(start + chunk_rows, num_slots), num_pairs, 0)
+        for start in range(2 * num_pairs, num_slots, chunk_rows)
+    ]
+    return torch.cat(order), chunks
+
+
+def even_chunks(layout: RowLayout, num_chunks: int):
+    """(order, chunks): slot ``order[i]`` sits at position i; the pairs and the unpaired slots spread evenly over
+    ``num_chunks`` chunks, each holding some pairs' p slots, their q slots, then its share of the unpaired slots (the
+    rowchunk backend's chunks, a slot layout of their own). Built from device aranges (no host-to-device copy)."""
+    num_pairs, num_slots, device = layout.num_pairs, layout.rows.numel(), layout.rows.device
+    num_rest = num_slots - 2 * num_pairs
+    order, chunks, start = [], [], 0
+    for index in range(num_chunks):
+        k0, k1 = num_pairs * index // num_chunks, num_pairs * (index + 1) // num_chunks
+        r0, r1 = num_rest * index // num_chunks, num_rest * (index + 1) // num_chunks
+        pairs = torch.arange(k0, k1, device=device)
+        order += [pairs, pairs + num_pairs, torch.arange(2 * num_pairs + r0, 2 * num_pairs + r1, device=device)]
+        stop = start + 2 * (k1 - k0) + r1 - r0
+        chunks.append(Chunk(start, stop, k0, k1 - k0))
+        start = stop
+    return torch.cat(order) if order else layout.rows.new_empty(0), chunks

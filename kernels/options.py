@@ -1,7 +1,7 @@
 """Options of the fused SFTMix loss, shared by the functional API, the autograd Function and the module."""
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 IMPLS = ("auto", "rowchunk", "triton", "torch", "reference")
 
@@ -9,6 +9,9 @@ IMPLS = ("auto", "rowchunk", "triton", "torch", "reference")
 @dataclass(frozen=True)
 class SFTMixLossOptions:
     r"""Options of the SFTMix loss ``L = L_NTP + mixup_coef * L_Mixup``.
+
+    Kernel options (as Liger-Kernel's and cut-cross-entropy's keyword arguments), not a command-line config that a
+    parser reads: this docstring is their documentation.
 
     Args:
         mixup_coef (`float`, *optional*, defaults to `0.2`):
@@ -65,42 +68,20 @@ class SFTMixLossOptions:
             itemsize (a tenth of the eager reference's 20 N V bytes at bf16).
     """
 
-    mixup_coef: float = field(default=0.2, metadata={"help": "Weight mu of the mixup term in the loss."})
-    ignore_index: int = field(default=-100, metadata={"help": "Target value of rows without next-token loss."})
-    logit_softcap: float | None = field(
-        default=None,
-        metadata={"help": "Soft cap c * tanh(z / c) on the logits, applied to the mixed logits after mixing."},
-    )
-    dft: bool = field(
-        default=False,
-        metadata={"help": "Weight each next-token term by its own (detached) probability (DFT)."},
-    )
-    impl: str = field(default="auto", metadata={"help": "'auto', 'triton', 'torch' or 'reference'."})
-    validate: bool = field(
-        default=True,
-        metadata={"help": "Check the inputs' data (one host sync per call); shape/dtype checks always run."},
-    )
-    chunk_rows: int | None = field(
-        default=None, metadata={"help": "Rows of logits the torch implementation holds at once; None: automatic."}
-    )
-    chunk_bytes: int | None = field(
-        default=None, metadata={"help": "Torch: bytes of one chunk of logits; None: 2**26 on CPU, 2**29 elsewhere."}
-    )
-    block_pairs: int | None = field(
-        default=None, metadata={"help": "Triton row slots per side of a pair tile (power of two >= 16)."}
-    )
-    block_v: int | None = field(default=None, metadata={"help": "Triton vocabulary block (power of two >= 16)."})
-    block_d: int | None = field(default=None, metadata={"help": "Triton hidden-dimension block (power of two >= 16)."})
-    v_splits: int | None = field(
-        default=None, metadata={"help": "Triton vocabulary splits of the forward grid; None: automatic."}
-    )
-
-    vocab_chunk: int | None = field(
-        default=None, metadata={"help": "Triton vocabulary columns per backward chunk; None: automatic."}
-    )
-    memory_budget: int | None = field(
-        default=None, metadata={"help": "Rowchunk working-memory bytes (chunk logits, fp32 dW); None: N V itemsize."}
-    )
+    mixup_coef: float = 0.2
+    ignore_index: int = -100
+    logit_softcap: float | None = None
+    dft: bool = False
+    impl: str = "auto"
+    validate: bool = True
+    chunk_rows: int | None = None
+    chunk_bytes: int | None = None
+    block_pairs: int | None = None
+    block_v: int | None = None
+    block_d: int | None = None
+    v_splits: int | None = None
+    vocab_chunk: int | None = None
+    memory_budget: int | None = None
 
     def __post_init__(self):
         if not math.isfinite(self.mixup_coef) or self.mixup_coef < 0:

@@ -1,8 +1,8 @@
 """Row-chunked SFTMix loss for CUDA: every matrix product on cuBLAS, one Triton element-wise pass per chunk.
 
-The rows are visited in a few large chunks (`plan_chunks`, `chunk_order`). A chunk holds whole mixed pairs (the p
+The rows are visited in a few large chunks (`plan_chunks`, `layout.even_chunks`). A chunk holds whole mixed pairs (the p
 rows of some pairs, then the q rows of the same pairs) and a share of the unpaired rows, in the slot layout of
-`layout.RowLayout` restricted to the chunk, so the pair tiles of `triton_sftmix._pair_tile` apply to it unchanged
+`layout.RowLayout` restricted to the chunk, so the pair tiles of `triton_common.pair_tile` apply to it unchanged
 and z~ = lam z_p + (1 - lam) z_q never needs another chunk. Per chunk of R rows:
 
     Z    = H_c W^T               cuBLAS, input dtype in, fp32 out (logits never rounded to bf16)     2 R D V FLOPs
@@ -39,34 +39,34 @@ overflows for frequent tokens; fp16 inputs take impl="torch", which computes in 
 """
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .gemm import has_fp32_out_gemm
-from .layout import RowLayout
+from .gemm import has_fp32_out_gemm, product_into
+from .layout import Chunk, even_chunks
 from .options import SFTMixLossOptions
 from .outputs import SlotStats
-from .triton_sftmix import (
-    _mixed_block,
-    _ntp_block,
-    _pair_tile,
-    _soft_ce_grad,
-    _softcap,
+from .params import LossParams
+from .triton_common import (
+    INTERPRET,
+    VARYING_ARGS,
+    apply_softcap,
     check_triton_dtype,
     grad_dtype_for,
+    mixed_block,
+    ntp_block,
+    pair_tile,
+    soft_ce_grad,
 )
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # the smallest chunk at which the fp32 dW accumulator's read-modify-write (8 V D bytes) hides under the chunk's
 # 2 R D V FLOPs on an H100 (R >= 4 x 790 TFLOP/s / 3 TB/s ~ 1,050); smaller chunks accumulate in the input dtype
 MIN_GEMM_ROWS = 1024
 LOGIT_BYTES = 4  # Z is fp32
 ROW_ALIGN = 16  # Z's row stride, in columns: 64-byte rows, 16-byte vectors for the kernel, aligned cuBLAS operands
-_VARYING = ["num_slots", "num_pairs", "num_pair_slots", "rest_half", "slot_start", "pair_start"]
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def gpu_config(dtype: torch.dtype) -> ElementwiseConfig:
     bytes of the same row's Z, which then only the warp that stores them reads, in its own instructions' order (a
     warp's store waits for the loads whose values it stores). A block of twice the columns (m8-v512 for bf16) is laid
     out [4, 2]: the other warp of a row can store over columns this one has yet to load, with no barrier between, a
-    data race; it also holds 200 registers instead of 128 (`python bench/kernel_compile.py`, sm_90a; a barrier
+    data race; it also holds 200 registers instead of 128 (`python -m bench.kernel_compile`, sm_90a; a barrier
     between the loads and the stores of each step would keep the 200 and add a block-wide sync to every step).
     tests/bench/test_kernel_compile.py reads the compiled layouts."""
     return ElementwiseConfig(8, warp_columns(dtype), 8, 3)
@@ -117,7 +117,7 @@ def _load_logits(logits_ptr, bias_ptr, slot, ok, cols, col_ok, stride_z, HAS_BIA
     return z
 
 
-@triton.jit(do_not_specialize=_VARYING)
+@triton.jit(do_not_specialize=[*VARYING_ARGS, "slot_start", "pair_start"])
 def _rowchunk_kernel(
     logits_ptr,
     grad_ptr,
@@ -154,7 +154,7 @@ def _rowchunk_kernel(
     """Statistics of the chunk's slots and pairs (at slot_start + slot, pair_start + k) and, with WRITE_GRAD, G."""
     pid = tl.program_id(0)
     ntp_targets_ptr += slot_start
-    k, is_pair, slot_a, slot_b, ok_a, ok_b, target_a, target_b = _pair_tile(
+    k, is_pair, slot_a, slot_b, ok_a, ok_b, target_a, target_b = pair_tile(
         pid, ntp_targets_ptr, num_slots, num_pairs, num_pair_slots, rest_half, ignore_index, BLOCK_M
     )
     tile_has_pair = pid * BLOCK_M < num_pairs
@@ -168,21 +168,39 @@ def _rowchunk_kernel(
     max_b, sum_b, zsum_b, tgt_b = zeros - float("inf"), zeros, zeros, zeros
     arg_a = tl.zeros((BLOCK_M,), dtype=tl.int32)
     arg_b = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    max_t, sum_t, tgt_t = zeros - float("inf"), zeros, zeros
+    max_mix, sum_mix, tgt_mix = zeros - float("inf"), zeros, zeros
     for block_start in range(0, vocab_size, BLOCK_V):
         cols = block_start + tl.arange(0, BLOCK_V)
         col_ok = cols < vocab_size
         z_a = _load_logits(logits_ptr, bias_ptr, slot_a, ok_a, cols, col_ok, stride_z, HAS_BIAS)
         z_b = _load_logits(logits_ptr, bias_ptr, slot_b, ok_b, cols, col_ok, stride_z, HAS_BIAS)
         if tile_has_pair:
-            max_t, sum_t, tgt_t = _mixed_block(
-                z_a, z_b, lam, cols, col_ok, target_p, target_q, max_t, sum_t, tgt_t, softcap, SOFTCAP
+            max_mix, sum_mix, tgt_mix = mixed_block(
+                z_a, z_b, lam, cols, col_ok, target_p, target_q, max_mix, sum_mix, tgt_mix, softcap, SOFTCAP
             )
-        max_a, sum_a, zsum_a, tgt_a, arg_a = _ntp_block(
-            _softcap(z_a, softcap, SOFTCAP), cols, col_ok, target_a, max_a, sum_a, zsum_a, tgt_a, arg_a, vocab_size
+        max_a, sum_a, zsum_a, tgt_a, arg_a = ntp_block(
+            apply_softcap(z_a, softcap, SOFTCAP),
+            cols,
+            col_ok,
+            target_a,
+            max_a,
+            sum_a,
+            zsum_a,
+            tgt_a,
+            arg_a,
+            vocab_size,
         )
-        max_b, sum_b, zsum_b, tgt_b, arg_b = _ntp_block(
-            _softcap(z_b, softcap, SOFTCAP), cols, col_ok, target_b, max_b, sum_b, zsum_b, tgt_b, arg_b, vocab_size
+        max_b, sum_b, zsum_b, tgt_b, arg_b = ntp_block(
+            apply_softcap(z_b, softcap, SOFTCAP),
+            cols,
+            col_ok,
+            target_b,
+            max_b,
+            sum_b,
+            zsum_b,
+            tgt_b,
+            arg_b,
+            vocab_size,
         )
 
     # lse = max + log sum exp(z - max); entropy = lse - sum softmax(z) z; masked rows get lse = +inf (G = 0)
@@ -196,10 +214,10 @@ def _rowchunk_kernel(
     tl.store(entropy_ptr + slot_start + slot_b, lse_b - zsum_b / sum_b, mask=ok_b)
     tl.store(argmax_ptr + slot_start + slot_a, arg_a, mask=ok_a)
     tl.store(argmax_ptr + slot_start + slot_b, arg_b, mask=ok_b)
-    mix_lse = tl.where(is_pair, max_t + tl.log(tl.where(is_pair, sum_t, 1.0)), float("inf"))
+    mix_lse = tl.where(is_pair, max_mix + tl.log(tl.where(is_pair, sum_mix, 1.0)), float("inf"))
     if tile_has_pair:
         tl.store(mix_lse_ptr + pair_start + k, mix_lse, mask=is_pair)
-        tl.store(mix_target_ptr + pair_start + k, tgt_t, mask=is_pair)
+        tl.store(mix_target_ptr + pair_start + k, tgt_mix, mask=is_pair)
 
     if WRITE_GRAD:
         # dL/dNLL of each slot (0 without an NTP term); DFT: times the slot's own p = exp(-nll), held constant
@@ -220,17 +238,17 @@ def _rowchunk_kernel(
             col_ok = cols < vocab_size
             z_a = _load_logits(logits_ptr, bias_ptr, slot_a, ok_a, cols, col_ok, stride_z, HAS_BIAS)
             z_b = _load_logits(logits_ptr, bias_ptr, slot_b, ok_b, cols, col_ok, stride_z, HAS_BIAS)
-            grad_a = _soft_ce_grad(z_a, lse_a, one_weight, target_a, no_weight, target_a, scale_a, cols, col_ok,
+            grad_a = soft_ce_grad(z_a, lse_a, one_weight, target_a, no_weight, target_a, scale_a, cols, col_ok,
                                    softcap, SOFTCAP)  # fmt: skip
-            grad_b = _soft_ce_grad(z_b, lse_b, one_weight, target_b, no_weight, target_b, scale_b, cols, col_ok,
+            grad_b = soft_ce_grad(z_b, lse_b, one_weight, target_b, no_weight, target_b, scale_b, cols, col_ok,
                                    softcap, SOFTCAP)  # fmt: skip
             if tile_has_pair:
                 # mixup part rides on both rows: dz~/dz_p = lam, dz~/dz_q = 1 - lam
-                z_t = lam[:, None] * z_a + (1.0 - lam[:, None]) * z_b
-                grad_t = _soft_ce_grad(z_t, mix_lse, lam, target_p, 1.0 - lam, target_q, mix_scale, cols, col_ok,
+                z_mix = lam[:, None] * z_a + (1.0 - lam[:, None]) * z_b
+                grad_mix = soft_ce_grad(z_mix, mix_lse, lam, target_p, 1.0 - lam, target_q, mix_scale, cols, col_ok,
                                        softcap, SOFTCAP)  # fmt: skip
-                grad_a += lam[:, None] * grad_t
-                grad_b += (1.0 - lam[:, None]) * grad_t
+                grad_a += lam[:, None] * grad_mix
+                grad_b += (1.0 - lam[:, None]) * grad_mix
             out_a = grad_ptr + slot_a[:, None].to(tl.int64) * stride_g + cols[None, :]
             out_b = grad_ptr + slot_b[:, None].to(tl.int64) * stride_g + cols[None, :]
             # G is 0 on the padding columns; bounded by the padded width, as the loads: vector stores
@@ -268,48 +286,6 @@ def plan_chunks(num_slots, hidden_size, vocab_size, dtype, budget, need_weight) 
     return ChunkPlan(rows, math.ceil(num_slots / rows) if num_slots else 0, fp32_weight_grad)
 
 
-@dataclass(frozen=True)
-class Chunk:
-    """Positions [start, stop) of the chunk order: pairs [pair_start, pair_start + num_pairs), their p rows, their
-    q rows, then the unpaired rows."""
-
-    start: int
-    stop: int
-    pair_start: int
-    num_pairs: int
-
-
-def chunk_order(layout: RowLayout, num_chunks: int):
-    """(order, chunks): slot ``order[i]`` sits at position i; pairs and unpaired rows spread evenly over the chunks.
-    Built from device aranges (no host-to-device copy, no sync)."""
-    num_pairs, num_slots, device = layout.num_pairs, layout.rows.numel(), layout.rows.device
-    num_rest = num_slots - 2 * num_pairs
-    order, chunks, start = [], [], 0
-    for index in range(num_chunks):
-        k0, k1 = num_pairs * index // num_chunks, num_pairs * (index + 1) // num_chunks
-        r0, r1 = num_rest * index // num_chunks, num_rest * (index + 1) // num_chunks
-        pairs = torch.arange(k0, k1, device=device)
-        order += [pairs, pairs + num_pairs, torch.arange(2 * num_pairs + r0, 2 * num_pairs + r1, device=device)]
-        stop = start + 2 * (k1 - k0) + r1 - r0
-        chunks.append(Chunk(start, stop, k0, k1 - k0))
-        start = stop
-    return torch.cat(order) if order else layout.rows.new_empty(0), chunks
-
-
-def _gemm(out, a, b, accumulate=False):
-    """out <- a @ b (+ out with ``accumulate``): one GEMM, fp32 accumulation, rounded once into ``out``'s dtype
-    (``out_dtype`` GEMMs where torch has them: `loss_and_grads` refuses a GPU without them); elsewhere (CPU
-    tensors under the interpreter) through fp32 copies."""
-    if a.dtype == b.dtype == out.dtype:
-        return torch.addmm(out, a, b, out=out) if accumulate else torch.mm(a, b, out=out)
-    if a.dtype == b.dtype and has_fp32_out_gemm(out.device.type, a.dtype):
-        if accumulate:
-            return torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
-        return torch.mm(a, b, out_dtype=out.dtype, out=out)
-    product = a.to(torch.float32) @ b.to(torch.float32)
-    return out.add_(product) if accumulate else out.copy_(product)
-
-
 def _launch(kernel_args, config: ElementwiseConfig, num_pair_slots, device):
     if device.type != "meta" and num_pair_slots:
         grid = (triton.cdiv(num_pair_slots, config.block_m),)
@@ -340,117 +316,18 @@ def padded_row(vocab_size: int) -> int:
     return triton.cdiv(vocab_size, ROW_ALIGN) * ROW_ALIGN
 
 
-def loss_and_grads(hidden, weight, bias, layout: RowLayout, options, ntp_scale, mix_scale, needs_grad):
+def loss_and_grads(hidden, weight, bias, params: LossParams):
     """(SlotStats, (dH, dW, db) / grad_scale, grad_scale), as `triton_sftmix.loss_and_grads`: dH and db in fp32,
-    dW in fp32 (fp32 inputs, or the budget's fp32 accumulator) or in the input dtype."""
-    check_triton_dtype("rowchunk", hidden.dtype)
-    (vocab_size, hidden_size), num_slots, device = weight.shape, layout.rows.numel(), hidden.device
-    on_cpu_interpreter = INTERPRET and device.type == "cpu"
-    if hidden.dtype != torch.float32 and not on_cpu_interpreter and not has_fp32_out_gemm(device.type, hidden.dtype):
-        raise RuntimeError(
-            f"impl='rowchunk' needs torch.mm / torch.addmm with out_dtype=torch.float32 for {hidden.dtype} operands "
-            f"on {device.type}, which torch {torch.__version__} lacks there; use impl='auto' (which picks 'triton' "
-            "then), impl='triton', or a newer torch."
-        )
-    need_hidden, need_weight, need_bias = needs_grad
-    need_grad = any(needs_grad)
-    budget = options.memory_budget or default_memory_budget(hidden.shape[0], vocab_size, hidden.dtype)
-    plan = plan_chunks(num_slots, hidden_size, vocab_size, hidden.dtype, budget, need_weight)
-    order, chunks = chunk_order(layout, plan.num_chunks)
-    # the row of each position and the per-slot inputs in chunk order: every chunk a contiguous range
-    rows = layout.rows[order]
-    ntp_targets = layout.ntp_targets[order]
-    ntp_row_scale = torch.where(ntp_targets != options.ignore_index, ntp_scale.float(), 0.0)
-    grad_scale = None
-    if need_grad:
-        # divide both scales by the larger, so that |G| <= 2 whatever the normalizer
-        grad_scale = ntp_scale.float().reshape(())
-        if mix_scale.numel():
-            grad_scale = torch.maximum(grad_scale, mix_scale.float().max())
-        ntp_row_scale = ntp_row_scale / grad_scale
-        mix_scale = mix_scale.float() / grad_scale
+    dW in fp32 (fp32 inputs, or the budget's fp32 accumulator) or in the input dtype. Three steps: `_plan` (chunks,
+    per-position inputs), `_Workspace` (the buffers), `_run_chunks` (per chunk: GEMM, element-wise pass, GEMMs)."""
+    _check_inputs(hidden)
+    plan = _plan(hidden, weight, params)
+    workspace = _Workspace.allocate(hidden, weight, params, plan)
+    _run_chunks(hidden, weight, bias, params, plan, workspace)
+    grads, out = (workspace.grad_hidden, workspace.grad_weight, workspace.grad_bias), workspace.out
+    del workspace  # frees the chunk buffers
 
-    new = dict(dtype=torch.float32, device=device)
-    out = dict(
-        lse_ptr=torch.empty(num_slots, **new),
-        target_logit_ptr=torch.empty(num_slots, **new),
-        entropy_ptr=torch.empty(num_slots, **new),
-        argmax_ptr=torch.empty(num_slots, dtype=torch.int32, device=device),
-        mix_lse_ptr=torch.empty(layout.num_pairs, **new),
-        mix_target_ptr=torch.empty(layout.num_pairs, **new),
-    )
-    max_rows = max((chunk.stop - chunk.start for chunk in chunks), default=0)
-    row_stride = padded_row(vocab_size)
-    logits_buffer = torch.empty(max_rows * row_stride, **new)
-    # the padding columns: never written by the GEMMs nor by G (G's row fills half of Z's), masked by every use;
-    # zeroed once so that no stale bits (NaN, inf) reach even the masked-out lanes
-    logits_buffer.view(max_rows, row_stride)[:, vocab_size:].zero_()
-    # G over Z's bytes, in the input dtype (fp32 under the interpreter, whose casts to bf16 truncate)
-    grad_dtype = grad_dtype_for(device, hidden.dtype)
-    per_logit = LOGIT_BYTES // grad_dtype.itemsize
-    # a chunk's hidden rows and its dH (fp32), reused; dH in row order (a row in two slots, a repeated self-mixed
-    # row, gets both: one is 0)
-    hidden_buffer = hidden.new_empty(max_rows * hidden_size)
-    grad_hidden_buffer = torch.empty(max_rows * hidden_size, **new) if need_hidden else None
-    grad_hidden = torch.zeros(hidden.shape, **new) if need_hidden else None
-    weight_dtype = torch.float32 if plan.fp32_weight_grad else hidden.dtype
-    # the first chunk's product overwrites dW; zeros only when there is no chunk
-    new_weight = torch.empty if chunks else torch.zeros
-    grad_weight = new_weight(weight.shape, dtype=weight_dtype, device=device) if need_weight else None
-    grad_bias = torch.zeros(vocab_size, **new) if need_bias else None
-    config = elementwise_config(options, vocab_size, hidden.dtype)
-    kernel_args = dict(
-        bias_ptr=bias if bias is not None else ntp_targets,
-        ntp_targets_ptr=ntp_targets,
-        ntp_row_scale_ptr=ntp_row_scale.contiguous(),
-        lam_ptr=layout.mix_lambda.float().contiguous(),
-        mix_targets_ptr=layout.mix_targets.contiguous(),
-        mix_scale_ptr=mix_scale.float().contiguous(),
-        vocab_size=vocab_size,
-        stride_z=row_stride,
-        stride_g=row_stride * per_logit,
-        ignore_index=options.ignore_index,
-        softcap=float(options.logit_softcap or 1.0),
-        HAS_BIAS=bias is not None,
-        SOFTCAP=options.logit_softcap is not None,
-        DFT=options.dft,
-        WRITE_GRAD=need_grad,
-        **out,
-    )
-    for index, chunk in enumerate(chunks):
-        num_rows = chunk.stop - chunk.start
-        # (R, V) with the padded row stride: the GEMM writes it, the kernel reads it and writes G in its rows
-        logits = logits_buffer[: num_rows * row_stride].view(num_rows, row_stride)[:, :vocab_size]
-        chunk_rows = rows[chunk.start : chunk.stop]
-        chunk_hidden = torch.index_select(
-            hidden, 0, chunk_rows, out=hidden_buffer[: num_rows * hidden_size].view(num_rows, hidden_size)
-        )
-        # Z = H_c W^T, fp32
-        _gemm(logits, chunk_hidden, weight.T)
-        rest_half = (num_rows - 2 * chunk.num_pairs + 1) // 2
-        grad = logits.view(grad_dtype)[:, :vocab_size]
-        kernel_args.update(
-            logits_ptr=logits,
-            grad_ptr=grad,
-            num_slots=num_rows,
-            num_pairs=chunk.num_pairs,
-            num_pair_slots=chunk.num_pairs + rest_half,
-            rest_half=rest_half,
-            slot_start=chunk.start,
-            pair_start=chunk.pair_start,
-        )
-        _launch(kernel_args, config, chunk.num_pairs + rest_half, device)
-        if need_hidden:
-            # dH_c = G W, fp32, added into the chunk's rows
-            chunk_grad_hidden = grad_hidden_buffer[: num_rows * hidden_size].view(num_rows, hidden_size)
-            grad_hidden.index_add_(0, chunk_rows, _gemm(chunk_grad_hidden, grad, weight))
-        if need_weight:
-            # dW += G^T H_c (the first chunk overwrites)
-            _gemm(grad_weight, grad.T, chunk_hidden, accumulate=index > 0)
-        if need_bias:
-            grad_bias += grad.sum(dim=0, dtype=torch.float32)
-    del logits_buffer, hidden_buffer, grad_hidden_buffer, kernel_args
-
+    layout, options, order = params.layout, params.options, plan.order
     lse, target_logit = _to_slots(out["lse_ptr"], order), _to_slots(out["target_logit_ptr"], order)
     valid = layout.ntp_targets != options.ignore_index
     nll = torch.where(valid, lse - target_logit, 0.0)
@@ -463,9 +340,169 @@ def loss_and_grads(hidden, weight, bias, layout: RowLayout, options, ntp_scale, 
         entropy=_to_slots(out["entropy_ptr"], order),
         mix_nll=out["mix_lse_ptr"] - out["mix_target_ptr"],
     )
-    if not need_grad:
+    if not params.any_grad:
         return stats, (None, None, None), None
-    return stats, (grad_hidden, grad_weight, grad_bias), grad_scale
+    return stats, grads, plan.grad_scale
+
+
+def _check_inputs(hidden):
+    """Refuse what rowchunk cannot run as designed: fp16 and other dtypes, a GPU whose torch lacks the fp32-output
+    GEMM (rowchunk would have to upcast W)."""
+    check_triton_dtype("rowchunk", hidden.dtype)
+    device = hidden.device
+    on_cpu_interpreter = INTERPRET and device.type == "cpu"
+    if hidden.dtype != torch.float32 and not on_cpu_interpreter and not has_fp32_out_gemm(device.type, hidden.dtype):
+        raise RuntimeError(
+            f"impl='rowchunk' needs torch.mm / torch.addmm with out_dtype=torch.float32 for {hidden.dtype} operands "
+            f"on {device.type}, which torch {torch.__version__} lacks there; use impl='auto' (which picks 'triton' "
+            "then), impl='triton', or a newer torch."
+        )
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One call's chunks and what the kernel reads per position of the chunk order (`layout.even_chunks`): the
+    row, the NTP target and dL/dNLL of each position, dL/dl_mix of each pair, both scales divided by
+    ``grad_scale`` (None without gradients), and the element-wise launch configuration."""
+
+    chunks: ChunkPlan
+    order: torch.Tensor
+    spans: list[Chunk]
+    rows: torch.Tensor
+    ntp_targets: torch.Tensor
+    ntp_row_scale: torch.Tensor
+    mix_scale: torch.Tensor
+    grad_scale: torch.Tensor | None
+    config: ElementwiseConfig
+
+    @property
+    def max_rows(self) -> int:
+        return max((span.stop - span.start for span in self.spans), default=0)
+
+
+def _plan(hidden, weight, params: LossParams) -> _Plan:
+    layout, options = params.layout, params.options
+    (vocab_size, hidden_size), num_slots = weight.shape, layout.rows.numel()
+    budget = options.memory_budget or default_memory_budget(hidden.shape[0], vocab_size, hidden.dtype)
+    chunk_plan = plan_chunks(num_slots, hidden_size, vocab_size, hidden.dtype, budget, params.needs_grad[1])
+    order, spans = even_chunks(layout, chunk_plan.num_chunks)
+    # the per-slot inputs in chunk order: every chunk a contiguous range
+    ntp_targets = layout.ntp_targets[order]
+    ntp_row_scale = torch.where(ntp_targets != options.ignore_index, params.ntp_scale.float(), 0.0)
+    mix_scale, grad_scale = params.mix_scale, None
+    if params.any_grad:
+        grad_scale = params.grad_scale(torch.float32)
+        ntp_row_scale = ntp_row_scale / grad_scale
+        mix_scale = mix_scale.float() / grad_scale
+    config = elementwise_config(options, vocab_size, hidden.dtype)
+    return _Plan(chunk_plan, order, spans, layout.rows[order], ntp_targets, ntp_row_scale, mix_scale, grad_scale,
+                 config)  # fmt: skip
+
+
+@dataclass
+class _Workspace:
+    """The call's buffers: the kernel's per-position outputs, one chunk's logits (G written over them), hidden rows
+    and dH (reused by every chunk), and the returned gradients."""
+
+    out: dict
+    logits_buffer: torch.Tensor
+    hidden_buffer: torch.Tensor
+    grad_hidden_buffer: torch.Tensor | None
+    grad_hidden: torch.Tensor | None
+    grad_weight: torch.Tensor | None
+    grad_bias: torch.Tensor | None
+
+    @classmethod
+    def allocate(cls, hidden, weight, params: LossParams, plan: _Plan) -> "_Workspace":
+        (vocab_size, hidden_size), num_slots, device = weight.shape, params.layout.rows.numel(), hidden.device
+        need_hidden, need_weight, need_bias = params.needs_grad
+        fp32 = dict(dtype=torch.float32, device=device)
+        num_pairs, max_rows, row_stride = params.layout.num_pairs, plan.max_rows, padded_row(vocab_size)
+        out = dict(
+            lse_ptr=torch.empty(num_slots, **fp32),
+            target_logit_ptr=torch.empty(num_slots, **fp32),
+            entropy_ptr=torch.empty(num_slots, **fp32),
+            argmax_ptr=torch.empty(num_slots, dtype=torch.int32, device=device),
+            mix_lse_ptr=torch.empty(num_pairs, **fp32),
+            mix_target_ptr=torch.empty(num_pairs, **fp32),
+        )
+        logits_buffer = torch.empty(max_rows * row_stride, **fp32)
+        # the padding columns: never written by the GEMMs nor by G (G's row fills half of Z's), masked by every use;
+        # zeroed once so that no stale bits (NaN, inf) reach even the masked-out lanes
+        logits_buffer.view(max_rows, row_stride)[:, vocab_size:].zero_()
+        # a chunk's hidden rows and its dH (fp32), reused; dH in row order (a row in two slots, a repeated
+        # self-mixed row, gets both: one is 0)
+        hidden_buffer = hidden.new_empty(max_rows * hidden_size)
+        grad_hidden_buffer = torch.empty(max_rows * hidden_size, **fp32) if need_hidden else None
+        grad_hidden = torch.zeros(hidden.shape, **fp32) if need_hidden else None
+        weight_dtype = torch.float32 if plan.chunks.fp32_weight_grad else hidden.dtype
+        # the first chunk's product overwrites dW; zeros only when there is no chunk
+        new_weight_grad = torch.empty if plan.spans else torch.zeros
+        grad_weight = new_weight_grad(weight.shape, dtype=weight_dtype, device=device) if need_weight else None
+        grad_bias = torch.zeros(vocab_size, **fp32) if need_bias else None
+        return cls(out, logits_buffer, hidden_buffer, grad_hidden_buffer, grad_hidden, grad_weight, grad_bias)
+
+
+def _run_chunks(hidden, weight, bias, params: LossParams, plan: _Plan, workspace: _Workspace) -> None:
+    """Per chunk: Z = H_c W^T (fp32), the element-wise kernel (statistics, G over Z's bytes), dH_c = G W,
+    dW += G^T H_c, db += sum G."""
+    options, device = params.options, hidden.device
+    vocab_size, hidden_size = weight.shape
+    need_hidden, need_weight, need_bias = params.needs_grad
+    row_stride = padded_row(vocab_size)
+    # G over Z's bytes, in the input dtype (fp32 under the interpreter, whose casts to bf16 truncate)
+    grad_dtype = grad_dtype_for(device, hidden.dtype)
+    per_logit = LOGIT_BYTES // grad_dtype.itemsize
+    kernel_args = dict(
+        bias_ptr=bias if bias is not None else plan.ntp_targets,
+        ntp_targets_ptr=plan.ntp_targets,
+        ntp_row_scale_ptr=plan.ntp_row_scale.contiguous(),
+        lam_ptr=params.layout.mix_lambda.float().contiguous(),
+        mix_targets_ptr=params.layout.mix_targets.contiguous(),
+        mix_scale_ptr=plan.mix_scale.float().contiguous(),
+        vocab_size=vocab_size,
+        stride_z=row_stride,
+        stride_g=row_stride * per_logit,
+        ignore_index=options.ignore_index,
+        softcap=float(options.logit_softcap or 1.0),
+        HAS_BIAS=bias is not None,
+        SOFTCAP=options.logit_softcap is not None,
+        DFT=options.dft,
+        WRITE_GRAD=params.any_grad,
+        **workspace.out,
+    )
+    for index, span in enumerate(plan.spans):
+        num_rows = span.stop - span.start
+        # (R, V) with the padded row stride: the GEMM writes it, the kernel reads it and writes G in its rows
+        logits = workspace.logits_buffer[: num_rows * row_stride].view(num_rows, row_stride)[:, :vocab_size]
+        chunk_rows = plan.rows[span.start : span.stop]
+        chunk_hidden = torch.index_select(
+            hidden, 0, chunk_rows, out=workspace.hidden_buffer[: num_rows * hidden_size].view(num_rows, hidden_size)
+        )
+        # Z = H_c W^T, fp32
+        product_into(logits, chunk_hidden, weight.T)
+        rest_half = (num_rows - 2 * span.num_pairs + 1) // 2
+        grad = logits.view(grad_dtype)[:, :vocab_size]
+        kernel_args.update(
+            logits_ptr=logits,
+            grad_ptr=grad,
+            num_slots=num_rows,
+            num_pairs=span.num_pairs,
+            num_pair_slots=span.num_pairs + rest_half,
+            rest_half=rest_half,
+            slot_start=span.start,
+            pair_start=span.pair_start,
+        )
+        _launch(kernel_args, plan.config, span.num_pairs + rest_half, device)
+        if need_hidden:
+            # dH_c = G W, fp32, added into the chunk's rows
+            buffer = workspace.grad_hidden_buffer[: num_rows * hidden_size].view(num_rows, hidden_size)
+            workspace.grad_hidden.index_add_(0, chunk_rows, product_into(buffer, grad, weight))
+        if need_weight:
+            # dW += G^T H_c (the first chunk overwrites)
+            product_into(workspace.grad_weight, grad.T, chunk_hidden, accumulate=index > 0)
+        if need_bias:
+            workspace.grad_bias += grad.sum(dim=0, dtype=torch.float32)
 
 
 def _to_slots(values, order):

@@ -41,27 +41,34 @@ counts, chunk bounds) are not specialized, so new shapes reuse the compiled kern
 tile is upcast to fp32 right after its load (the interpreter keeps bf16 as raw bits).
 """
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .gemm import has_fp32_out_gemm
+from .gemm import add_product, product_into
 from .layout import RowLayout
 from .options import SFTMixLossOptions
 from .outputs import SlotStats
+from .params import LossParams
+from .triton_common import (
+    INTERPRET,
+    VARYING_ARGS,
+    apply_softcap,
+    check_triton_dtype,
+    grad_dtype_for,
+    mixed_block,
+    ntp_block,
+    pair_tile,
+    soft_ce_grad,
+)
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-TRITON_DTYPES = (torch.float32, torch.bfloat16)
 # the backward's logit-gradient chunk holds at most this many elements (N x C): 128 MiB in bf16
 GRAD_CHUNK_ELEMENTS = 1 << 26
 # pair tiles per group of the gradient kernel's program order (see `_program_cell`): at the Llama-3-8B head the 132
 # programs resident on an H100 then touch 8 H panels (8 MiB) and ~17 W blocks (17 MiB), which fit in its 50 MB L2
 GRAD_TILE_GROUP = 8
-# integer arguments that vary from call to call: never specialized (== 1, % 16), so no recompilation as N changes
-_VARYING = ["num_slots", "num_pairs", "num_pair_slots", "rest_half"]
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,7 @@ class TileConfig:
         return f"m{self.block_m}-v{self.block_v}-d{self.block_d}-w{self.num_warps}-s{self.num_stages}"
 
 
-# Chosen from `python bench/kernel_compile.py` with triton 3.9 and 3.6: no spills with either, shared memory within the
+# Chosen from `python -m bench.kernel_compile` with triton 3.9 and 3.6: no spills with either, shared memory within the
 # architecture's per-block limit (at most 96 KiB: Ada's 99 KiB too). Keys: (architecture, input kind); sm_90 also
 # serves newer GPUs, sm_80 every Ampere / Ada GPU.
 TILE_CONFIGS = {
@@ -118,14 +125,6 @@ def device_arch(device: torch.device) -> str:
 
 
 @triton.jit
-def _softcap(z, softcap, SOFTCAP: tl.constexpr):
-    """c tanh(z / c), with tanh(u) = 1 - 2 / (exp(2u) + 1) (no libdevice)."""
-    if SOFTCAP:
-        z = softcap * (1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0))
-    return z
-
-
-@triton.jit
 def _program_cell(num_tiles, num_columns, GROUP: tl.constexpr):
     """(pair tile, vocabulary column) of this program in a 1-D grid of num_tiles x num_columns programs: groups of
     GROUP tiles, the tile index fastest inside a group. The programs resident at once then share a few H panels and
@@ -137,22 +136,6 @@ def _program_cell(num_tiles, num_columns, GROUP: tl.constexpr):
     group_size = tl.minimum(num_tiles - first_tile, GROUP)
     local = pid % per_group
     return first_tile + local % group_size, local // group_size
-
-
-@triton.jit
-def _pair_tile(pid, ntp_targets_ptr, num_slots, num_pairs, num_pair_slots, rest_half, ignore_index, BLOCK_M):
-    """Slots and NTP targets of sides a and b of the pair slots of tile ``pid``."""
-    k = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    in_range = k < num_pair_slots
-    is_pair = k < num_pairs
-    # pair k < P: slots k and P + k; unpaired slot k >= P: rest slots 2P + (k - P) and 2P + half + (k - P)
-    slot_a = tl.where(is_pair, k, k + num_pairs)
-    slot_b = tl.where(is_pair, k + num_pairs, k + num_pairs + rest_half)
-    ok_a = in_range
-    ok_b = in_range & (slot_b < num_slots)
-    target_a = tl.load(ntp_targets_ptr + slot_a, mask=ok_a, other=ignore_index)
-    target_b = tl.load(ntp_targets_ptr + slot_b, mask=ok_b, other=ignore_index)
-    return k, is_pair & in_range, slot_a, slot_b, ok_a, ok_b, target_a, target_b
 
 
 @triton.jit
@@ -188,11 +171,11 @@ def _pair_logits(
         h_a = tl.load(h_a_ptrs + dims[None, :], mask=ok_a[:, None] & dim_ok[None, :], other=0.0)
         h_b = tl.load(h_b_ptrs + dims[None, :], mask=ok_b[:, None] & dim_ok[None, :], other=0.0)
         # W^T tile (BLOCK_D, BLOCK_V), shared by both sides
-        w_t = tl.load(w_ptrs + dims[:, None], mask=col_ok[None, :] & dim_ok[:, None], other=0.0)
+        w_tile = tl.load(w_ptrs + dims[:, None], mask=col_ok[None, :] & dim_ok[:, None], other=0.0)
         if UPCAST:
-            h_a, h_b, w_t = h_a.to(tl.float32), h_b.to(tl.float32), w_t.to(tl.float32)
-        z_a = tl.dot(h_a, w_t, z_a, input_precision=DOT_PRECISION)
-        z_b = tl.dot(h_b, w_t, z_b, input_precision=DOT_PRECISION)
+            h_a, h_b, w_tile = h_a.to(tl.float32), h_b.to(tl.float32), w_tile.to(tl.float32)
+        z_a = tl.dot(h_a, w_tile, z_a, input_precision=DOT_PRECISION)
+        z_b = tl.dot(h_b, w_tile, z_b, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         z_a += bias[None, :]
@@ -200,46 +183,7 @@ def _pair_logits(
     return z_a, z_b
 
 
-@triton.jit
-def _online_update(z, run_max, run_sum):
-    """One block of an online log-sum-exp; z is -inf on masked columns. Returns (max, sum, rescale, exp(z - max))."""
-    new_max = tl.maximum(run_max, tl.max(z, 1))
-    rescale = tl.exp(run_max - new_max)
-    probs = tl.exp(z - new_max[:, None])
-    return new_max, run_sum * rescale + tl.sum(probs, 1), rescale, probs
-
-
-@triton.jit
-def _ntp_block(z, cols, col_ok, target, run_max, run_sum, run_zsum, run_target, run_arg, vocab_size):
-    """Online NTP statistics of one block of capped logits z (masked columns are set to -inf here)."""
-    z = tl.where(col_ok[None, :], z, float("-inf"))
-    block_max = tl.max(z, 1)
-    # first column reaching the block max; a later block wins only when strictly larger
-    block_arg = tl.min(tl.where(z == block_max[:, None], cols[None, :], vocab_size), 1)
-    run_arg = tl.where(block_max > run_max, block_arg, run_arg)
-    new_max, run_sum, rescale, probs = _online_update(z, run_max, run_sum)
-    # entropy needs sum softmax(z) z: carry sum exp(z - max) z
-    run_zsum = run_zsum * rescale + tl.sum(probs * tl.where(col_ok[None, :], z, 0.0), 1)
-    run_target += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), 1)
-    return new_max, run_sum, run_zsum, run_target, run_arg
-
-
-@triton.jit
-def _mixed_block(z_a, z_b, lam, cols, col_ok, target_p, target_q, run_max, run_sum, run_target, softcap, SOFTCAP):
-    """Online statistics of one block of the mixed logits of a pair tile, from the raw logits of its two sides."""
-    # z~ = lam z_p + (1 - lam) z_q on raw logits; the soft cap comes after mixing
-    z_t = _softcap(lam[:, None] * z_a + (1.0 - lam[:, None]) * z_b, softcap, SOFTCAP)
-    z_t = tl.where(col_ok[None, :], z_t, float("-inf"))
-    run_max, run_sum, _, _ = _online_update(z_t, run_max, run_sum)
-    # lam z~[t_p] + (1 - lam) z~[t_q]
-    soft_target = tl.where(cols[None, :] == target_p[:, None], lam[:, None], 0.0) + tl.where(
-        cols[None, :] == target_q[:, None], 1.0 - lam[:, None], 0.0
-    )
-    run_target += tl.sum(soft_target * tl.where(col_ok[None, :], z_t, 0.0), 1)
-    return run_max, run_sum, run_target
-
-
-@triton.jit(do_not_specialize=[*_VARYING, "cols_per_split", "num_tiles", "num_splits"])
+@triton.jit(do_not_specialize=[*VARYING_ARGS, "cols_per_split", "num_tiles", "num_splits"])
 def _sftmix_forward_kernel(
     hidden_ptr,
     weight_ptr,
@@ -278,7 +222,7 @@ def _sftmix_forward_kernel(
 ):
     # GROUP = 1: the splits of a tile run side by side and share its H panel
     pid, split = _program_cell(num_tiles, num_splits, 1)
-    k, is_pair, slot_a, slot_b, ok_a, ok_b, target_a, target_b = _pair_tile(
+    k, is_pair, slot_a, slot_b, ok_a, ok_b, target_a, target_b = pair_tile(
         pid, ntp_targets_ptr, num_slots, num_pairs, num_pair_slots, rest_half, ignore_index, BLOCK_M
     )
     tile_has_pair = pid * BLOCK_M < num_pairs
@@ -291,7 +235,7 @@ def _sftmix_forward_kernel(
     max_b, sum_b, zsum_b, tgt_b = zeros - float("inf"), zeros, zeros, zeros
     arg_a = tl.zeros((BLOCK_M,), dtype=tl.int32)
     arg_b = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    max_t, sum_t, tgt_t = zeros - float("inf"), zeros, zeros
+    max_mix, sum_mix, tgt_mix = zeros - float("inf"), zeros, zeros
 
     v_start = split * cols_per_split
     v_end = tl.minimum(v_start + cols_per_split, vocab_size)
@@ -303,15 +247,15 @@ def _sftmix_forward_kernel(
             stride_w, HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
         )  # fmt: skip
         if tile_has_pair:
-            max_t, sum_t, tgt_t = _mixed_block(
-                z_a, z_b, lam, cols, col_ok, target_p, target_q, max_t, sum_t, tgt_t, softcap, SOFTCAP
+            max_mix, sum_mix, tgt_mix = mixed_block(
+                z_a, z_b, lam, cols, col_ok, target_p, target_q, max_mix, sum_mix, tgt_mix, softcap, SOFTCAP
             )
-        z_a = _softcap(z_a, softcap, SOFTCAP)
-        z_b = _softcap(z_b, softcap, SOFTCAP)
-        max_a, sum_a, zsum_a, tgt_a, arg_a = _ntp_block(
+        z_a = apply_softcap(z_a, softcap, SOFTCAP)
+        z_b = apply_softcap(z_b, softcap, SOFTCAP)
+        max_a, sum_a, zsum_a, tgt_a, arg_a = ntp_block(
             z_a, cols, col_ok, target_a, max_a, sum_a, zsum_a, tgt_a, arg_a, vocab_size
         )
-        max_b, sum_b, zsum_b, tgt_b, arg_b = _ntp_block(
+        max_b, sum_b, zsum_b, tgt_b, arg_b = ntp_block(
             z_b, cols, col_ok, target_b, max_b, sum_b, zsum_b, tgt_b, arg_b, vocab_size
         )
 
@@ -328,30 +272,12 @@ def _sftmix_forward_kernel(
     tl.store(part_arg_ptr + base + slot_b, arg_b, mask=ok_b)
     if tile_has_pair:
         mix_base = split * num_pairs
-        tl.store(mix_max_ptr + mix_base + k, max_t, mask=is_pair)
-        tl.store(mix_sum_ptr + mix_base + k, sum_t, mask=is_pair)
-        tl.store(mix_target_ptr + mix_base + k, tgt_t, mask=is_pair)
+        tl.store(mix_max_ptr + mix_base + k, max_mix, mask=is_pair)
+        tl.store(mix_sum_ptr + mix_base + k, sum_mix, mask=is_pair)
+        tl.store(mix_target_ptr + mix_base + k, tgt_mix, mask=is_pair)
 
 
-@triton.jit
-def _soft_ce_grad(
-    z_raw, lse, col_weight_1, col_1, col_weight_2, col_2, row_scale, cols, col_ok, softcap, SOFTCAP: tl.constexpr
-):
-    """row_scale * (softmax(z) - w1 e_{c1} - w2 e_{c2}) * dcap(z) with z = cap(z_raw); 0 on masked columns."""
-    z = _softcap(z_raw, softcap, SOFTCAP)
-    # the target corrections in fp32, before anything is rounded
-    grad = (
-        tl.exp(z - lse[:, None])
-        - tl.where(cols[None, :] == col_1[:, None], col_weight_1[:, None], 0.0)
-        - tl.where(cols[None, :] == col_2[:, None], col_weight_2[:, None], 0.0)
-    )
-    if SOFTCAP:
-        # d(c tanh(u / c))/du = 1 - (z / c)^2
-        grad = grad * (1.0 - (z / softcap) * (z / softcap))
-    return tl.where(col_ok[None, :], grad * row_scale[:, None], 0.0)
-
-
-@triton.jit(do_not_specialize=[*_VARYING, "chunk_start", "chunk_end", "num_tiles", "num_column_blocks"])
+@triton.jit(do_not_specialize=[*VARYING_ARGS, "chunk_start", "chunk_end", "num_tiles", "num_column_blocks"])
 def _logit_grad_kernel(
     hidden_ptr,
     weight_ptr,
@@ -392,7 +318,7 @@ def _logit_grad_kernel(
     chunk_cols = column_block * BLOCK_V + tl.arange(0, BLOCK_V)
     cols = chunk_start + chunk_cols
     col_ok = cols < chunk_end
-    k, is_pair, slot_a, slot_b, ok_a, ok_b, target_a, target_b = _pair_tile(
+    k, is_pair, slot_a, slot_b, ok_a, ok_b, target_a, target_b = pair_tile(
         pid, ntp_targets_ptr, num_slots, num_pairs, num_pair_slots, rest_half, ignore_index, BLOCK_M
     )
     z_a, z_b = _pair_logits(
@@ -407,9 +333,9 @@ def _logit_grad_kernel(
     scale_b = tl.load(ntp_row_scale_ptr + slot_b, mask=ok_b, other=0.0)
     no_weight = tl.zeros((BLOCK_M,), dtype=tl.float32)
     one_weight = no_weight + 1.0
-    grad_a = _soft_ce_grad(z_a, lse_a, one_weight, target_a, no_weight, target_a, scale_a, cols, col_ok, softcap,
+    grad_a = soft_ce_grad(z_a, lse_a, one_weight, target_a, no_weight, target_a, scale_a, cols, col_ok, softcap,
                            SOFTCAP)  # fmt: skip
-    grad_b = _soft_ce_grad(z_b, lse_b, one_weight, target_b, no_weight, target_b, scale_b, cols, col_ok, softcap,
+    grad_b = soft_ce_grad(z_b, lse_b, one_weight, target_b, no_weight, target_b, scale_b, cols, col_ok, softcap,
                            SOFTCAP)  # fmt: skip
     if pid * BLOCK_M < num_pairs:
         # mixup part rides on both rows: dz~/dz_p = lam, dz~/dz_q = 1 - lam
@@ -418,11 +344,11 @@ def _logit_grad_kernel(
         target_q = tl.load(mix_targets_ptr + 2 * k + 1, mask=is_pair, other=0)
         mix_lse = tl.load(mix_lse_ptr + k, mask=is_pair, other=float("inf"))
         mix_scale = tl.load(mix_scale_ptr + k, mask=is_pair, other=0.0)
-        z_t = lam[:, None] * z_a + (1.0 - lam[:, None]) * z_b
-        grad_t = _soft_ce_grad(z_t, mix_lse, lam, target_p, 1.0 - lam, target_q, mix_scale, cols, col_ok, softcap,
+        z_mix = lam[:, None] * z_a + (1.0 - lam[:, None]) * z_b
+        grad_mix = soft_ce_grad(z_mix, mix_lse, lam, target_p, 1.0 - lam, target_q, mix_scale, cols, col_ok, softcap,
                                SOFTCAP)  # fmt: skip
-        grad_a += lam[:, None] * grad_t
-        grad_b += (1.0 - lam[:, None]) * grad_t
+        grad_a += lam[:, None] * grad_mix
+        grad_b += (1.0 - lam[:, None]) * grad_mix
 
     # G rounded to the output dtype only now, after the fp32 corrections
     out_dtype = grad_logits_ptr.dtype.element_ty
@@ -453,24 +379,6 @@ def _config(kernel: str, hidden: torch.Tensor, options: SFTMixLossOptions, num_p
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-
-
-def check_triton_dtype(impl: str, dtype: torch.dtype) -> None:
-    """Refuse inputs the Triton backends do not take: fp16 (module docstring) and anything but fp32 / bf16."""
-    if dtype == torch.float16:
-        raise TypeError(
-            f"impl={impl!r} does not take fp16 inputs: its fp16 logit gradient, scaled once for the whole batch, "
-            "would lose the softmax tails of rows with small weights and its fp16 dW can overflow. Use bf16, or "
-            "impl='torch' (which impl='auto' picks for fp16), which computes fp16 inputs in fp32."
-        )
-    if dtype not in TRITON_DTYPES:
-        raise TypeError(f"impl={impl!r} takes {TRITON_DTYPES} inputs, got {dtype}; use impl='torch'.")
-
-
-def grad_dtype_for(device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """The dtype the logit gradient G is stored in: the input dtype; fp32 for CPU tensors under the interpreter,
-    whose casts to bf16 truncate instead of rounding (tests/kernels/test_cuda_branches.py forces the GPU's)."""
-    return torch.float32 if INTERPRET and device.type == "cpu" else dtype
 
 
 def _common_args(hidden_slots, weight, bias, layout: RowLayout, options: SFTMixLossOptions):
@@ -556,16 +464,16 @@ def forward_launch(hidden_slots, weight, bias, layout: RowLayout, options: SFTMi
     cols_per_split = triton.cdiv(vocab_blocks, splits) * config.block_v
     splits = triton.cdiv(vocab_size, cols_per_split)  # no empty split
 
-    new = dict(dtype=torch.float32, device=hidden_slots.device)
+    fp32 = dict(dtype=torch.float32, device=hidden_slots.device)
     buffers = dict(
-        part_max_ptr=torch.empty(splits, num_slots, **new),
-        part_sum_ptr=torch.empty(splits, num_slots, **new),
-        part_zsum_ptr=torch.empty(splits, num_slots, **new),
-        part_target_ptr=torch.empty(splits, num_slots, **new),
+        part_max_ptr=torch.empty(splits, num_slots, **fp32),
+        part_sum_ptr=torch.empty(splits, num_slots, **fp32),
+        part_zsum_ptr=torch.empty(splits, num_slots, **fp32),
+        part_target_ptr=torch.empty(splits, num_slots, **fp32),
         part_arg_ptr=torch.empty(splits, num_slots, dtype=torch.int32, device=hidden_slots.device),
-        mix_max_ptr=torch.empty(splits, num_pairs, **new),
-        mix_sum_ptr=torch.empty(splits, num_pairs, **new),
-        mix_target_ptr=torch.empty(splits, num_pairs, **new),
+        mix_max_ptr=torch.empty(splits, num_pairs, **fp32),
+        mix_sum_ptr=torch.empty(splits, num_pairs, **fp32),
+        mix_target_ptr=torch.empty(splits, num_pairs, **fp32),
     )
     args.update(
         vocab_size=vocab_size, cols_per_split=cols_per_split, num_tiles=num_tiles, num_splits=splits, **buffers
@@ -604,26 +512,6 @@ def grad_chunk_columns(num_slots: int, vocab_size: int, block_v: int, chunk: int
     return min(max(chunk // block_v, 1) * block_v, whole_vocab)
 
 
-def _product_into(out, a, b):
-    """out <- a @ b: one GEMM into ``out``, or, when the dtypes differ (an fp32 G under the interpreter), an fp32
-    product rounded once into ``out``."""
-    if a.dtype == b.dtype == out.dtype:
-        return torch.mm(a, b, out=out)
-    return out.copy_(a.float() @ b.float())
-
-
-def _accumulate_product(out, a, b):
-    """Returns out + a @ b for an fp32 ``out``: one GEMM with fp32 output where torch has one (CUDA), so the partial
-    product is never rounded; else the product in the inputs' dtype (fp32 math for CPU tensors: tests)."""
-    if a.dtype == b.dtype == out.dtype:
-        return out.addmm_(a, b)
-    if has_fp32_out_gemm(out.device.type, a.dtype):
-        return torch.addmm(out, a, b, out_dtype=out.dtype)
-    if out.device.type == "cpu" or a.dtype != b.dtype:
-        return out.addmm_(a.to(out.dtype), b.to(out.dtype))
-    return out.add_(a @ b)
-
-
 @dataclass
 class LogitGradInputs:
     """What the gradient kernel reads beyond the inputs and the layout, all fp32: per slot the log-sum-exp and
@@ -658,19 +546,20 @@ def logit_grad_launch(hidden_slots, weight, bias, layout, options, inputs: Logit
     return KernelLaunch(_logit_grad_kernel, (num_tiles * num_column_blocks,), config, args)
 
 
-def _gradients(hidden_slots, weight, bias, layout, options, inputs: LogitGradInputs, needs_grad, num_rows: int):
+def _gradients(hidden_slots, weight, bias, params: LossParams, inputs: LogitGradInputs, num_rows: int):
     """(dH, dW, db) / grad_scale: dH (rows in input order) and db in fp32, dW in the input dtype."""
-    need_hidden, need_weight, need_bias = needs_grad
+    layout, options = params.layout, params.options
+    need_hidden, need_weight, need_bias = params.needs_grad
     (vocab_size, hidden_size), num_slots = weight.shape, hidden_slots.shape[0]
-    device, new = hidden_slots.device, dict(dtype=torch.float32, device=hidden_slots.device)
+    device, fp32 = hidden_slots.device, dict(dtype=torch.float32, device=hidden_slots.device)
     block_v = _config("logit_grad", hidden_slots, options, num_slots, weight).block_v
     chunk = grad_chunk_columns(num_slots, vocab_size, block_v, options.vocab_chunk)
     # G in the input dtype; fp32 under the interpreter, whose casts to bf16 truncate instead of rounding
     grad_dtype = grad_dtype_for(device, hidden_slots.dtype)
     grad_logits_buffer = torch.empty(num_slots * chunk, dtype=grad_dtype, device=device)
-    grad_hidden_slots = torch.zeros(num_slots, hidden_size, **new) if need_hidden else None
+    grad_hidden_slots = torch.zeros(num_slots, hidden_size, **fp32) if need_hidden else None
     grad_weight = torch.empty_like(weight) if need_weight else None
-    grad_bias = torch.empty(vocab_size, **new) if need_bias else None
+    grad_bias = torch.empty(vocab_size, **fp32) if need_bias else None
     for chunk_start in range(0, vocab_size, chunk):
         chunk_end = min(chunk_start + chunk, vocab_size)
         width = chunk_end - chunk_start
@@ -679,10 +568,10 @@ def _gradients(hidden_slots, weight, bias, layout, options, inputs: LogitGradInp
         logit_grad_launch(hidden_slots, weight, bias, layout, options, inputs, grad_logits, chunk_start)()
         if need_weight:
             # dW[chunk] = G^T H
-            _product_into(grad_weight[chunk_start:chunk_end], grad_logits.T, hidden_slots)
+            product_into(grad_weight[chunk_start:chunk_end], grad_logits.T, hidden_slots)
         if need_hidden:
             # dH += G W[chunk]
-            grad_hidden_slots = _accumulate_product(grad_hidden_slots, grad_logits, weight[chunk_start:chunk_end])
+            grad_hidden_slots = add_product(grad_hidden_slots, grad_logits, weight[chunk_start:chunk_end])
         if need_bias:
             # db[chunk] = sum_n G
             torch.sum(grad_logits, dim=0, dtype=torch.float32, out=grad_bias[chunk_start:chunk_end])
@@ -690,35 +579,33 @@ def _gradients(hidden_slots, weight, bias, layout, options, inputs: LogitGradInp
     grad_hidden = None
     if need_hidden:
         # back from slot order to row order; a row in two slots (a repeated self-mixed row) gets both (one is 0)
-        grad_hidden = torch.zeros(num_rows, hidden_size, **new).index_add_(0, layout.rows, grad_hidden_slots)
+        grad_hidden = torch.zeros(num_rows, hidden_size, **fp32).index_add_(0, layout.rows, grad_hidden_slots)
     return grad_hidden, grad_weight, grad_bias
 
 
-def loss_and_grads(hidden, weight, bias, layout, options, ntp_scale, mix_scale, needs_grad):
-    """(SlotStats, (dH, dW, db) / grad_scale, grad_scale): the forward kernel, then, when ``needs_grad`` has a flag,
-    the chunked backward (gradients None unless flagged; grad_scale None without gradients)."""
+def loss_and_grads(hidden, weight, bias, params: LossParams):
+    """(SlotStats, (dH, dW, db) / grad_scale, grad_scale): the forward kernel, then, when ``params.needs_grad`` has
+    a flag, the chunked backward (gradients None unless flagged; grad_scale None without gradients)."""
+    layout, options, mix_scale = params.layout, params.options, params.mix_scale
     # the hidden states in slot order, so that every tile reads contiguous rows
     hidden_slots = hidden.index_select(0, layout.rows)
     stats, lse, mix_lse = _forward(hidden_slots, weight, bias, layout, options)
     # dL/dNLL of each slot: 1 / normalizer where the slot has an NTP term
-    ntp_row_scale = torch.where(layout.ntp_targets != options.ignore_index, ntp_scale.float(), 0.0)
+    ntp_row_scale = torch.where(layout.ntp_targets != options.ignore_index, params.ntp_scale.float(), 0.0)
     if options.dft:
         # DFT: each next-token term times the slot's own target probability p = exp(-nll), held constant: the loss
         # is p nll and the logit gradient p (softmax(z) - e_t) / normalizer (nll = 0 off the NTP slots)
         dft_weight = torch.exp(-stats.nll)
         stats.nll = stats.nll * dft_weight
         ntp_row_scale = ntp_row_scale * dft_weight
-    if not any(needs_grad):
+    if not params.any_grad:
         return stats, (None, None, None), None
-    # divide both scales by the larger, so that |G| <= 2 whatever the normalizer
-    grad_scale = ntp_scale.float().reshape(())
-    if mix_scale.numel():
-        grad_scale = torch.maximum(grad_scale, mix_scale.float().max())
+    grad_scale = params.grad_scale(torch.float32)
     inputs = LogitGradInputs(
         lse=lse,
         mix_lse=mix_lse,
         ntp_row_scale=(ntp_row_scale / grad_scale).contiguous(),
         mix_scale=(mix_scale.float() / grad_scale).contiguous(),
     )
-    grads = _gradients(hidden_slots, weight, bias, layout, options, inputs, needs_grad, hidden.shape[0])
+    grads = _gradients(hidden_slots, weight, bias, params, inputs, hidden.shape[0])
     return stats, grads, grad_scale

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from bench import gpu_check_summary
+from bench import kernel as kernel_bench
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "bench" / "gpu_check.sh"
-sys.path.append(str(REPO / "bench"))
-
-import gpu_check_summary  # noqa: E402
-import kernel as kernel_bench  # noqa: E402
 
 
 def test_script_parses_and_refuses_unknown_steps():

@@ -1,15 +1,10 @@
 """bench/grad_density.py's core on tiny constructed logits: the gradient it measures is the loss's, uniform logits
 leave every tile live, sorting by mean logit clusters live columns, pairs are formed as the trainer forms them."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.append(str(Path(__file__).resolve().parents[2] / "bench"))
-
-import grad_density  # noqa: E402
+from bench import grad_density
 
 
 def _density(grad, threshold=2.0**-12, row_scale=None, columns=None):

@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+REPO = Path(__file__).resolve().parents[2]
 ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
@@ -25,8 +25,8 @@ ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 def report_rows(tmp_path_factory):
     dump = tmp_path_factory.mktemp("ptx")
     result = subprocess.run(
-        [sys.executable, str(BENCH / "kernel_compile.py"), "--json", "--dump", str(dump)],
-        env=ENV, capture_output=True, text=True, timeout=900, check=False,
+        [sys.executable, "-m", "bench.kernel_compile", "--json", "--dump", str(dump)],
+        env=ENV, capture_output=True, text=True, timeout=900, check=False, cwd=REPO,
     )  # fmt: skip
     assert result.returncode in (0, 1), result.stderr[-5000:]
     return json.loads(result.stdout.strip().splitlines()[-1]), dump
@@ -62,13 +62,12 @@ def test_dump_writes_one_ptx_per_compiled_launch(report_rows):
 def test_the_layout_check_finds_the_race_of_a_row_over_two_warps():
     """m8-v512 for bf16 is laid out warpsPerCTA [4, 2] (a row's columns over two warps, no barrier in pass 2): the
     report must call it a race and fail."""
-    sys.path.insert(0, str(BENCH))
-    import kernel_compile
+    from bench import kernel_compile
 
     result = subprocess.run(
-        [sys.executable, str(BENCH / "kernel_compile.py"), "--json", "--kernels", "rowchunk", "--archs", "sm_90a",
+        [sys.executable, "-m", "bench.kernel_compile", "--json", "--kernels", "rowchunk", "--archs", "sm_90a",
          "--dtypes", "bf16", "--variants", "plain", "--configs", "m8-v512-w8-s3"],
-        env=ENV, capture_output=True, text=True, timeout=600, check=False,
+        env=ENV, capture_output=True, text=True, timeout=600, check=False, cwd=REPO,
     )  # fmt: skip
     assert result.returncode == 1, result.stderr[-3000:]
     (row,) = json.loads(result.stdout.strip().splitlines()[-1])
@@ -79,8 +78,7 @@ def test_the_layout_check_finds_the_race_of_a_row_over_two_warps():
 def test_the_layout_check_reads_ownership_and_barriers():
     """`warp_rows` on TTGIR text shaped as triton writes it: one layout with one warp across the columns; a row over
     two warps; the same with a barrier between the loads and the stores; loads and stores mapping rows differently."""
-    sys.path.insert(0, str(BENCH))
-    from kernel_compile import warp_rows
+    from bench.kernel_compile import warp_rows
 
     def ttgir(load_warps, store_warps, barrier=""):
         layout = "#ttg.blocked<{{sizePerThread = [1, 8], threadsPerWarp = [1, 32], warpsPerCTA = {}, order = [1, 0]}}>"

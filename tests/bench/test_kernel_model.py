@@ -16,18 +16,18 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-sys.path.append(str(BENCH))
+from bench import kernel, kernel_model
+from sftmix_trl.kernels import functional
+from sftmix_trl.kernels.triton_sftmix import grad_chunk_columns
 
-import kernel  # noqa: E402
-import kernel_model  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def model_output(tmp_path_factory):
     csv_path = tmp_path_factory.mktemp("model") / "model.csv"
-    command = [sys.executable, str(BENCH / "kernel_model.py"), "--json", "--csv", str(csv_path)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-m", "bench.kernel_model", "--json", "--csv", str(csv_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(csv_path, newline="") as handle:
         return json.loads(result.stdout), list(csv.DictReader(handle))
@@ -102,10 +102,21 @@ def test_filtering_scales_the_backward_products_with_the_density(model_output):
 
 
 def test_gradient_chunk_is_the_largest_block_multiple_under_the_element_budget():
-    assert kernel_model.chunk_columns(8192, 128256, 128) == 8192
-    assert kernel_model.chunk_columns(3000, 128256, 128) == 22272  # 2**26 // 3000 = 22369 -> 174 blocks
-    assert kernel_model.chunk_columns(2**20, 49152, 128) == 128  # at least one block
-    assert kernel_model.chunk_columns(1024, 49152, 128) == 49152  # at most V
+    """The triton backend's planner, which the model prices with (imported, not restated)."""
+    assert kernel_model.grad_chunk_columns is grad_chunk_columns
+    assert grad_chunk_columns(8192, 128256, 128) == 8192
+    assert grad_chunk_columns(3000, 128256, 128) == 22272  # 2**26 // 3000 = 22369 -> 174 blocks
+    assert grad_chunk_columns(2**20, 49152, 128) == 128  # at least one block
+    assert grad_chunk_columns(1024, 49152, 128) == 49152  # at most V
+
+
+def test_the_model_prices_what_auto_picks_for_bf16_on_cuda(monkeypatch):
+    """`AUTO_IMPL`, the implementation the model's summary holds to issue #21's bar, is what impl="auto" resolves to
+    for bf16 CUDA tensors where torch has the fp32-output GEMM (torch >= 2.10)."""
+    monkeypatch.setattr(functional, "has_fp32_out_gemm", lambda device_type, dtype: True)
+    monkeypatch.setattr(functional, "triton_available", lambda: True)
+    assert functional.resolve_impl("auto", torch.device("cuda"), torch.bfloat16) == kernel_model.AUTO_IMPL
+    assert kernel_model.AUTO_IMPL in kernel_model.COSTS
 
 
 def _malloc_in_use():

@@ -10,13 +10,18 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+REPO = Path(__file__).resolve().parents[2]
 
 
-def _run(script: str, args: list[str]) -> list[dict]:
+def _run(module: str, args: list[str]) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, str(BENCH / script), *args], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", f"bench.{module}", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     csv_path = Path(args[args.index("--csv") + 1])
@@ -27,7 +32,7 @@ def _run(script: str, args: list[str]) -> list[dict]:
 @pytest.mark.slow
 def test_kernel_bench_writes_time_memory_and_error_rows(tmp_path):
     rows = _run(
-        "kernel.py",
+        "kernel",
         ["--shapes", "smollm2-135m", "--tokens", "64", "--impls", "reference", "torch", "--repeats", "1",
          "--warmup", "0", "--check", "--csv", str(tmp_path / "kernel.csv")],
     )  # fmt: skip
@@ -44,7 +49,7 @@ def test_kernel_bench_writes_time_memory_and_error_rows(tmp_path):
 @pytest.mark.slow
 def test_trainer_bench_writes_step_time_memory_and_ratio_rows(tmp_path):
     rows = _run(
-        "trainer.py",
+        "trainer",
         ["--model", "tiny", "--impls", "torch", "--steps", "1", "--warmup", "0", "--threads", "1",
          "--csv", str(tmp_path / "trainer.csv")],
     )  # fmt: skip
@@ -59,10 +64,11 @@ def test_trainer_bench_writes_step_time_memory_and_ratio_rows(tmp_path):
 @pytest.mark.slow
 def test_profile_step_counts_the_head_flops_of_each_trainer(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, str(BENCH / "profile_step.py"), "--model", "tiny", "--batch", "2", "--seq-len", "64"]
+    command = [sys.executable, "-m", "bench.profile_step", "--model", "tiny", "--batch", "2", "--seq-len", "64"]
     result = subprocess.run(
-        [*command, "--json", str(tmp_path / "profile.json")], env=env, capture_output=True, text=True, timeout=600
-    )
+        [*command, "--json", str(tmp_path / "profile.json")],
+        env=env, capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     sft, sftmix = json.loads((tmp_path / "profile.json").read_text())
     # FLOPs, not times, so exact: TRL's chunked head recomputes its logits in backward (logits twice, dH, dW), the

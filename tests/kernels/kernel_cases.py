@@ -1,9 +1,36 @@
-"""Inputs for the kernel tests, and running one implementation on them in the oracle's output format."""
+"""Inputs for the kernel tests (`make_case`, the named `CASES`), running one implementation on them in the oracle's
+output format (`run_impl`), and comparing the two (`oracle_errors`, `assert_metrics`)."""
 
+import pytest
 import torch
 from kernel_oracle import Case
 
+from bench.inputs import beta_half_lambdas, ignored_and_valid_rows, pairs_of
 from sftmix_trl.kernels import SFTMixLossOptions, sftmix_linear_cross_entropy
+
+IMPLS = ["reference", "torch", "triton", "rowchunk"]
+FUSED = ["torch", "triton", "rowchunk"]
+TENSOR_KEYS = ("loss", "ntp_loss", "mixup_loss", "grad_hidden", "grad_weight", "grad_bias")
+
+CASES = {
+    "odd_shapes": dict(),
+    "lam_zero_one": dict(lam="zero_one", num_pairs=12),
+    "same_targets": dict(same_targets=True),
+    "no_pairs": dict(num_pairs=0),
+    "self_mixed_rows": dict(self_pairs=3, num_pairs=10),
+    # 2P > N: the self-mixed rows cannot all borrow an unpaired row
+    "self_mixed_crowded": dict(num_rows=9, ignore_fraction=0.0, num_pairs=6, self_pairs=4),
+    "peaked": dict(peaked=True),
+    "softcap": dict(peaked=True, logit_softcap=5.0),
+    "frozen_head_no_bias": dict(bias=False, requires_grad=("hidden",), ntp_normalizer=57.0),
+    "tensor_normalizer": dict(ntp_normalizer=torch.tensor(80.0), mixup_coef=0.7, ignore_fraction=0.6, num_pairs=5),
+    # the NTP ablations: mixed rows outside ntp_mask keep their targets for the mixup term only
+    "ntp_mask": dict(ntp_mask_fraction=0.5, num_pairs=12),
+    "ntp_mask_none": dict(ntp_mask_fraction=0.0, num_pairs=12),
+    "ntp_mask_self_mixed_crowded": dict(
+        num_rows=9, ignore_fraction=0.0, num_pairs=6, self_pairs=4, ntp_mask_fraction=0.5
+    ),
+}
 
 
 def make_case(
@@ -22,7 +49,7 @@ def make_case(
     ntp_mask_fraction=None,
     **case_kwargs,
 ) -> Case:
-    """Random inputs in fp32 on CPU.
+    """Random inputs in fp32 on CPU, drawn with the benchmarks' generator pieces (`bench.inputs`).
 
     ``lam``: "beta" (Beta(0.5, 0.5) samples), "zero_one" (alternating exact 0 and 1) or a number.
     ``peaked``: some rows of W are scaled copies of some hidden rows, so those rows' softmax is nearly one-hot.
@@ -38,21 +65,17 @@ def make_case(
         # W[t_n] = 4 h_n / |h_n|: logit z_n[t_n] ~ 4 sqrt(D) dominates; the gradient's p - 1 nearly cancels
         hot = torch.arange(0, num_rows, 2)
         weight[targets[hot]] = 4 * hidden[hot] / hidden[hot].norm(dim=1, keepdim=True)
-    ignored = torch.rand(num_rows, generator=gen) < ignore_fraction
-    valid_rows = torch.nonzero(~ignored).flatten()
-    valid_rows = valid_rows[torch.randperm(valid_rows.numel(), generator=gen)]
+    ignored, valid_rows = ignored_and_valid_rows(num_rows, ignore_fraction, gen)
     if pair_fraction is not None:
         num_pairs = int(pair_fraction * valid_rows.numel()) // 2
     num_distinct = 2 * num_pairs - self_pairs
     assert valid_rows.numel() >= num_distinct, "not enough valid rows for the requested pairs"
-    p_rows = valid_rows[:num_pairs]
-    q_rows = torch.cat([p_rows[:self_pairs], valid_rows[num_pairs:num_distinct]])
+    mix_index = pairs_of(valid_rows, num_pairs, self_pairs)
     if same_targets:
-        targets[q_rows] = targets[p_rows]
+        targets[mix_index[:, 1]] = targets[mix_index[:, 0]]
     targets[ignored] = -100
     if lam == "beta":
-        # Beta(0.5, 0.5) is the arcsine law: sin^2(pi U / 2), U uniform (seeded, unlike torch.distributions)
-        mix_lambda = torch.sin(torch.rand(num_pairs, generator=gen) * torch.pi / 2).square()
+        mix_lambda = beta_half_lambdas(num_pairs, gen)
     elif lam == "zero_one":
         mix_lambda = (torch.arange(num_pairs) % 2).float()
     else:
@@ -63,7 +86,7 @@ def make_case(
         hidden=hidden,
         weight=weight,
         targets=targets,
-        mix_index=torch.stack([p_rows, q_rows], dim=1),
+        mix_index=mix_index,
         mix_lambda=mix_lambda,
         mix_weight=torch.rand(num_pairs, generator=gen) / max(num_pairs, 1),
         bias=torch.randn(vocab_size, generator=gen) if bias else None,
@@ -115,3 +138,21 @@ def run_impl(case: Case, impl: str, dtype=torch.float32, device="cpu", **option_
         "entropy": float(out.entropy),
         **{f"grad_{name}": t.grad.cpu().double() for name, t in leaves.items() if t is not None and t.requires_grad},
     }
+
+
+def rel_error(actual, expected):
+    """max |actual - expected| / max |expected| (its denominator at least 1e-12)."""
+    return float((actual - expected).abs().max() / expected.abs().max().clamp(min=1e-12))
+
+
+def oracle_errors(result, oracle):
+    """`rel_error` of each tensor of ``result`` (a `run_impl` output) against the oracle's."""
+    return {key: rel_error(result[key], oracle[key]) for key in TENSOR_KEYS if key in oracle}
+
+
+def assert_metrics(result, oracle):
+    """The metrics equal the oracle's (the entropy to 1e-4), and the same inputs have gradients."""
+    assert result["num_tokens"] == oracle["num_tokens"]
+    assert result["num_correct"] == oracle["num_correct"]
+    assert result["entropy"] == pytest.approx(oracle["entropy"], rel=1e-4, abs=1e-5)
+    assert {k for k in result if k.startswith("grad_")} == {k for k in oracle if k.startswith("grad_")}

@@ -5,10 +5,9 @@ import dataclasses
 
 import pytest
 import torch
-from kernel_cases import make_case, run_impl
+from kernel_cases import CASES, assert_metrics, make_case, oracle_errors, run_impl
+from kernel_memory import LLAMA_3_8B_HEAD, step_memory
 from kernel_oracle import fp64_oracle
-from test_kernel_loss import CASES, _assert_metrics, _errors
-from test_kernel_memory import LLAMA_3_8B_HEAD, step_memory
 
 from sftmix_trl.kernels import SFTMixLossOptions, chunked, sftmix_linear_cross_entropy
 
@@ -47,8 +46,8 @@ def test_recompute_fp32_matches_fp64_formula(case_name, recompute):
     case = make_case(seed=list(CASES).index(case_name), upstream=1.7, **CASES[case_name])
     oracle = fp64_oracle(case)
     result = run_impl(case, "torch", torch.float32, "cpu", chunk_rows=6, chunk_bytes=SMALL_BUDGET)
-    _assert_metrics(result, oracle)
-    errors = _errors(result, oracle)
+    assert_metrics(result, oracle)
+    errors = oracle_errors(result, oracle)
     assert max(errors.values()) < 2e-5, errors
 
 
@@ -73,9 +72,9 @@ def test_recompute_bf16_no_worse_than_pytorch_bf16(case_name, recompute):
     case = make_case(seed=7, upstream=0.6, **CASES[case_name])
     case = dataclasses.replace(case, **{n: getattr(case, n).bfloat16() for n in ("hidden", "weight", "bias")})
     oracle = fp64_oracle(case)
-    baseline = _errors(run_impl(case, "reference", torch.bfloat16, "cpu"), oracle)
+    baseline = oracle_errors(run_impl(case, "reference", torch.bfloat16, "cpu"), oracle)
     result = run_impl(case, "torch", torch.bfloat16, "cpu", chunk_bytes=SMALL_BUDGET)
-    for key, error in _errors(result, oracle).items():
+    for key, error in oracle_errors(result, oracle).items():
         assert error <= 1.5 * baseline[key] + 5e-4, (key, error, baseline)
 
 

@@ -1,9 +1,11 @@
-"""The row layout: pair k at slots k and P + k, every row's NTP term exactly once, self-mixed rows handled."""
+"""The row layout: pair k at slots k and P + k, every row's NTP term exactly once, self-mixed rows handled; the two
+chunk orders over it keep both rows of every pair in one chunk."""
 
 import pytest
 import torch
+from kernel_cases import make_case
 
-from sftmix_trl.kernels.layout import build_row_layout
+from sftmix_trl.kernels.layout import build_row_layout, even_chunks, pair_chunks_first
 
 
 @pytest.mark.parametrize(
@@ -36,3 +38,33 @@ def test_layout_pairs_rows_and_counts_each_ntp_term_once(num_rows, pairs):
         else:
             assert int(layout.rows[num_pairs + k]) == q
             assert float(layout.mix_lambda[k]) == pytest.approx(float(lam[k]))
+
+
+@pytest.mark.parametrize(
+    "chunk_order, size",
+    [
+        (even_chunks, 1),
+        (even_chunks, 3),
+        (even_chunks, 7),
+        (pair_chunks_first, 2),
+        (pair_chunks_first, 6),
+        (pair_chunks_first, 64),
+    ],
+)
+def test_both_rows_of_every_pair_sit_in_one_chunk(chunk_order, size):
+    """Both chunk orders (rowchunk's even spread over a number of chunks, torch's pair chunks first at a number of
+    rows): a permutation of the slots in contiguous chunks, each laid out as its pairs' p slots, their q slots, then
+    unpaired slots."""
+    case = make_case(seed=1, num_rows=40, num_pairs=9, self_pairs=2)
+    layout = build_row_layout(case.targets, case.mix_index, case.mix_lambda, -100)
+    order, chunks = chunk_order(layout, size)
+    num_pairs = layout.num_pairs
+    assert sorted(order.tolist()) == list(range(layout.rows.numel()))
+    assert [chunk.start for chunk in chunks[1:]] == [chunk.stop for chunk in chunks[:-1]]
+    for chunk in chunks:
+        slots = order[chunk.start : chunk.stop].tolist()
+        pairs = range(chunk.pair_start, chunk.pair_start + chunk.num_pairs)
+        # the chunk's slot layout: its pairs' p slots, their q slots, then unpaired slots
+        assert slots[: 2 * chunk.num_pairs] == [*pairs, *(k + num_pairs for k in pairs)]
+        assert all(slot >= 2 * num_pairs for slot in slots[2 * chunk.num_pairs :])
+    assert sum(chunk.num_pairs for chunk in chunks) == num_pairs

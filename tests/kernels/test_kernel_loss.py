@@ -5,55 +5,17 @@ import os
 
 import pytest
 import torch
-from kernel_cases import make_case, run_impl
+from kernel_cases import CASES, FUSED, IMPLS, assert_metrics, make_case, oracle_errors, rel_error, run_impl
 from kernel_oracle import fp64_oracle, h_mix_oracle
 
 from sftmix_trl.kernels import SFTMixLinearCrossEntropy, sftmix_linear_cross_entropy
 
-IMPLS = ["reference", "torch", "triton", "rowchunk"]
-FUSED = ["torch", "triton", "rowchunk"]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-TENSOR_KEYS = ("loss", "ntp_loss", "mixup_loss", "grad_hidden", "grad_weight", "grad_bias")
-
-CASES = {
-    "odd_shapes": dict(),
-    "lam_zero_one": dict(lam="zero_one", num_pairs=12),
-    "same_targets": dict(same_targets=True),
-    "no_pairs": dict(num_pairs=0),
-    "self_mixed_rows": dict(self_pairs=3, num_pairs=10),
-    # 2P > N: the self-mixed rows cannot all borrow an unpaired row
-    "self_mixed_crowded": dict(num_rows=9, ignore_fraction=0.0, num_pairs=6, self_pairs=4),
-    "peaked": dict(peaked=True),
-    "softcap": dict(peaked=True, logit_softcap=5.0),
-    "frozen_head_no_bias": dict(bias=False, requires_grad=("hidden",), ntp_normalizer=57.0),
-    "tensor_normalizer": dict(ntp_normalizer=torch.tensor(80.0), mixup_coef=0.7, ignore_fraction=0.6, num_pairs=5),
-    # the NTP ablations: mixed rows outside ntp_mask keep their targets for the mixup term only
-    "ntp_mask": dict(ntp_mask_fraction=0.5, num_pairs=12),
-    "ntp_mask_none": dict(ntp_mask_fraction=0.0, num_pairs=12),
-    "ntp_mask_self_mixed_crowded": dict(
-        num_rows=9, ignore_fraction=0.0, num_pairs=6, self_pairs=4, ntp_mask_fraction=0.5
-    ),
-}
 
 
 def _skip_unavailable(impl, device):
     if impl in ("triton", "rowchunk") and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("triton on CPU needs TRITON_INTERPRET=1 (set by conftest only when there is no CUDA)")
-
-
-def _rel_error(actual, expected):
-    return float((actual - expected).abs().max() / expected.abs().max().clamp(min=1e-12))
-
-
-def _errors(result, oracle):
-    return {key: _rel_error(result[key], oracle[key]) for key in TENSOR_KEYS if key in oracle}
-
-
-def _assert_metrics(result, oracle):
-    assert result["num_tokens"] == oracle["num_tokens"]
-    assert result["num_correct"] == oracle["num_correct"]
-    assert result["entropy"] == pytest.approx(oracle["entropy"], rel=1e-4, abs=1e-5)
-    assert {k for k in result if k.startswith("grad_")} == {k for k in oracle if k.startswith("grad_")}
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -64,8 +26,8 @@ def test_fp32_matches_fp64_formula(case_name, impl, device):
     case = make_case(seed=list(CASES).index(case_name), upstream=1.7, **CASES[case_name])
     oracle = fp64_oracle(case)
     result = run_impl(case, impl, torch.float32, device)
-    _assert_metrics(result, oracle)
-    errors = _errors(result, oracle)
+    assert_metrics(result, oracle)
+    errors = oracle_errors(result, oracle)
     assert max(errors.values()) < 2e-5, errors
 
 
@@ -79,8 +41,8 @@ def test_bf16_no_worse_than_pytorch_bf16(case_name, impl, device):
     # the oracle sees exactly the bf16 inputs
     case = dataclasses.replace(case, **{n: getattr(case, n).bfloat16() for n in ("hidden", "weight", "bias")})
     oracle = fp64_oracle(case)
-    baseline = _errors(run_impl(case, "reference", torch.bfloat16, device), oracle)
-    errors = _errors(run_impl(case, impl, torch.bfloat16, device), oracle)
+    baseline = oracle_errors(run_impl(case, "reference", torch.bfloat16, device), oracle)
+    errors = oracle_errors(run_impl(case, impl, torch.bfloat16, device), oracle)
     for key, error in errors.items():
         assert error <= 1.5 * baseline[key] + 5e-4, (key, errors, baseline)
 
@@ -93,8 +55,8 @@ def test_logit_space_mixing_equals_autograd_through_h_mix(impl, device):
     case = make_case(seed=3, num_pairs=15, upstream=-2.0)
     naive = h_mix_oracle(case)
     result = run_impl(case, impl, torch.float32, device)
-    _assert_metrics(result, naive)
-    errors = _errors(result, naive)
+    assert_metrics(result, naive)
+    errors = oracle_errors(result, naive)
     assert max(errors.values()) < 2e-5, errors
 
 
@@ -113,8 +75,8 @@ def test_chunking_and_tiling_do_not_change_the_result(impl, device):
         "rowchunk": dict(memory_budget=6 * 75 * 4, block_pairs=16, block_v=16),
     }[impl]
     result = run_impl(case, impl, torch.float32, device, **options)
-    _assert_metrics(result, oracle)
-    errors = _errors(result, oracle)
+    assert_metrics(result, oracle)
+    errors = oracle_errors(result, oracle)
     assert max(errors.values()) < 2e-5, errors
 
 
@@ -193,7 +155,7 @@ def test_dft_weights_each_next_token_term_by_its_detached_probability(impl, peak
     expected = _dft_formula(case)
     result = run_impl(case, impl, torch.float32, "cpu", dft=True)
     for key, value in expected.items():
-        assert _rel_error(result[key], value) < 2e-5, key
+        assert rel_error(result[key], value) < 2e-5, key
     plain = run_impl(case, impl, torch.float32, "cpu")
     assert plain["ntp_loss"] > result["ntp_loss"], "the weights p_n < 1 lower the next-token term"
     torch.testing.assert_close(plain["mixup_loss"], result["mixup_loss"])

@@ -3,9 +3,8 @@ module, so that the kernel tests that a GPU machine runs (`bench/gpu_check.sh`, 
 import nothing beyond torch, triton and pytest: without hypothesis this module is skipped."""
 
 import pytest
-from kernel_cases import make_case, run_impl
+from kernel_cases import FUSED, make_case, oracle_errors, run_impl
 from kernel_oracle import fp64_oracle
-from test_kernel_loss import FUSED, _errors
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -38,5 +37,5 @@ def test_random_shapes_masks_and_lambdas(
     oracle = fp64_oracle(case)
     result = run_impl(case, impl)
     assert result["num_tokens"] == oracle["num_tokens"]
-    errors = _errors(result, oracle)
+    errors = oracle_errors(result, oracle)
     assert max(errors.values()) < 5e-5, errors

@@ -1,21 +1,15 @@
-"""The row-chunked backend's own contracts: the chunk plan from the memory budget, pairs kept inside one chunk, and
+"""The row-chunked backend's own contracts: the chunk plan from the memory budget and
 dW accumulated in fp32 or, when the budget has no room for that, in the input dtype with a bounded error."""
 
 import dataclasses
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from kernel_cases import make_case, run_impl
 from kernel_oracle import fp64_oracle
 
-from sftmix_trl.kernels.layout import build_row_layout
-
-sys.path.append(str(Path(__file__).resolve().parents[2] / "bench"))
-
-import kernel_model  # noqa: E402
+from bench import kernel_model
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(), reason="needs triton"
@@ -49,23 +43,6 @@ def test_plan_at_the_llama_head_accumulates_dw_in_bf16_over_three_chunks_and_in_
     assert frozen.rows == llama.rows
     # a tiny budget still takes one pair a chunk
     assert rowchunk.plan_chunks(10, 4, 100, torch.bfloat16, 1, need_weight=True).rows == 2
-
-
-@pytest.mark.parametrize("num_chunks", [1, 3, 7])
-def test_both_rows_of_every_pair_sit_in_one_chunk(num_chunks):
-    case = make_case(seed=1, num_rows=40, num_pairs=9, self_pairs=2)
-    layout = build_row_layout(case.targets, case.mix_index, case.mix_lambda, -100)
-    order, chunks = rowchunk.chunk_order(layout, num_chunks)
-    num_pairs = layout.num_pairs
-    assert sorted(order.tolist()) == list(range(layout.rows.numel()))
-    assert [chunk.start for chunk in chunks[1:]] == [chunk.stop for chunk in chunks[:-1]]
-    for chunk in chunks:
-        slots = order[chunk.start : chunk.stop].tolist()
-        pairs = range(chunk.pair_start, chunk.pair_start + chunk.num_pairs)
-        # the chunk's slot layout: its pairs' p slots, their q slots, then unpaired slots
-        assert slots[: 2 * chunk.num_pairs] == [*pairs, *(k + num_pairs for k in pairs)]
-        assert all(slot >= 2 * num_pairs for slot in slots[2 * chunk.num_pairs :])
-    assert sum(chunk.num_pairs for chunk in chunks) == num_pairs
 
 
 def _rel_error(actual, expected):
