@@ -571,6 +571,11 @@ class Recipe:
             getattr(self, f"run_{stage}")()
         if self.state.is_main_process:
             self.print_outputs()
+        # Tear the process group down while every process is still here: left to the interpreter's exit, the
+        # rendezvous host can destroy gloo's and the store's threads while another process still uses them (seen as
+        # "terminate called without an active exception", SIGABRT, after a finished multi-process run).
+        self.state.wait_for_everyone()
+        self.state.destroy_process_group()
 
     def _train(self, trainer, stage: str, save_model: bool = True) -> None:
         output_dir = self.stage_dir(stage)
