@@ -45,6 +45,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("sftmix", "ntp", "random", "dynamics", "onerun", "ntp_lr")
+NEED_REFERENCE = ("sftmix", "random", "dynamics")  # the arms split by the shared reference run's confidence
 FIELDS = [
     "method",
     "seed",
@@ -196,6 +197,12 @@ def held_out_nll(model_dir: str, held_out, scores_dir: Path, args) -> tuple[int,
     return len(records), tokens, sum(r["nll"] * r["num_tokens"] for r in records) / tokens
 
 
+def learning_rate(args, method: str) -> float:
+    """The arm's learning rate: `ntp_lr`'s is raised by 1 + mixup_coef, the factor by which L = L_NTP + mu * L_Mixup
+    scales the gradient where the two terms point the same way (an upper estimate of SFTMix's larger steps)."""
+    return args.learning_rate * (1 + args.mixup_coef) if method == "ntp_lr" else args.learning_rate
+
+
 def train_one(args, method: str, seed: int, model: str, train, confidence_file: Path, run_dir: Path):
     from trl import SFTTrainer
 
@@ -204,8 +211,7 @@ def train_one(args, method: str, seed: int, model: str, train, confidence_file: 
 
     output_dir = run_dir / f"{method}-seed{seed}"
     if method in ("ntp", "ntp_lr"):
-        learning_rate = args.learning_rate * (1 + args.mixup_coef if method == "ntp_lr" else 1)
-        config = sft_config_from(training_config(args, output_dir, seed, learning_rate=learning_rate))
+        config = sft_config_from(training_config(args, output_dir, seed, learning_rate=learning_rate(args, method)))
         trainer = SFTTrainer(model=model, args=config, train_dataset=train)
     elif method == "onerun":
         from sftmix_trl.one_run import train_one_run
@@ -370,17 +376,21 @@ def main(argv=None) -> None:
         write_summary(csv_path, args, time.perf_counter() - start)
         print(f"[fidelity] {method} seed {seed}: NLL {nll:.5f} ({time.perf_counter() - start:.0f} s)", flush=True)
 
-    confidence_file = run_reference(args, model, train, run_dir)
-    # every method trains on the rows the reference could score (a row whose prompt fills max_length has no response
-    # token left to train on, and SFTTrainer drops it anyway)
-    scored = {json.loads(line)["id"] for line in confidence_file.read_text().splitlines()}
-    train = train.filter(lambda row: row["id"] in scored)
-    print(f"[fidelity] reference and confidence done ({time.perf_counter() - start:.0f} s)", flush=True)
+    confidence_file = None
     methods = args.methods.split(",")
     for seed in range(args.seeds):
         for method in methods:
             if (method, str(seed)) in done:
                 continue
+            if confidence_file is None and method in NEED_REFERENCE:
+                # run when an arm first needs it (ntp, ntp_lr and onerun do not), so that those rows land first
+                confidence_file = run_reference(args, model, train, run_dir)
+                scored = {json.loads(line)["id"] for line in confidence_file.read_text().splitlines()}
+                # every arm trains the same rows: load_data keeps only rows with room for a response, which TRL's
+                # preparation keeps and the reference scores
+                if len(scored) != len(train):
+                    raise RuntimeError(f"The reference scored {len(scored)} of {len(train)} training rows.")
+                print(f"[fidelity] reference and confidence done ({time.perf_counter() - start:.0f} s)", flush=True)
             model_dir, steps, seconds, loss = train_one(args, method, seed, model, train, confidence_file, run_dir)
             record(method, seed, model_dir, steps, seconds, loss)
     if ("base", "-") not in done:  # last: the differences between the methods come first
