@@ -13,6 +13,8 @@ the recipe's own loader: Alpaca rows, duplicates dropped, `--max_train_examples`
     *, detrended       the dynamics with the drift within an epoch taken out: each NLL minus the mean NLL of the rows
                        trained within +-`--detrend_steps` steps of it (the model is better later in an epoch)
     base model         the untrained model scored once (no reference training at all: the cheapest reference)
+    short reference    the reference run's first checkpoint alone: a reference trained for a share of the epochs
+                       and scored once (a weaker reference model, in the sense of the paper's §5.1)
 
 and then compares each confidence with the checkpoint one: Spearman's rank correlation, and the share of rows that land
 in the same half of the equal split (0.5 is chance). The wall time of the training steps and of the scoring passes is
@@ -146,7 +148,13 @@ def main(argv=None) -> None:
 
     paper = confidence_of([run_dir / "confidence_scores"])
     epoch_files = sorted((run_dir / "training_dynamics").glob("epoch-*.jsonl"))
+    checkpoint_files = sorted(
+        (run_dir / "confidence_scores").glob("checkpoint-*.jsonl"), key=lambda p: int(p.stem.split("-")[1])
+    )
+    first_step = int(checkpoint_files[0].stem.split("-")[1])
+    short = "short reference: its first checkpoint only"
     sources = {
+        short: (confidence_of(checkpoint_files[:1]), 1),
         "dynamics": (confidence_of(epoch_files), len(epoch_files)),
         "dynamics, epoch 1 (one run)": (confidence_of(epoch_files[:1]), 1),
         "base model, no reference training": (confidence_of([run_dir / "base" / "base.jsonl"]), 1),
@@ -173,6 +181,12 @@ def main(argv=None) -> None:
         "dynamics, epoch 1 (one run)": (1.0, timed["train_seconds"]),
         "base model, no reference training": ((epochs + 1 / 3) / epochs, timed["train_seconds"] + t_score),
     }
+    # a reference run stopped at the first checkpoint (a share of the epochs), scored there once
+    share = first_step / int(checkpoint_files[-1].stem.split("-")[1])  # the last checkpoint ends the run
+    costs[short] = (
+        (share * epochs + 1 / 3 + epochs) / epochs,
+        share * timed["train_seconds"] + t_score + timed["train_seconds"],
+    )
     costs["dynamics, detrended"] = costs["dynamics"]
     costs["dynamics, epoch 1, detrended"] = costs["dynamics, epoch 1 (one run)"]
     device = device_label()
@@ -196,7 +210,7 @@ def main(argv=None) -> None:
         rows.append(
             {
                 "source": name,
-                "scores_from": "TrainingDynamicsCallback" if name.startswith("dynamics") else "score_trainer",
+                "scores_from": "TrainingDynamicsCallback" if name.startswith("dynamics") else "ConfidenceCallback",
                 "k": count,
                 "spearman": f"{spearman([paper[i] for i in ids], [confidence[i] for i in ids]):.3f}",
                 "same_half": f"{np.mean([half[i] == paper_half[i] for i in shared]):.3f}",
