@@ -31,6 +31,7 @@ import csv
 import datetime
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -90,6 +91,7 @@ def reference_run(args, run_dir: Path) -> dict:
         return json.loads(timings_file.read_text())
     from trl import SFTTrainer
 
+    from sftmix_trl.assets import resolve_asset
     from sftmix_trl.confidence import ConfidenceCallback, TrainingDynamicsCallback, score_trainer, write_scores
     from sftmix_trl.recipe import EvenlySpacedCheckpoints, load_train_dataset, parse_recipe_args, sft_config_from
 
@@ -100,8 +102,6 @@ def reference_run(args, run_dir: Path) -> dict:
             "--num_train_epochs", str(args.epochs),
         ]
     )  # fmt: skip
-    from sftmix_trl.assets import resolve_asset
-
     model = str(resolve_asset(model_args.model_name_or_path))
     dataset = load_train_dataset(recipe)
     sft = sft_config_from(config, save_strategy="no", disable_tqdm=True)
@@ -127,8 +127,6 @@ def reference_run(args, run_dir: Path) -> dict:
     total = time.perf_counter() - start
     # the checkpoints themselves are not needed: only their scores
     for checkpoint in run_dir.glob("checkpoint-*"):
-        import shutil
-
         shutil.rmtree(checkpoint)
     timed |= {"train_seconds": total - timed["scoring_seconds"], "examples": len(trainer.train_dataset)}
     timings_file.write_text(json.dumps(timed, indent=2) + "\n")
