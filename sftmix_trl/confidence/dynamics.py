@@ -93,6 +93,13 @@ class TrainingDynamicsCallback(TrainerCallback):
     """
 
     def __init__(self, trainer, scores_dir=None, id_column: str = "id", dataset_name: str | None = None):
+        from ..trainer import SFTMixTrainer  # here: the trainer's modules import from this package
+
+        if isinstance(trainer, SFTMixTrainer):
+            raise TypeError(
+                "TrainingDynamicsCallback records an NTP run's forwards (the reference run, or the NTP warm-up of "
+                "`train_one_run`); SFTMixTrainer's fused loss does not return per-token log-probabilities."
+            )
         check_scorable(trainer, id_column)
         if trainer.compute_loss_func is not None or trainer.label_smoother is not None:
             raise ValueError(

@@ -6,10 +6,11 @@ import math
 
 import pytest
 from datasets import Dataset
-from sftmix_helpers import tiny_sft_config
+from sftmix_helpers import tiny_config, tiny_sft_config, with_confidence
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
+from sftmix_trl import SFTMixTrainer
 from sftmix_trl.confidence import TrainingDynamicsCallback, aggregate_scores, read_scores, score_trainer
 
 import tiny
@@ -129,4 +130,15 @@ def test_a_loss_other_than_the_fused_forward_is_refused(tokenizer, tmp_path):
         compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.logits.sum() * 0,
     )
     with pytest.raises(ValueError, match="fused LM head"):
+        TrainingDynamicsCallback(trainer)
+
+
+def test_an_sftmix_trainer_is_refused(tokenizer, tmp_path):
+    trainer = SFTMixTrainer(
+        tiny.build_llama(tokenizer),
+        args=tiny_config(tmp_path),
+        train_dataset=with_confidence(tiny.prompt_completion_dataset(8)),
+        processing_class=tokenizer,
+    )
+    with pytest.raises(TypeError, match="records an NTP run's forwards"):
         TrainingDynamicsCallback(trainer)
