@@ -151,6 +151,7 @@ def main(argv=None) -> None:
     )
     first_step = int(checkpoint_files[0].stem.split("-")[1])
     short = "short reference: its first checkpoint only"
+    SCORED_BY = {short: "ConfidenceCallback", "base model, no reference training": "score_trainer"}
     sources = {
         short: (confidence_of(checkpoint_files[:1]), 1),
         "dynamics": (confidence_of(epoch_files), len(epoch_files)),
@@ -208,7 +209,7 @@ def main(argv=None) -> None:
         rows.append(
             {
                 "source": name,
-                "scores_from": "TrainingDynamicsCallback" if name.startswith("dynamics") else "ConfidenceCallback",
+                "scores_from": SCORED_BY.get(name, "TrainingDynamicsCallback"),
                 "k": count,
                 "spearman": f"{spearman([paper[i] for i in ids], [confidence[i] for i in ids]):.3f}",
                 "same_half": f"{np.mean([half[i] == paper_half[i] for i in shared]):.3f}",
