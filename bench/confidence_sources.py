@@ -68,7 +68,35 @@ def parse_args(argv=None):
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--checkpoints", type=int, default=5, help="K of the paper's recipe")
     parser.add_argument("--detrend_steps", type=int, default=2)
+    parser.add_argument(
+        "--agreement_of",
+        help="only print the agreement of the training dynamics with the checkpoint scores of a finished reference "
+        "run folder holding both (e.g. bench/fidelity.py's runs/fidelity-2ep/reference), and stop",
+    )
     return parser.parse_args(argv)
+
+
+def agreement_of(reference_dir: Path) -> None:
+    from sftmix_trl.confidence import aggregate_scores
+    from sftmix_trl.data_utils import split_by_confidence
+
+    def confidence_of(files) -> dict:
+        table = aggregate_scores(files)
+        return dict(zip(table.dataset["id"], table.dataset["confidence"]))
+
+    def halves(confidence, ids):
+        split = split_by_confidence([confidence[i] for i in ids], ids)
+        return {ids[r]: h for h, rows in (("c", split.confident), ("u", split.unconfident)) for r in rows}
+
+    paper = confidence_of([reference_dir / "confidence_scores"])
+    ids = list(paper)
+    epoch_files = sorted((reference_dir / "training_dynamics").glob("epoch-*.jsonl"))
+    for name, files in (("dynamics", epoch_files), ("dynamics, epoch 1 (one run)", epoch_files[:1])):
+        confidence = confidence_of(files)
+        a, b = halves(paper, ids), halves(confidence, ids)
+        same = np.mean([a[i] == b[i] for i in ids if i in a and i in b])
+        rho = spearman([paper[i] for i in ids], [confidence[i] for i in ids])
+        print(f"{name}: Spearman {rho:.3f}, same half {same:.3f} ({len(ids)} rows)")
 
 
 def spearman(a, b) -> float:
@@ -135,6 +163,9 @@ def reference_run(args, run_dir: Path) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.agreement_of:
+        agreement_of(Path(args.agreement_of))
+        return
     run_dir = Path(args.output_dir)
     timed = reference_run(args, run_dir)
     from sftmix_trl.confidence import aggregate_scores, read_scores
