@@ -9,8 +9,13 @@ What runs, all on CPU in fp32, under `--output_dir` (default runs/fidelity):
                  every seed: the confidence split does not depend on the target run's seed)
     confidence/  confidence = -mean_k ppl_k and the equal split
     <method>-seed<s>/  for each seed s and method: `sftmix` (confidence split), `ntp` (SFTTrainer, the same rows,
-                 batch, epochs, learning rate and schedule), `random` (SFTMix with a random split of the same sizes);
-                 the trained model and the held-out scores of each
+                 batch, epochs, learning rate and schedule), `random` (SFTMix with a random split of the same sizes),
+                 `dynamics` (SFTMix split by the reference run's training dynamics, no scoring pass: the reference
+                 run records them beside its checkpoint scores), `onerun` (`train_one_run`: the first epoch NTP,
+                 recording training dynamics, then SFTMix on their split; no reference run), `ntp_lr` (NTP at the
+                 learning rate times 1 + mixup_coef: the Mixup term adds gradient, so SFTMix takes larger steps at
+                 the same learning rate; this arm tells a learning-rate effect from SFTMix's); the trained model and
+                 the held-out scores of each
     base/        the held-out scores of the untrained model
 
 Training data: the Alpaca rows of `alpaca_en_demo` (llamafactory sdist), exact duplicates dropped, the first
@@ -39,7 +44,8 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("sftmix", "ntp", "random")
+METHODS = ("sftmix", "ntp", "random", "dynamics", "onerun", "ntp_lr")
+NEED_REFERENCE = ("sftmix", "random", "dynamics")  # the arms split by the shared reference run's confidence
 FIELDS = [
     "method",
     "seed",
@@ -72,6 +78,7 @@ def parse_args(argv=None):
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--learning_rate", type=float, default=5e-5)
     parser.add_argument("--reference_checkpoints", type=int, default=3, help="K")
+    parser.add_argument("--mixup_coef", type=float, default=0.2, help="SFTMix's; also sets ntp_lr's learning rate")
     parser.add_argument("--generate", action="store_true", help="write the best seeds' answers and stop")
     parser.add_argument("--summarize", action="store_true", help="rewrite the summary table from the CSV and stop")
     parser.add_argument("--generate_prompts", type=int, default=8, help="MT-Bench and AlpacaEval prompts each")
@@ -141,7 +148,7 @@ def training_config(args, output_dir: Path, seed: int, **overrides):
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=16,
         num_train_epochs=args.epochs,
-        learning_rate=args.learning_rate,
+        learning_rate=overrides.pop("learning_rate", args.learning_rate),
         lr_scheduler_type="cosine",
         warmup_steps=0.1,
         logging_steps=4,
@@ -149,27 +156,32 @@ def training_config(args, output_dir: Path, seed: int, **overrides):
         report_to="none",
         loss_impl="auto",
         activation_checkpointing=False,
+        mixup_coef=args.mixup_coef,
         **overrides,
     )
 
 
 def run_reference(args, model: str, train, run_dir: Path) -> Path:
-    """The shared NTP reference run, scored at K evenly spaced checkpoints, and the confidence table."""
+    """The shared NTP reference run, scored at K evenly spaced checkpoints (and its training dynamics recorded), and
+    the confidence tables of both."""
     from trl import SFTTrainer
 
-    from sftmix_trl import ConfidenceCallback, aggregate_scores
+    from sftmix_trl import ConfidenceCallback, TrainingDynamicsCallback, aggregate_scores
     from sftmix_trl.recipe import EvenlySpacedCheckpoints, sft_config_from
 
     confidence_file = run_dir / "confidence" / "confidence.jsonl"
-    if confidence_file.is_file():
+    if confidence_file.is_file() and (run_dir / "confidence-dynamics" / "confidence.jsonl").is_file():
         return confidence_file
     reference_dir = run_dir / "reference"
     config = sft_config_from(training_config(args, reference_dir, seed=0))
     trainer = SFTTrainer(model=model, args=config, train_dataset=train)
     trainer.add_callback(EvenlySpacedCheckpoints(args.reference_checkpoints))
     trainer.add_callback(ConfidenceCallback(trainer, dataset_name="alpaca_en_demo"))
+    trainer.add_callback(TrainingDynamicsCallback(trainer, dataset_name="alpaca_en_demo"))
     trainer.train()
     aggregate_scores([reference_dir]).save(run_dir / "confidence", overwrite=True)
+    epoch_files = sorted((reference_dir / "training_dynamics").glob("epoch-*.jsonl"))
+    aggregate_scores(epoch_files).save(run_dir / "confidence-dynamics", overwrite=True)
     return confidence_file
 
 
@@ -185,6 +197,12 @@ def held_out_nll(model_dir: str, held_out, scores_dir: Path, args) -> tuple[int,
     return len(records), tokens, sum(r["nll"] * r["num_tokens"] for r in records) / tokens
 
 
+def learning_rate(args, method: str) -> float:
+    """The arm's learning rate: `ntp_lr`'s is raised by 1 + mixup_coef, the factor by which L = L_NTP + mu * L_Mixup
+    scales the gradient where the two terms point the same way (an upper estimate of SFTMix's larger steps)."""
+    return args.learning_rate * (1 + args.mixup_coef) if method == "ntp_lr" else args.learning_rate
+
+
 def train_one(args, method: str, seed: int, model: str, train, confidence_file: Path, run_dir: Path):
     from trl import SFTTrainer
 
@@ -192,17 +210,27 @@ def train_one(args, method: str, seed: int, model: str, train, confidence_file: 
     from sftmix_trl.recipe import sft_config_from
 
     output_dir = run_dir / f"{method}-seed{seed}"
-    if method == "ntp":
-        trainer = SFTTrainer(
-            model=model, args=sft_config_from(training_config(args, output_dir, seed)), train_dataset=train
-        )
+    if method in ("ntp", "ntp_lr"):
+        config = sft_config_from(training_config(args, output_dir, seed, learning_rate=learning_rate(args, method)))
+        trainer = SFTTrainer(model=model, args=config, train_dataset=train)
+    elif method == "onerun":
+        from sftmix_trl.one_run import train_one_run
+
+        start = time.perf_counter()
+        trainer = train_one_run(model, training_config(args, output_dir, seed), train, self_reference_epochs=1)
+        seconds = time.perf_counter() - start
+        trainer.save_model(str(output_dir / "model"))
+        loss = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+        return output_dir / "model", trainer.state.global_step, seconds, sum(loss) / max(len(loss), 1)
     else:
+        if method == "dynamics":
+            confidence_file = run_dir / "confidence-dynamics" / "confidence.jsonl"
         config = training_config(
             args,
             output_dir,
             seed,
             confidence_scores_path=str(confidence_file),
-            split_by="confidence" if method == "sftmix" else "random",
+            split_by="random" if method == "random" else "confidence",
         )
         trainer = SFTMixTrainer(model=model, args=config, train_dataset=train)
     start = time.perf_counter()
@@ -249,7 +277,9 @@ def summarize(rows: list[dict]) -> str:
             shown_half = f"±{half:.4f}" if math.isfinite(half) else "n/a (one run)"
             lines.append(f"| {method} | {len(values)} | {mean:.4f} | {shown_half} | {shown} |")
     lines += ["", "| difference (paired by seed) | seeds | mean | 95% interval |", "|---|---:|---:|---:|"]
-    for a, b in (("sftmix", "ntp"), ("random", "ntp"), ("sftmix", "random")):
+    pairs = [("sftmix", "ntp"), ("random", "ntp"), ("sftmix", "random"), ("dynamics", "ntp"), ("onerun", "ntp")]
+    pairs += [("ntp_lr", "ntp"), ("sftmix", "ntp_lr"), ("dynamics", "sftmix"), ("onerun", "sftmix")]
+    for a, b in pairs:
         seeds = sorted({s for m, s in nll if m == a} & {s for m, s in nll if m == b})
         if seeds:
             mean, half = interval([nll[a, s] - nll[b, s] for s in seeds])
@@ -346,17 +376,21 @@ def main(argv=None) -> None:
         write_summary(csv_path, args, time.perf_counter() - start)
         print(f"[fidelity] {method} seed {seed}: NLL {nll:.5f} ({time.perf_counter() - start:.0f} s)", flush=True)
 
-    confidence_file = run_reference(args, model, train, run_dir)
-    # every method trains on the rows the reference could score (a row whose prompt fills max_length has no response
-    # token left to train on, and SFTTrainer drops it anyway)
-    scored = {json.loads(line)["id"] for line in confidence_file.read_text().splitlines()}
-    train = train.filter(lambda row: row["id"] in scored)
-    print(f"[fidelity] reference and confidence done ({time.perf_counter() - start:.0f} s)", flush=True)
+    confidence_file = None
     methods = args.methods.split(",")
     for seed in range(args.seeds):
         for method in methods:
             if (method, str(seed)) in done:
                 continue
+            if confidence_file is None and method in NEED_REFERENCE:
+                # run when an arm first needs it (ntp, ntp_lr and onerun do not), so that those rows land first
+                confidence_file = run_reference(args, model, train, run_dir)
+                scored = {json.loads(line)["id"] for line in confidence_file.read_text().splitlines()}
+                # every arm trains the same rows: load_data keeps only rows with room for a response, which TRL's
+                # preparation keeps and the reference scores
+                if len(scored) != len(train):
+                    raise RuntimeError(f"The reference scored {len(scored)} of {len(train)} training rows.")
+                print(f"[fidelity] reference and confidence done ({time.perf_counter() - start:.0f} s)", flush=True)
             model_dir, steps, seconds, loss = train_one(args, method, seed, model, train, confidence_file, run_dir)
             record(method, seed, model_dir, steps, seconds, loss)
     if ("base", "-") not in done:  # last: the differences between the methods come first

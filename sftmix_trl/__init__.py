@@ -12,6 +12,8 @@ _LAZY_EXPORTS: dict[str, str] = {
     "BalancedPairSampler": "sampler",
     "ConfidenceCallback": "confidence",
     "ConfidenceTable": "confidence",
+    "TrainingDynamicsCallback": "confidence",
+    "train_one_run": "one_run",
     "add_example_ids": "confidence",
     "aggregate_scores": "confidence",
     "load_confidence": "confidence",

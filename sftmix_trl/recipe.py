@@ -43,6 +43,7 @@ from .cli import parse_arguments
 from .confidence import ConfidenceCallback, add_example_ids, aggregate_scores, read_scores, score_checkpoints
 from .confidence.callback import SCORES_DIRNAME
 from .confidence.datamap import write_data_map
+from .confidence.dynamics import DYNAMICS_DIRNAME, TrainingDynamicsCallback
 from .confidence.offline import adapter_base
 from .confidence.scoring import SCORES_SUFFIX, is_complete_score_file
 from .config import SFTMixConfig
@@ -56,6 +57,7 @@ from .data_utils import (
     unscored_examples_error,
 )
 from .generate import BENCHMARKS
+from .one_run import train_one_run
 from .trainer import SFTMixTrainer
 from .transforms import alpaca_to_prompt_completion, expand_multiturn
 
@@ -75,6 +77,7 @@ SFTMIX_ONLY_FIELDS = frozenset(f.name for f in dataclasses.fields(SFTMixConfig))
 )
 # the stages each stage reads the outputs of
 UPSTREAM = {"score": ("reference",), "sftmix": ("score",), "evaluate": ("sftmix",)}
+CONFIDENCE_SOURCES = ("checkpoints", "training_dynamics")
 
 
 @dataclass
@@ -120,6 +123,15 @@ class RecipeArguments(ScriptArguments):
             K, the number of evenly spaced checkpoints of the reference run at which every example is scored.
         reference_num_train_epochs (`float`, *optional*):
             Epochs of the reference run; defaults to `num_train_epochs`.
+        confidence_source (`str`, *optional*, defaults to `"checkpoints"`):
+            Where the reference run's confidence comes from: `"checkpoints"` (the paper's: every example scored at
+            `reference_num_checkpoints` checkpoints, a forward pass over the data each) or `"training_dynamics"`
+            (each example's NLL in the forward of the step that trains it, once per epoch: K = the reference run's
+            whole epochs, no extra forward pass; see [`sftmix_trl.confidence.TrainingDynamicsCallback`]).
+        self_reference_epochs (`int`, *optional*):
+            One run: the sftmix stage is its own reference. Its first this many epochs train with NTP and record
+            training dynamics, the split is made from them (-> confidence/), and the remaining epochs train with
+            SFTMix (see [`sftmix_trl.one_run.train_one_run`]); the reference and score stages are skipped.
         train_ntp_baseline (`bool`, *optional*, defaults to `False`):
             Also train an NTP-only twin of the SFTMix model (same model, data, batch and epochs) for comparison.
         asset_cache_dir (`str`, *optional*):
@@ -182,6 +194,17 @@ class RecipeArguments(ScriptArguments):
     reference_num_train_epochs: float | None = field(
         default=None, metadata={"help": "Epochs of the reference run; defaults to `num_train_epochs`."}
     )
+    confidence_source: str = field(
+        default="checkpoints",
+        metadata={
+            "help": "Confidence from the reference run's checkpoints (scored) or its training dynamics (free).",
+            "choices": list(CONFIDENCE_SOURCES),
+        },
+    )
+    self_reference_epochs: int | None = field(
+        default=None,
+        metadata={"help": "One run: the sftmix stage's first this many epochs are NTP and its own reference."},
+    )
     train_ntp_baseline: bool = field(
         default=False, metadata={"help": "Also train an NTP-only twin of the SFTMix model for comparison."}
     )
@@ -221,6 +244,12 @@ class RecipeArguments(ScriptArguments):
         unknown = sorted(set(self.generate_benchmarks) - set(BENCHMARKS))
         if unknown:
             raise ValueError(f"Unknown `generate_benchmarks` {unknown}: choose from {list(BENCHMARKS)}.")
+        if self.confidence_source not in CONFIDENCE_SOURCES:
+            raise ValueError(
+                f"`confidence_source` must be one of {CONFIDENCE_SOURCES}, got {self.confidence_source!r}."
+            )
+        if self.self_reference_epochs is not None and self.self_reference_epochs < 1:
+            raise ValueError(f"`self_reference_epochs` must be at least 1, got {self.self_reference_epochs}.")
         if self.reference_num_checkpoints < 1:
             raise ValueError(
                 f"`reference_num_checkpoints` (K) must be at least 1, got {self.reference_num_checkpoints}."
@@ -434,12 +463,21 @@ class Recipe:
                 "model": run_state.model_fingerprint(self.reference_model),
                 "training": run_state.training_fields(self.args, exclude=SFTMIX_ONLY_FIELDS | {"num_train_epochs"}),
                 "num_train_epochs": self.recipe.reference_num_train_epochs or self.args.num_train_epochs,
+                "confidence_source": self.recipe.confidence_source,
                 "reference_num_checkpoints": self.recipe.reference_num_checkpoints,
                 "peft": peft,
             }
         elif stage == "score":
             # the table is the reference scores'; its check of the sftmix stage's rows reads the target's tokenizer
             inputs = {"reference": self.stage_inputs("reference"), "model": run_state.model_fingerprint(self.model)}
+        elif stage == "sftmix" and self.recipe.self_reference_epochs:  # one run: its own reference
+            inputs = {
+                "data": self.data_fingerprint,
+                "model": run_state.model_fingerprint(self.model),
+                "training": run_state.training_fields(self.args),
+                "self_reference_epochs": self.recipe.self_reference_epochs,
+                "peft": peft,
+            }
         elif stage == "sftmix":
             inputs = {
                 "score": self.stage_inputs("score"),
@@ -497,7 +535,7 @@ class Recipe:
 
     def check_upstream_done(self, stage: str) -> None:
         """The stages whose outputs `stage` reads are done, from this run's inputs."""
-        upstream_stages = UPSTREAM.get(stage, ())
+        upstream_stages = () if stage == "sftmix" and self.recipe.self_reference_epochs else UPSTREAM.get(stage, ())
         if stage == "evaluate" and self.recipe.train_ntp_baseline:
             upstream_stages = (*upstream_stages, "baseline")
         for upstream in upstream_stages:
@@ -528,6 +566,12 @@ class Recipe:
         no example to train after truncation."""
         if "sftmix" in stages:
             checks.check_loss_impl_runs(self.args.loss_impl, self.args.device)
+        reference_epochs = self.recipe.reference_num_train_epochs or self.args.num_train_epochs
+        if "reference" in stages and self.recipe.confidence_source == "training_dynamics" and reference_epochs < 1:
+            raise ValueError(
+                f"`confidence_source: training_dynamics` records one score file per whole epoch of the reference run, "
+                f"which trains {reference_epochs} epoch(s): raise `reference_num_train_epochs` to at least 1."
+            )
         if any(stage in stages for stage in ("reference", "sftmix", "baseline")):
             for model in dict.fromkeys((self.model, self.reference_model)):
                 rows = self.trained_rows(model)
@@ -542,7 +586,8 @@ class Recipe:
     def stages_to_run(self) -> list[str]:
         if self.recipe.stage != "all":
             return [self.recipe.stage]
-        stages = ["reference", "score", "sftmix"]
+        # one run: the sftmix stage is its own reference
+        stages = ["sftmix"] if self.recipe.self_reference_epochs else ["reference", "score", "sftmix"]
         if self.recipe.train_ntp_baseline:
             stages.append("baseline")
         if self.recipe.eval_dataset_name or self.recipe.generate_benchmarks or self.recipe.lm_eval_tasks:
@@ -590,7 +635,7 @@ class Recipe:
         trainer.train(resume_from_checkpoint=None if last is None else str(last))
         if save_model:
             trainer.save_model(str(output_dir))
-        if stage == "reference":
+        if stage == "reference" and self.recipe.confidence_source == "checkpoints":
             self.complete_reference_scores()
         self._mark_done(stage, global_step=trainer.state.global_step)
         if self.state.is_main_process:  # done: nothing will resume from its checkpoints
@@ -699,9 +744,16 @@ class Recipe:
         args = sft_config_from(
             self.args, output_dir=str(output_dir), save_strategy="no", num_train_epochs=epochs, push_to_hub=False
         )
+        if self.recipe.confidence_source == "training_dynamics":
+            # no scoring pass, so no checkpoint needed but the ones the run's own save_strategy makes (to resume)
+            args = dataclasses.replace(args, save_strategy=self.args.save_strategy)
         trainer = SFTTrainer(
             model=self.reference_model, args=args, train_dataset=self.train_dataset, peft_config=self.peft_config
         )
+        if self.recipe.confidence_source == "training_dynamics":
+            trainer.add_callback(TrainingDynamicsCallback(trainer, dataset_name=self.recipe.dataset_name))
+            self._train(trainer, "reference", save_model=False)
+            return
         trainer.add_callback(EvenlySpacedCheckpoints(self.recipe.reference_num_checkpoints))
         trainer.add_callback(ConfidenceCallback(trainer, dataset_name=self.recipe.dataset_name))
         # its last checkpoint is the final model: no second copy of the weights
@@ -709,13 +761,18 @@ class Recipe:
 
     def run_score(self) -> None:
         output_dir = self.stage_dir("score")
-        self.complete_reference_scores()
+        if self.recipe.confidence_source == "checkpoints":
+            self.complete_reference_scores()
         # every process aggregates and checks (a few files read; TRL's preparation in the check synchronizes the
         # processes), so that a bad input stops every one of them with the same message; the main process writes
-        table = aggregate_scores([self.stage_dir("reference")])
-        if len(table.checkpoints) != self.recipe.reference_num_checkpoints:
+        scores, expected = self.stage_dir("reference"), self.recipe.reference_num_checkpoints
+        if self.recipe.confidence_source == "training_dynamics":  # one file per whole epoch of the reference run
+            scores = scores / DYNAMICS_DIRNAME
+            expected = math.floor(self.recipe.reference_num_train_epochs or self.args.num_train_epochs)
+        table = aggregate_scores([scores])
+        if len(table.checkpoints) != expected:
             raise ValueError(
-                f"Expected {self.recipe.reference_num_checkpoints} reference score files, found "
+                f"Expected {expected} reference score files, found "
                 f"{len(table.checkpoints)} in {self.stage_dir('reference')}: rerun the reference stage."
             )
         self.check_every_trained_example_scored(table.dataset["id"])
@@ -732,6 +789,9 @@ class Recipe:
         self._mark_done("score", scores=str(output_dir / "confidence.jsonl"))
 
     def run_sftmix(self) -> None:
+        if self.recipe.self_reference_epochs:
+            self.run_one_run()
+            return
         args = dataclasses.replace(
             self.args,
             output_dir=str(self.stage_dir("sftmix")),
@@ -743,6 +803,33 @@ class Recipe:
             model=self.model, args=args, train_dataset=self.train_dataset, peft_config=self.peft_config
         )
         self._train(trainer, "sftmix")
+
+    def run_one_run(self) -> None:
+        """The sftmix stage as its own reference: NTP warm-up with training dynamics, the split (-> confidence/),
+        SFTMix for the remaining epochs; resumable on either side of the switch."""
+        output_dir = self.stage_dir("sftmix")
+        if self.state.is_main_process:
+            for removed in run_state.remove_incomplete_checkpoints(output_dir):
+                print(f"[sftmix] stage sftmix: removed {removed}, cut short while saving; its steps are redone.")
+        self.state.wait_for_everyone()
+        args = dataclasses.replace(
+            self.args, output_dir=str(output_dir), hub_model_id=self.args.hub_model_id or self.run_dir.name
+        )
+        trainer = train_one_run(
+            self.model,
+            args,
+            self.train_dataset,
+            self_reference_epochs=self.recipe.self_reference_epochs,
+            peft_config=self.peft_config,
+            callbacks=[KeepResumeStateOfNewestCheckpoint()],
+            dataset_name=self.recipe.dataset_name,
+            confidence_dir=self.stage_dir("score"),
+        )
+        trainer.save_model(str(output_dir))
+        self._mark_done("sftmix", global_step=trainer.state.global_step)
+        if self.state.is_main_process:
+            for checkpoint in output_dir.glob("checkpoint-*"):
+                drop_resume_state(checkpoint)
 
     def run_baseline(self) -> None:
         args = sft_config_from(self.args, output_dir=str(self.stage_dir("baseline")), push_to_hub=False)

@@ -10,12 +10,14 @@ run, aggregate to `confidence = -mean_k ppl_k`, split into a confident and an un
 from .aggregate import ConfidenceTable, aggregate_scores, load_confidence, resolve_score_files
 from .callback import ConfidenceCallback
 from .datamap import confidence_report, draw_data_map, write_data_map
+from .dynamics import TrainingDynamicsCallback
 from .offline import score_checkpoints
 from .scoring import add_example_ids, read_scores, score_trainer, write_scores
 
 __all__ = [
     "ConfidenceCallback",
     "ConfidenceTable",
+    "TrainingDynamicsCallback",
     "add_example_ids",
     "aggregate_scores",
     "confidence_report",

@@ -65,3 +65,26 @@ def test_load_data_keeps_distinct_rows_that_leave_room_for_a_response(tmp_path, 
     assert [row["completion"][0]["content"] for row in evaluation] == [r for _, r in pairs[:4]]
     with pytest.raises(ValueError, match="Only 12 Alpaca rows fit max_length 64, fewer than 16"):
         fidelity.load_data(fidelity.parse_args(["--train_rows", "16", "--max_length", "64"]), str(llama_dir))
+
+
+def test_the_cheap_confidence_arms_and_the_raised_learning_rate_arm_are_compared_with_ntp_and_sftmix():
+    values = {("ntp", "0"): 1.80, ("ntp", "1"): 1.90, ("sftmix", "0"): 1.78, ("sftmix", "1"): 1.86}
+    values |= {("onerun", "0"): 1.79, ("onerun", "1"): 1.87, ("ntp_lr", "0"): 1.79, ("ntp_lr", "1"): 1.88}
+    values |= {("dynamics", "0"): 1.77}
+    table = fidelity.summarize(rows(values))
+    # onerun - ntp per seed: -0.01, -0.03; mean -0.02, sd sqrt(2) * 0.01, half-width 12.706 * 0.01
+    half = 12.706 * math.sqrt(2) * 0.01 / math.sqrt(2)
+    assert f"| onerun - ntp | 2 | -0.0200 | [{-0.02 - half:+.4f}, {-0.02 + half:+.4f}] |" in table
+    assert "| ntp_lr - ntp | 2 | -0.0150 |" in table
+    assert "| sftmix - ntp_lr | 2 | -0.0150 |" in table  # -0.01, -0.02
+    assert "| onerun - sftmix | 2 | +0.0100 |" in table
+    assert "| dynamics - ntp | 1 | -0.0300 | n/a (one seed) |" in table
+    assert "| ntp_lr | 2 | 1.8350 |" in table and "| onerun | 2 | 1.8300 |" in table
+
+
+def test_the_raised_learning_rate_arm_scales_the_learning_rate_by_one_plus_mixup_coef():
+    args = fidelity.parse_args(["--learning_rate", "5e-5", "--mixup_coef", "0.2"])
+    assert fidelity.learning_rate(args, "ntp_lr") == pytest.approx(6e-5)
+    assert [fidelity.learning_rate(args, m) for m in ("ntp", "sftmix", "onerun", "dynamics")] == [5e-5] * 4
+    config = fidelity.training_config(args, "out", seed=0, learning_rate=fidelity.learning_rate(args, "ntp_lr"))
+    assert config.learning_rate == pytest.approx(6e-5) and config.mixup_coef == 0.2
