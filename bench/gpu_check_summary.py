@@ -5,7 +5,7 @@
 Priced for the device the rows were measured on (bench/kernel_model.py's H100 or H200, by the device name; any
 other device as an H200, and said so). For each measured shape: every implementation's full-step time (median), its
 ratio to the 6 N D V floor at that device's floor rate (H100 989, H200 790 TFLOP/s, the bf16 rate measured on the
-lent H200s), its peak memory with and without the `.grad` tensors (the second is the README's accounting) and
+lent H200s), its peak memory with and without the `.grad` tensors (the second is docs/performance.md's accounting) and
 relative errors against the reference, or the error it raised; then rowchunk and triton against the bars (with mixing
 within 1.15x of without, faster than the reference, within 1.5x / 2x of the floor, memory at least 10x below the
 reference), the MODEL ESTIMATE of bench/kernel_model.py for that device, and the per-phase times of `--phases` beside

@@ -19,7 +19,7 @@ Peak memory is that of one full step above the inputs: `torch.cuda.max_memory_al
 resident set size of a fresh subprocess per implementation (torch's CPU allocations are invisible to tracemalloc), an
 upper bound since the allocator may keep freed pages. Two rows: `peak_memory`, everything the step allocated, and
 `peak_memory_extra`, the same less the `.grad` tensors it leaves behind (N D + V D in the input dtype): the
-README's and the cost model's accounting, "beyond the inputs and the returned gradients".
+the accounting of docs/performance.md and of the cost model, "beyond the inputs and the returned gradients".
 
 A table goes to stdout and CSV rows (kernel, impl, mode, metric, unit, N, D, V, dtype, median, p20, p80, device,
 date, version, note) to `--csv` (default bench/results/kernel-<device>-<date>.csv). `--check` also records, for the
@@ -411,7 +411,7 @@ def main(argv=None):
                         continue
                     peak, result = measured
                     emit(shape, num_rows, impl, "full", "peak_memory", "MiB", [peak])
-                    # less the .grad tensors the step leaves behind (README's accounting)
+                    # less the .grad tensors the step leaves behind (docs/performance.md's accounting)
                     grad_mib = (num_rows + vocab_size) * hidden_size * dtype.itemsize / 2**20
                     emit(shape, num_rows, impl, "full", "peak_memory_extra", "MiB", [peak - grad_mib])
                     if impl == "reference":

@@ -1,5 +1,5 @@
 """What SFTMixTrainer refuses at construction, and why: each check raises an error that says what is wrong and what
-to change, before any training. The README's "Differences from SFTTrainer" lists them."""
+to change, before any training. docs/training.md, "Differences from SFTTrainer", lists them."""
 
 import torch
 from accelerate.utils import is_peft_model

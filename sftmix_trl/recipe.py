@@ -854,7 +854,7 @@ class Recipe:
         self._mark_done("evaluate")
 
     def evaluate_generation(self, models: dict[str, str]) -> None:
-        """Each model's answers, resumable, in the judges' formats under evaluation/ (judge commands: README)."""
+        """Each model's answers, resumable, in the judges' formats under evaluation/ (judge commands: docs/evaluation.md)."""
         from .generate import ChatGenerator, generate_alpacaeval, generate_mtbench, load_alpacaeval, load_mtbench
 
         output_dir = self.stage_dir("evaluate")

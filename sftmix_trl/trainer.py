@@ -72,7 +72,7 @@ class SFTMixTrainer(SFTTrainer):
         model, args, data_collator, train_dataset, eval_dataset, processing_class, compute_loss_func,
         compute_metrics, callbacks, optimizers, optimizer_cls_and_kwargs, preprocess_logits_for_metrics,
         quantization_config, peft_config, formatting_func:
-            As in [`~trl.SFTTrainer`], with these restrictions (see the README's "Differences from SFTTrainer"):
+            As in [`~trl.SFTTrainer`], with these restrictions (see "Differences from SFTTrainer" in docs/training.md):
             `args` is an [`SFTMixConfig`] (any other `TrainingArguments` is converted, with the SFTMix defaults);
             `train_dataset` is a map-style text [`~datasets.Dataset`] in any SFTTrainer format (language modeling
             or prompt-completion, standard or conversational, pre-tokenized) with a confidence per example;

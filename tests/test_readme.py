@@ -85,3 +85,28 @@ def test_the_repository_cites_only_design_notes_it_holds():
         for first, last in re.findall(r"docs/design\.md §(\d+)(?:-(\d+))?", text):
             cited = {str(n) for n in range(int(first), int(last or first) + 1)}
             assert cited <= sections, f"{path} cites docs/design.md §{first}{'-' + last if last else ''}"
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_the_readme_stays_an_entry_point_and_its_links_resolve():
+    """The README stays short, and every relative link of the README and docs/ names a file (and heading) that
+    exists, so no section moved to docs/ is lost to a reader."""
+    assert len(README.read_text().splitlines()) < 300
+    pages = [README, *sorted((REPOSITORY / "docs").glob("*.md"))]
+    linked = set()
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", page.read_text()):
+            path, anchor = target
+            if re.match(r"\w+://", path):
+                continue
+            resolved = (page.parent / path).resolve() if path else page
+            assert resolved.is_file(), f"{page.name} links to {path}, which does not exist"
+            linked.add(resolved)
+            if anchor and resolved.suffix == ".md":
+                headings = re.findall(r"^#+ (.*)$", resolved.read_text(), flags=re.MULTILINE)
+                assert anchor in {_anchor(h) for h in headings}, f"{page.name} links to {path}#{anchor}"
+    assert set(pages[1:]) <= linked, "every page of docs/ is reachable from a link"

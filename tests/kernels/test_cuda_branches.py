@@ -6,7 +6,7 @@ and the refusals that keep the others from running another way than designed.
   fp32 -> bf16 cast truncates (a GPU rounds to nearest), so G may be off by one bf16 ulp (2**-7 of |G|) instead of
   half of one: the bound below allows one ulp of the largest G on top of the bf16 reference's own error.
 - The vocabulary here (40, 123) is not a multiple of 16, so rowchunk's padded row stride is in every case.
-- What only a GPU runs (README "GPU check"): the `out_dtype` products of `gemm.product_into` / `gemm.add_product`
+- What only a GPU runs (docs/performance.md, "GPU check"): the `out_dtype` products of `gemm.product_into` / `gemm.add_product`
   (torch has no CPU kernel for them), the compiled kernels' memory ordering (bench/kernel_compile.py reads their
   layouts instead), several devices.
 """
