@@ -5,9 +5,10 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
+from .batch_plan import NTP_LOSS_SUBSETS
+from .data_utils import SPLIT_METHODS
 from .kernels.options import IMPLS as LOSS_IMPLS
 
-NTP_LOSS_SUBSETS = ("all", "confident", "unconfident", "none")
 # Below this concentration torch's float32 Beta sampler no longer draws what Beta(alpha, alpha) means (lam at 0 or 1
 # almost always): from alpha = 5e-3 some draws come out exactly 0.5 (0.06% at 5e-3, 6% at 2e-3, 25% at 1e-3, 48% at
 # 5e-4; 20,000 draws on CPU), while at 1e-2 and above none do.
@@ -130,7 +131,7 @@ class SFTMixConfig(SFTConfig):
         metadata={
             "help": "How the two paired halves are chosen: 'confidence' (the paper's recipe) or 'random' (halves of the "
             "same sizes drawn with `seed`, the paper's ablation of the split).",
-            "choices": ["confidence", "random"],
+            "choices": list(SPLIT_METHODS),
         },
     )
 
@@ -158,8 +159,8 @@ class SFTMixConfig(SFTConfig):
                 "`ntp_loss_on='none'` with `mixup_coef=0` leaves no loss to train on: set `mixup_coef > 0` or apply the "
                 "next-token loss to some examples."
             )
-        if self.split_by not in ("confidence", "random"):
-            raise ValueError(f"`split_by` must be 'confidence' or 'random', got {self.split_by!r}.")
+        if self.split_by not in SPLIT_METHODS:
+            raise ValueError(f"`split_by` must be {' or '.join(map(repr, SPLIT_METHODS))}, got {self.split_by!r}.")
         if self.loss_impl not in LOSS_IMPLS:
             raise ValueError(f"`loss_impl` must be one of {LOSS_IMPLS}, got {self.loss_impl!r}.")
         if self.packing and self.packing_strategy != "bfd":
