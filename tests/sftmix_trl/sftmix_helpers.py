@@ -5,11 +5,23 @@ import random
 
 import torch
 from datasets import Dataset
+from transformers import TrainerCallback
 from trl import SFTConfig
 
 from sftmix_trl.config import SFTMixConfig
 
 import tiny
+
+
+class StopAt(TrainerCallback):
+    """Stops training at the end of optimizer step `step`, as an interruption would (a resume then follows)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
 
 
 def with_confidence(dataset: Dataset, seed: int = 0) -> Dataset:

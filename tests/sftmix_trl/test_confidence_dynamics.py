@@ -6,7 +6,7 @@ import math
 
 import pytest
 from datasets import Dataset
-from sftmix_helpers import tiny_config, tiny_sft_config, with_confidence
+from sftmix_helpers import StopAt, tiny_config, tiny_sft_config, with_confidence
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
@@ -68,15 +68,6 @@ def test_each_record_is_the_nll_of_the_step_that_trains_the_example(tokenizer, t
     record = first[0]
     assert by_id[record["id"]]["confidence"] == pytest.approx(-(record["ppl"] + second[0]["ppl"]) / 2)
     assert sorted(table.dataset["half"]).count("confident") == 6
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 @pytest.mark.parametrize("stop_at", [2, 4])  # two steps into the first epoch; one into the second

@@ -6,23 +6,14 @@ import json
 
 import pytest
 import torch
-from sftmix_helpers import tiny_config, tiny_sft_config
-from transformers import AutoModelForCausalLM, TrainerCallback
+from sftmix_helpers import StopAt, tiny_config, tiny_sft_config
+from transformers import AutoModelForCausalLM
 from trl import SFTTrainer
 
 from sftmix_trl.confidence import aggregate_scores, load_confidence
 from sftmix_trl.one_run import train_one_run
 
 import tiny
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def one_run(tokenizer, output_dir, callbacks=None, **overrides):

@@ -7,25 +7,15 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
 
 TESTS = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(TESTS), str(TESTS / "sftmix_trl")]
 
-from sftmix_helpers import tiny_config  # noqa: E402
+from sftmix_helpers import StopAt, tiny_config  # noqa: E402
 
 from sftmix_trl.one_run import train_one_run  # noqa: E402
 
 import tiny  # noqa: E402
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def train(output_dir: str, per_device_batch_size: int, stop_at: int | None = None) -> None:
