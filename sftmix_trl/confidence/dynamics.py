@@ -146,7 +146,8 @@ class TrainingDynamicsCallback(TrainerCallback):
             return
         sums, counts = _per_example_sums(outputs, kwargs, rows.numel())
         # the step that this forward trains (global_step counts the optimizer steps done before it)
-        self._steps.append((rows.cpu(), sums, counts, self.trainer.state.global_step + 1))
+        # kept on the device: read once per epoch (`_local_sums`), so no step waits on a copy to the host
+        self._steps.append((rows, sums, counts, self.trainer.state.global_step + 1))
 
     # ---- per epoch: gather, write; per save: keep the epoch so far ----
 

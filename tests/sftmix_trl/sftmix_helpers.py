@@ -1,7 +1,11 @@
 """Shared pieces of the SFTMixTrainer tests: configs for the tiny model, scored datasets, and the loss written out
 from the paper's formula (the independent oracle the trainer is checked against)."""
 
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 from datasets import Dataset
@@ -119,3 +123,22 @@ def sftmix_loss_from_the_formula(model, batch, lambdas, mixup_coef, ntp_loss_on=
         pair_means.append(torch.stack(terms).mean())
     mixup = torch.stack(pair_means).mean() if pair_means else hidden.new_zeros(())
     return ntp + mixup_coef * mixup
+
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_CONFIG = REPO / "recipes/smollm2-135m/demo_cpu.yaml"
+
+
+def run_demo_recipe(cwd: Path, output_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`recipes/alpaca.py` with the demo's config and `overrides`, through `accelerate launch` as `make demo` runs
+    it (one CPU process, one thread: under `make test` another test runs beside it on a 2-core machine)."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--quiet", "--cpu", "--num_processes", "1", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(REPO / "recipes/alpaca.py"), "--config", str(DEMO_CONFIG), "--output_dir", str(output_dir), *overrides,
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
+    return result

@@ -5,12 +5,9 @@ and data map as the paper's pipeline, with a record for every row that trains an
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from sftmix_helpers import DEMO_CONFIG, run_demo_recipe
 from transformers import AutoTokenizer
 
 from sftmix_trl.assets import resolve_asset
@@ -18,8 +15,6 @@ from sftmix_trl.confidence import read_scores
 from sftmix_trl.data_utils import rows_surviving_preparation
 from sftmix_trl.recipe import load_train_dataset, parse_recipe_args
 
-REPO = Path(__file__).resolve().parents[2]
-DEMO_CONFIG = REPO / "recipes/smollm2-135m/demo_cpu.yaml"
 # 24 Alpaca rows of which 3 have prompts longer than 64 tokens (TRL drops them): 3 steps of 8 per epoch, 2 epochs;
 # no NTP twin and no evaluation (test_demo_pipeline runs those)
 REDUCED = [
@@ -36,16 +31,7 @@ pytestmark = pytest.mark.slow
 
 def run_recipe(tmp_path, run, *extra):
     resolve_asset("asset:alpaca_en_demo")
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--quiet", "--cpu", "--num_processes", "1", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(REPO / "recipes/alpaca.py"), "--config", str(DEMO_CONFIG), "--output_dir", str(run), *REDUCED, *extra,
-    ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
-    return result
+    return run_demo_recipe(tmp_path, run, *REDUCED, *extra)
 
 
 def trained_ids(run):

@@ -6,12 +6,9 @@ TRL's preparation drops: they need no score, and every other row must have one."
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from sftmix_helpers import DEMO_CONFIG, run_demo_recipe
 from transformers import AutoTokenizer
 
 from sftmix_trl.assets import resolve_asset
@@ -20,8 +17,6 @@ from sftmix_trl.confidence import aggregate_scores, read_scores
 from sftmix_trl.data_utils import rows_surviving_preparation
 from sftmix_trl.recipe import load_train_dataset, parse_recipe_args
 
-REPO = Path(__file__).resolve().parents[2]
-DEMO_CONFIG = REPO / "recipes/smollm2-135m/demo_cpu.yaml"
 # The demo's config at a reduced size: 24 Alpaca rows of which 3 have prompts longer than 64 tokens (so TRL drops
 # them), batches of 8 (3 steps per training stage), K = 2, 8 held-out AlpacaEval outputs.
 REDUCED = [
@@ -50,16 +45,7 @@ def test_demo_pipeline_runs_every_stage_on_the_real_assets(tmp_path):
     dropped_ids = [i for row, i in enumerate(dataset["id"]) if row not in set(trained)]
     assert len(dataset) == 24 and len(dropped_ids) == 3  # the case of issue 22: rows truncation drops
 
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--quiet", "--cpu", "--num_processes", "1", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(REPO / "recipes/alpaca.py"), "--config", str(DEMO_CONFIG), "--output_dir", str(run), *REDUCED,
-    ]  # fmt: skip
-    # one thread: under `make test` another test runs beside this one on a 2-core machine
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
+    result = run_demo_recipe(tmp_path, run, *REDUCED)
 
     # every stage ran; the training stages trained the rows that survive preparation, in batches of 8
     for stage in ("reference", "confidence", "sftmix", "ntp", "evaluation"):
