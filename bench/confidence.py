@@ -59,7 +59,7 @@ def worker(mode: str, num_examples: int, max_length: int, batch_size: int) -> di
 
     from sftmix_trl.assets import alpaca_demo_path, smollm2_path
     from sftmix_trl.confidence import score_trainer
-    from sftmix_trl.transforms import alpaca_to_prompt_completion
+    from sftmix_trl.data.formats import alpaca_to_prompt_completion
 
     rows = Dataset.from_json(str(alpaca_demo_path()))
     # the demo file repeats some rows verbatim, so content-derived ids would collide: number the rows instead

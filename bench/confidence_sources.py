@@ -78,7 +78,7 @@ def parse_args(argv=None):
 
 def agreement_of(reference_dir: Path) -> None:
     from sftmix_trl.confidence import aggregate_scores
-    from sftmix_trl.data_utils import split_by_confidence
+    from sftmix_trl.data.split import split_by_confidence
 
     def confidence_of(files) -> dict:
         table = aggregate_scores(files)
@@ -121,7 +121,9 @@ def reference_run(args, run_dir: Path) -> dict:
 
     from sftmix_trl.assets import resolve_asset
     from sftmix_trl.confidence import ConfidenceCallback, TrainingDynamicsCallback, score_trainer, write_scores
-    from sftmix_trl.recipe import EvenlySpacedCheckpoints, load_train_dataset, parse_recipe_args, sft_config_from
+    from sftmix_trl.config import sft_config_from
+    from sftmix_trl.recipe import load_train_dataset, parse_recipe_args
+    from sftmix_trl.recipe.checkpoints import EvenlySpacedCheckpoints
 
     recipe, config, model_args = parse_recipe_args(
         [
@@ -169,7 +171,7 @@ def main(argv=None) -> None:
     run_dir = Path(args.output_dir)
     timed = reference_run(args, run_dir)
     from sftmix_trl.confidence import aggregate_scores, read_scores
-    from sftmix_trl.data_utils import split_by_confidence
+    from sftmix_trl.data.split import split_by_confidence
 
     def confidence_of(files) -> dict:
         table = aggregate_scores(files)

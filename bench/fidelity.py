@@ -70,7 +70,7 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", default="runs/fidelity")
     parser.add_argument("--csv", default=str(RESULTS / f"fidelity-cpu-{datetime.date.today()}.csv"))
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..S-1 of each method")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from sftmix,ntp,random")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
     parser.add_argument("--train_rows", type=int, default=160, help="a multiple of --batch_size: equal step counts")
     parser.add_argument("--eval_rows", type=int, default=400)
     parser.add_argument("--max_length", type=int, default=256)
@@ -111,9 +111,9 @@ def load_data(args, model: str):
     from transformers import AutoTokenizer
 
     from sftmix_trl.assets import alpaca_demo_path, alpacaeval_path
-    from sftmix_trl.confidence import add_example_ids
-    from sftmix_trl.data_utils import drop_duplicate_examples
-    from sftmix_trl.transforms import alpaca_to_prompt_completion
+    from sftmix_trl.data import add_example_ids
+    from sftmix_trl.data.formats import alpaca_to_prompt_completion
+    from sftmix_trl.data.loading import drop_duplicate_examples
 
     tokenizer = AutoTokenizer.from_pretrained(model)
 
@@ -167,7 +167,8 @@ def run_reference(args, model: str, train, run_dir: Path) -> Path:
     from trl import SFTTrainer
 
     from sftmix_trl import ConfidenceCallback, TrainingDynamicsCallback, aggregate_scores
-    from sftmix_trl.recipe import EvenlySpacedCheckpoints, sft_config_from
+    from sftmix_trl.config import sft_config_from
+    from sftmix_trl.recipe.checkpoints import EvenlySpacedCheckpoints
 
     confidence_file = run_dir / "confidence" / "confidence.jsonl"
     if confidence_file.is_file() and (run_dir / "confidence-dynamics" / "confidence.jsonl").is_file():
@@ -188,7 +189,7 @@ def run_reference(args, model: str, train, run_dir: Path) -> Path:
 def held_out_nll(model_dir: str, held_out, scores_dir: Path, args) -> tuple[int, int, float]:
     """(examples, response tokens, token-weighted mean NLL) of the held-out reference outputs under a model."""
     from sftmix_trl.confidence import read_scores, score_checkpoints
-    from sftmix_trl.recipe import sft_config_from
+    from sftmix_trl.config import sft_config_from
 
     config = sft_config_from(training_config(args, scores_dir, seed=0))
     (path,) = score_checkpoints([model_dir], held_out, scores_dir, args=config, dataset_name="alpacaeval")
@@ -207,7 +208,7 @@ def train_one(args, method: str, seed: int, model: str, train, confidence_file: 
     from trl import SFTTrainer
 
     from sftmix_trl import SFTMixTrainer
-    from sftmix_trl.recipe import sft_config_from
+    from sftmix_trl.config import sft_config_from
 
     output_dir = run_dir / f"{method}-seed{seed}"
     if method in ("ntp", "ntp_lr"):
@@ -314,7 +315,13 @@ def generate_best(args, run_dir: Path, csv_path: Path) -> None:
     MT-Bench answers beside the results (its questions are FastChat's, Apache-2.0), the AlpacaEval outputs under the
     run directory (they repeat AlpacaEval's instructions, whose licence is non-commercial: never committed)."""
     from sftmix_trl.assets import smollm2_path
-    from sftmix_trl.generate import ChatGenerator, generate_alpacaeval, generate_mtbench, load_alpacaeval, load_mtbench
+    from sftmix_trl.evaluation.answers import (
+        ChatGenerator,
+        generate_alpacaeval,
+        generate_mtbench,
+        load_alpacaeval,
+        load_mtbench,
+    )
 
     rows = read_rows(csv_path)
     models = {"smollm2-135m-base": str(smollm2_path())}

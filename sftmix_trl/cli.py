@@ -10,10 +10,11 @@ command line win). `sftmix score` also takes every `SFTConfig` field (`--max_len
 `--assistant_only_loss`, `--per_device_eval_batch_size`, `--model_init_kwargs`, ...); on a machine without CUDA it
 defaults to `--use_cpu true --bf16 false`. Run it under `accelerate launch` to score on several devices.
 
-Data: a `.json`, `.jsonl`, `.parquet` or `.csv` file, a `save_to_disk` folder, or a Hub dataset name. Alpaca-style
-rows (`instruction`, `input`, `output`) are turned into conversational prompt/completion rows, and chat messages whose
-`content` is a list of text parts into plain text. Rows without an id column get one derived from their content before
-any other processing (see `confidence.add_example_ids`); `--drop_duplicates` keeps the first of identical rows.
+Data: a `.json`, `.jsonl`, `.parquet` or `.csv` file, a `save_to_disk` folder, or a Hub dataset name, loaded by the
+recipe's loader (`sftmix_trl.data.load_examples`), so that the same data and flags give the same examples and ids:
+Alpaca-style rows (`instruction`, `input`, `output`) become conversational prompt/completion rows (`--dataset_format
+multiturn` expands conversations, one example per assistant turn), chat content parts become plain text, and rows
+without an id column get one derived from their content; `--drop_duplicates` keeps the first of identical rows.
 
 A row that TRL's preparation drops (no response token left after truncation at `--max_length`) cannot train and needs
 no score: `sftmix score` writes no record for it, as the training-time scorer does, so their files hold the same ids
@@ -25,7 +26,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ERRORS_SHOWN_WITHOUT_TRACEBACK = (ValueError, TypeError, FileExistsError, FileNotFoundError)
+from .arguments import INPUT_ERRORS, parse_arguments
+from .data.loading import DATASET_FORMATS
 
 
 @dataclass
@@ -41,6 +43,9 @@ class DatasetArguments:
             Configuration name of a Hub dataset.
         dataset_split (`str`, *optional*, defaults to `"train"`):
             Split to use.
+        dataset_format (`str`, *optional*, defaults to `"auto"`):
+            How to bring the data into TRL's format, as the recipe's `dataset_format`: `"alpaca"`, `"multiturn"`
+            (one example per assistant turn), or `"auto"` (rows with Alpaca's columns converted, others as they are).
         id_column (`str`, *optional*, defaults to `"id"`):
             Column with the example ids; derived from each example's content when the data has none.
         drop_duplicates (`bool`, *optional*, defaults to `False`):
@@ -55,6 +60,13 @@ class DatasetArguments:
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of a Hub dataset."})
     dataset_split: str = field(default="train", metadata={"help": "Split to use."})
+    dataset_format: str = field(
+        default="auto",
+        metadata={
+            "help": "How to bring the data into TRL's format, as the recipe's.",
+            "choices": list(DATASET_FORMATS),
+        },
+    )
     id_column: str = field(
         default="id", metadata={"help": "Column with the example ids; derived from the content when missing."}
     )
@@ -168,22 +180,19 @@ class DataMapArguments:
 
 
 def load_examples(args: DatasetArguments):
-    """The examples `args` names, as a `datasets.Dataset`, Alpaca-style rows converted to prompt/completion."""
-    from .data_utils import check_sft_examples, drop_duplicate_examples, load_raw_dataset, normalize_content_parts
-    from .transforms import alpaca_to_prompt_completion
+    """The examples `args` names, loaded as the recipe loads them (`sftmix_trl.data.load_examples`)."""
+    from .data import load_examples
 
     if args.dataset_name is None:
         raise ValueError("No data given: pass `--dataset_name` (a data file, a save_to_disk folder or a Hub name).")
-    dataset = normalize_content_parts(load_raw_dataset(args.dataset_name, args.dataset_config, args.dataset_split))
-    if len(dataset) == 0:
-        raise ValueError(f"The data {args.dataset_name!r} (split {args.dataset_split!r}) holds no example.")
-    columns = set(dataset.column_names)
-    if {"instruction", "output"} <= columns and not columns & {"prompt", "messages", "text"}:
-        dataset = alpaca_to_prompt_completion(dataset, id_column=args.id_column)
-    check_sft_examples(dataset, f"The data {args.dataset_name!r}")
-    if args.drop_duplicates:
-        dataset = drop_duplicate_examples(dataset)
-    return dataset
+    return load_examples(
+        args.dataset_name,
+        config=args.dataset_config,
+        split=args.dataset_split,
+        data_format=args.dataset_format,
+        id_column=args.id_column,
+        drop_duplicates=args.drop_duplicates,
+    )
 
 
 def run_score(score_args: ScoreArguments, data_args: DatasetArguments, training_args) -> None:
@@ -269,90 +278,10 @@ def run_datamap(datamap_args: DataMapArguments, data_args: DatasetArguments) -> 
         print(path)
 
 
-def parse_arguments(parser, argv: list[str] | None) -> tuple:
-    """`parser`'s dataclasses from a YAML config (`--config`) and the command line. An unknown field, in either, is a
-    `ValueError` that names it and suggests the closest known fields; a value of the wrong type (a YAML list where a
-    number goes, ...) is one that names the field."""
-    import difflib
-
-    *parsed, from_config, from_command_line = parser.parse_args_and_config(
-        args=argv, return_remaining_strings=True, separate_remaining_strings=True
-    )
-    # the config's leftovers come as ["--key", "value", ...]; the command line's as argparse left them
-    config = argv[argv.index("--config") + 1] if argv and "--config" in argv[:-1] else "the config file"
-    unknown = [(config, key) for key in from_config[::2]]
-    unknown += [("the command line", item) for item in from_command_line if item.startswith("-")]
-    if from_command_line and not unknown:
-        unknown = [("the command line", from_command_line[0])]
-    if unknown:
-        known = sorted({action.dest for action in parser._actions if action.dest != "help"})
-        problems = []
-        for where, item in unknown:
-            name = item.lstrip("-").split("=")[0]
-            close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-            hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-            problems.append(f"{name!r} in {where}{hint}")
-        raise ValueError(
-            f"Unknown argument(s): {'; '.join(problems)}. `--help` lists the fields {parser.prog or 'it'} takes."
-        )
-    for instance in parsed:
-        check_field_types(instance)
-    return tuple(parsed)
-
-
-def check_field_types(instance) -> None:
-    """Every field of a parsed dataclass holds a value of its declared type (a YAML config's values are set as they
-    are, not converted, so `learning_rate: [1]` or `per_device_train_batch_size: 2.5` would otherwise fail deep in
-    the library that reads them). Fields of other types than str, int, float, bool, their optionals and `list[str]`
-    are left to their dataclass."""
-    import dataclasses
-    import typing
-
-    try:
-        hints = typing.get_type_hints(type(instance))
-    except Exception:  # an annotation that cannot be resolved: nothing to check against
-        return
-    for field_ in dataclasses.fields(instance):
-        expected = _expected_type(hints.get(field_.name), getattr(instance, field_.name))
-        if expected is not None:
-            raise TypeError(
-                f"`{field_.name}` must be {expected}, got {getattr(instance, field_.name)!r} "
-                f"({type(getattr(instance, field_.name)).__name__}): fix its value in the config file or on the "
-                "command line."
-            )
-
-
-# declared type -> (the types its values may have, how to name it)
-SIMPLE_TYPES = {str: ((str,), "a string"), int: ((int,), "an integer"), float: ((int, float), "a number"),
-                bool: ((bool,), "true or false")}  # fmt: skip
-
-
-def _expected_type(hint, value) -> str | None:
-    """What `value` should be, when it is not of the declared type `hint` (None when it is, or cannot be told)."""
-    import types
-    import typing
-
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        if value is None or len(rest) != 1:
-            return None
-        hint = rest[0]
-    if hint in SIMPLE_TYPES:
-        accepted, name = SIMPLE_TYPES[hint]
-        is_bool_as_number = hint is not bool and isinstance(value, bool)
-        return name if is_bool_as_number or not isinstance(value, accepted) else None
-    # one string stands for a list of one (TRL turns a one-element `lora_target_modules` into its string)
-    is_strings = isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
-    if typing.get_origin(hint) is list and typing.get_args(hint) == (str,) and not is_strings:
-        return "a list of strings"
-    return None
-
-
 def _commands():
     from trl import SFTConfig
 
-    from .generate import GenerateArguments, run_generate
+    from .evaluation.answers import GenerateArguments, run_generate
 
     return {
         "score": ((ScoreArguments, DatasetArguments, SFTConfig), run_score),
@@ -396,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.set_defaults(bf16=False, use_cpu=True)
     try:
         run(*parse_arguments(parser, rest))
-    except ERRORS_SHOWN_WITHOUT_TRACEBACK as error:
+    except INPUT_ERRORS as error:
         print(f"sftmix {command}: error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -1,12 +1,13 @@
 """Configuration of the SFTMix trainer: TRL's `SFTConfig` plus the Mixup recipe's own knobs."""
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
 from .batch_plan import NTP_LOSS_SUBSETS
-from .data_utils import SPLIT_METHODS
+from .data.split import SPLIT_METHODS
 from .kernels.options import IMPLS as LOSS_IMPLS
 
 # Below this concentration torch's float32 Beta sampler no longer draws what Beta(alpha, alpha) means (lam at 0 or 1
@@ -59,7 +60,7 @@ class SFTMixConfig(SFTConfig):
         id_column (`str`, *optional*, defaults to `"id"`):
             Column holding each example's id, used to join scores computed elsewhere; identical examples may share
             an id (and so a score), different ones may not. When the dataset has no such column, ids are derived
-            from each example's content with [`~sftmix_trl.data_utils.derive_example_id`].
+            from each example's content with [`~sftmix_trl.data.ids.derive_example_id`].
         confidence_scores_path (`str`, *optional*):
             Scores to join to the training dataset by id: a JSON Lines or Parquet file, or a directory written by
             `Dataset.save_to_disk`, with `id_column` and `confidence_column` columns. The trainer's
@@ -190,3 +191,13 @@ class SFTMixConfig(SFTConfig):
             )
         if self.label_smoothing_factor != 0:
             raise ValueError("SFTMix does not support `label_smoothing_factor`: leave it at 0.")
+
+
+def sft_config_from(args: SFTConfig, **overrides) -> SFTConfig:
+    """A plain `SFTConfig` with the SFT fields of `args` (an `SFTMixConfig`), some of them overridden: the config of
+    an NTP run (a reference, a warm-up, a baseline) beside an SFTMix one."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(SFTConfig) if f.init}
+    # the deprecated aliases mirror their new names after __post_init__; passing both would warn
+    values.pop("gradient_checkpointing", None)
+    values.pop("gradient_checkpointing_kwargs", None)
+    return SFTConfig(**{**values, **overrides})

@@ -31,7 +31,7 @@ from trl import SFTTrainer
 
 from .confidence import TrainingDynamicsCallback, aggregate_scores
 from .confidence.datamap import write_data_map
-from .config import SFTMixConfig
+from .config import SFTMixConfig, sft_config_from
 from .trainer import SFTMixTrainer
 
 CONFIDENCE_DIRNAME = "confidence"
@@ -97,8 +97,6 @@ def train_one_run(
             confidence_dir (`str`, *optional*): where the confidence table and data map go; defaults to
                 `<args.output_dir>/confidence`.
     """
-    from .recipe import sft_config_from
-
     if not isinstance(self_reference_epochs, int) or self_reference_epochs < 1:
         raise ValueError(
             f"`self_reference_epochs` must be a whole number of epochs >= 1, got {self_reference_epochs}."

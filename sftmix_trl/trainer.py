@@ -27,7 +27,7 @@ from .batch_plan import (
     token_halves,
 )
 from .config import SFTMixConfig
-from .data_utils import check_sft_examples, normalize_content_parts
+from .data.formats import check_sft_examples, normalize_content_parts
 from .fused_call import PairLambdas, backbone_and_fused_loss, loss_inputs
 from .sampler import BalancedPairSampler
 from .training_data import (

@@ -23,14 +23,9 @@ from trl import pack_dataset
 
 from .batch_plan import CONFIDENT, REMAINDER, UNCONFIDENT
 from .config import SFTMixConfig
-from .data_utils import (
-    SCORE_COLUMNS,
-    ConfidenceSplit,
-    check_repeated_ids_share_content,
-    derive_example_id,
-    split_examples,
-    unscored_examples_error,
-)
+from .data.ids import SCORE_COLUMNS, check_repeated_ids_share_content, derive_example_id
+from .data.preparation import unscored_examples_error
+from .data.split import ConfidenceSplit, split_examples
 
 # Columns added to the training dataset: the row of each example in the dataset as given (carried through
 # preparation, to join each example's confidence), and the half each prepared row belongs to (carried through the

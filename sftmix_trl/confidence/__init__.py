@@ -12,13 +12,12 @@ from .callback import ConfidenceCallback
 from .datamap import confidence_report, draw_data_map, write_data_map
 from .dynamics import TrainingDynamicsCallback
 from .offline import score_checkpoints
-from .scoring import add_example_ids, read_scores, score_trainer, write_scores
+from .scoring import read_scores, score_trainer, write_scores
 
 __all__ = [
     "ConfidenceCallback",
     "ConfidenceTable",
     "TrainingDynamicsCallback",
-    "add_example_ids",
     "aggregate_scores",
     "confidence_report",
     "draw_data_map",

@@ -10,7 +10,7 @@ and the dataset-cartography view (Swayamdipta et al., 2020) that the data map dr
     gold_prob_std(x, y) = population std of prob_k over the checkpoints (at most 0.5)
     correctness(x, y)   = (1/K) * sum_k accuracy_k(x, y) (accuracy_k: share of response tokens predicted top-1)
 
-The split is `data_utils.split_by_confidence`: two equal halves, ties broken by id, the median example left out when
+The split is `sftmix_trl.data.split.split_by_confidence`: two equal halves, ties broken by id, the median example left out when
 the count is odd.
 
 Output folder of `ConfidenceTable.save`, which `SFTMixTrainer(confidence_scores=<folder>)` reads as it is:
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset, load_from_disk
 
-from ..data_utils import ConfidenceSplit, split_by_confidence
+from ..data.split import ConfidenceSplit, split_by_confidence
 from .scoring import SCORES_SUFFIX, read_scores
 
 OUTPUT_FILES = ("state.json", "dataset_info.json", "confidence.jsonl", "confidence.parquet", "summary.json")

@@ -41,7 +41,7 @@ from accelerate.utils import gather_object
 from transformers import TrainerCallback
 from trl.trainer.utils import get_config_model_id
 
-from ..data_utils import check_repeated_ids_share_content
+from ..data.ids import check_repeated_ids_share_content
 from .scoring import SCORES_SUFFIX, _per_example_sums, check_scorable, make_record, metadata_path, write_scores
 
 logger = logging.getLogger(__name__)

@@ -24,10 +24,10 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedT
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import create_model_from_path
 
+from ..data.ids import add_example_ids
 from ..run_state import jsonable, model_fingerprint
 from .scoring import (
     SCORES_SUFFIX,
-    add_example_ids,
     exclusive_writer,
     ids_fingerprint,
     read_scores,

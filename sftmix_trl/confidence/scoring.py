@@ -43,28 +43,11 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from trl.trainer.utils import add_fused_lm_head
 
-from ..data_utils import check_repeated_ids_share_content, check_unique_ids, derive_example_id
+from ..data.ids import check_repeated_ids_share_content, check_unique_ids
 
 SCORES_SUFFIX = ".jsonl"
 METADATA_SUFFIX = ".json"
 FORMAT_VERSION = 3  # 2 adds `prob` and `accuracy`; 3: no record for a row that TRL's preparation drops
-
-
-def add_example_ids(dataset: Dataset, id_column: str = "id") -> Dataset:
-    """`dataset` with an id column: left as it is when it has one, else derived from each example's content with
-    `derive_example_id` (the first 16 hex digits of the SHA-1 of the example's columns as canonical JSON).
-
-    Call it on the raw data, before SFTTrainer prepares it: preparation rewrites columns (it appends the EOS token to
-    completions and texts, and that token depends on the tokenizer), so ids derived afterwards would differ between
-    a reference model and the target model. Exact duplicate examples get the same id, and so share a score; an id
-    column of the data's own whose repeated ids carry different content is refused.
-    """
-    if id_column not in dataset.column_names:
-        return dataset.map(
-            lambda example: {id_column: derive_example_id(example)}, desc="Deriving example ids from content"
-        )
-    check_repeated_ids_share_content(dataset[id_column], lambda row: derive_example_id(dataset[row]))
-    return dataset
 
 
 def check_scorable(trainer, id_column: str = "id") -> None:
@@ -84,7 +67,7 @@ def check_scorable(trainer, id_column: str = "id") -> None:
         raise ValueError(
             f"The trainer's training set has no {id_column!r} column, so scores could not be joined to examples. "
             "Give the dataset an id column before building the trainer, e.g. "
-            "`dataset = sftmix_trl.confidence.add_example_ids(dataset)` (ids derived from each example's content)."
+            "`dataset = sftmix_trl.add_example_ids(dataset)` (ids derived from each example's content)."
         )
     missing = {"input_ids", "labels"} - set(dataset.column_names)
     if missing:

@@ -11,7 +11,7 @@ import pytest
 
 from sftmix_trl.cli import main
 from sftmix_trl.confidence import load_confidence
-from sftmix_trl.data_utils import derive_example_id
+from sftmix_trl.data.ids import derive_example_id
 
 import tiny
 

@@ -17,12 +17,11 @@ from trl import SFTConfig, SFTTrainer
 
 from sftmix_trl.confidence import (
     ConfidenceCallback,
-    add_example_ids,
     read_scores,
     score_checkpoints,
     score_trainer,
 )
-from sftmix_trl.data_utils import derive_example_id
+from sftmix_trl.data.ids import add_example_ids, derive_example_id
 
 import tiny
 

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from sftmix_trl.assets import resolve_asset
 from sftmix_trl.confidence import read_scores
-from sftmix_trl.data_utils import rows_surviving_preparation
+from sftmix_trl.data.preparation import rows_surviving_preparation
 from sftmix_trl.recipe import load_train_dataset, parse_recipe_args
 
 # 24 Alpaca rows of which 3 have prompts longer than 64 tokens (TRL drops them): 3 steps of 8 per epoch, 2 epochs;

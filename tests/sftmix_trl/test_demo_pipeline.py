@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 from sftmix_trl.assets import resolve_asset
 from sftmix_trl.cli import main as sftmix_main
 from sftmix_trl.confidence import aggregate_scores, read_scores
-from sftmix_trl.data_utils import rows_surviving_preparation
+from sftmix_trl.data.preparation import rows_surviving_preparation
 from sftmix_trl.recipe import load_train_dataset, parse_recipe_args
 
 # The demo's config at a reduced size: 24 Alpaca rows of which 3 have prompts longer than 64 tokens (so TRL drops

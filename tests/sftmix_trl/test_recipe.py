@@ -13,7 +13,7 @@ import torch
 
 from sftmix_trl.assets import resolve_asset
 from sftmix_trl.config import SFTMixConfig
-from sftmix_trl.recipe import STAGE_DIRS, RecipeArguments, load_train_dataset, parse_recipe_args
+from sftmix_trl.recipe import STAGES, RecipeArguments, load_train_dataset, parse_recipe_args
 
 import tiny
 
@@ -80,8 +80,8 @@ def test_pipeline_runs_end_to_end_on_two_processes_and_resumes(tmp_path, llama_d
         "--report_to", "none",
     ]  # fmt: skip
     out = _launch(args, tmp_path)
-    for stage, folder in STAGE_DIRS.items():
-        assert (run / folder / "stage_done.json").is_file(), stage
+    for stage in STAGES:
+        assert (run / STAGES[stage].folder / "stage_done.json").is_file(), stage
     # 48 examples / (2 ranks x 4) = 6 steps an epoch, 2 epochs: K = 2 evenly spaced checkpoints, each scored once
     assert sorted(p.name for p in (run / "reference/confidence_scores").glob("*.jsonl")) == [
         "checkpoint-12.jsonl",
@@ -100,7 +100,7 @@ def test_pipeline_runs_end_to_end_on_two_processes_and_resumes(tmp_path, llama_d
     # a second launch finds every stage done and redoes nothing
     stamp = (run / "sftmix/model.safetensors").stat().st_mtime_ns
     out = _launch(args, tmp_path)
-    assert out.count("already done") == len(STAGE_DIRS)
+    assert out.count("already done") == len(STAGES)
     assert (run / "sftmix/model.safetensors").stat().st_mtime_ns == stamp
     assert "| sftmix |" in out  # the stored evaluation table is shown again
 
@@ -165,8 +165,8 @@ def test_lora_runs_every_stage_and_adapters_are_evaluated_on_their_base(tmp_path
         f"[sftmix] stage evaluate: sftmix ({run / 'sftmix'}) is a PEFT adapter; scoring it merged into its base model "
         f"{llama_dir}"
     ) in capsys.readouterr().out
-    for stage, folder in STAGE_DIRS.items():
-        assert (run / folder / "stage_done.json").is_file(), stage
+    for stage in STAGES:
+        assert (run / STAGES[stage].folder / "stage_done.json").is_file(), stage
     # every trained stage holds an adapter, not a full model; the reference checkpoints keep no optimizer state
     for folder in ("sftmix", "ntp"):
         assert (run / folder / "adapter_model.safetensors").is_file() and not (run / folder / "config.json").exists()
@@ -195,7 +195,7 @@ def test_ultrachat_recipe_runs_offline_on_llamafactory_messages(tmp_path, llama_
     config = REPO / "recipes/smollm2-135m/ultrachat_offline_cpu.yaml"
     main(["--config", str(config), *_recipe_args(llama_dir, run, max_train_examples="16", max_length="512")])
     for stage in ("reference", "score", "sftmix"):
-        assert (run / STAGE_DIRS[stage] / "stage_done.json").is_file(), stage
+        assert (run / STAGES[stage].folder / "stage_done.json").is_file(), stage
     table = [json.loads(line) for line in (run / "confidence/confidence.jsonl").read_text().splitlines()]
     assert len(table) == 16 and all(row["id"].endswith("-1") for row in table)  # one example per assistant turn
     report = (run / "confidence/confidence_report.md").read_text()
@@ -246,7 +246,7 @@ def test_missing_local_dataset_is_named_without_a_hub_call(tmp_path, monkeypatch
 def test_checkpoints_keep_resume_state_only_while_needed(tmp_path):
     from transformers import TrainerState
 
-    from sftmix_trl.recipe import KeepResumeStateOfNewestCheckpoint
+    from sftmix_trl.recipe.checkpoints import KeepResumeStateOfNewestCheckpoint
 
     resume_files = ("optimizer.pt", "scheduler.pt", "rng_state.pth")
     for step in (2, 4):
@@ -284,7 +284,7 @@ def test_score_stage_checks_that_every_row_the_sftmix_stage_trains_has_a_score(t
     write_scores(
         [make_record(i, float(n + 1), 2, prob_sum=1.0, top1_sum=1) for n, i in enumerate(trained_ids)], scores, {}
     )
-    recipe.run_score()
+    STAGES["score"].run(recipe)
     out = capsys.readouterr().out
     left_out = len(dataset) - len(rows)
     assert (
@@ -299,7 +299,7 @@ def test_score_stage_checks_that_every_row_the_sftmix_stage_trains_has_a_score(t
         [make_record(i, float(n + 1), 2, prob_sum=1.0, top1_sum=1) for n, i in enumerate(trained_ids[1:])], scores, {}
     )
     with pytest.raises(ValueError) as error:
-        recipe.run_score()
+        STAGES["score"].run(recipe)
     assert str(error.value) == (
         f"1 of {len(rows)} training example(s) have no confidence score, e.g. {trained_ids[0]!r} (joined on 'id'). "
         "Score every training example, or drop the unscored ones."
@@ -317,7 +317,7 @@ def test_a_reference_model_that_drops_rows_the_target_trains_is_refused_before_t
     trained, scored = recipe.trained_rows(recipe.model), recipe.trained_rows(recipe.reference_model)
     assert set(trained) > set(scored)
     with pytest.raises(ValueError, match=r"reference model .* would leave training examples without a score") as error:
-        recipe.run_reference()
+        STAGES["reference"].run(recipe)
     assert f"{len(trained) - len(scored)} of {len(trained)} training example(s) have no confidence score" in str(
         error.value
     )
@@ -468,8 +468,8 @@ def test_a_finished_run_rerun_with_other_inputs_is_refused_naming_what_changed(
         for record in run.glob("*/stage_inputs.json"):
             record.unlink()
     err = _refusal(arguments(run, **fields), capsys)
-    assert f"{run / STAGE_DIRS[stage]} holds" in err and named in err
-    assert f"Use a new output_dir, or remove {run / STAGE_DIRS[stage]} to redo the {stage} stage" in err
+    assert f"{run / STAGES[stage].folder} holds" in err and named in err
+    assert f"Use a new output_dir, or remove {run / STAGES[stage].folder} to redo the {stage} stage" in err
     assert _results(run) == before  # nothing was touched
 
 

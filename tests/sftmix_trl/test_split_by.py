@@ -7,7 +7,7 @@ import pytest
 from sftmix_helpers import tiny_config, with_confidence
 
 from sftmix_trl.config import SFTMixConfig
-from sftmix_trl.data_utils import split_by_confidence, split_examples
+from sftmix_trl.data.split import split_by_confidence, split_examples
 from sftmix_trl.trainer import HALF_COLUMN, SFTMixTrainer
 
 import tiny

@@ -10,7 +10,7 @@ from peft import LoraConfig, PromptTuningConfig, get_peft_model
 from sftmix_helpers import tiny_config, with_confidence
 from trl import SFTConfig
 
-from sftmix_trl.data_utils import derive_example_id
+from sftmix_trl.data.ids import derive_example_id
 from sftmix_trl.trainer import HALF_COLUMN, SFTMixTrainer
 
 import tiny

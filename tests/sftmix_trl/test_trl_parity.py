@@ -12,7 +12,7 @@ from peft import LoraConfig
 from sftmix_helpers import loss_and_grads, tiny_config, tiny_sft_config, with_confidence
 from trl import SFTTrainer
 
-from sftmix_trl.data_utils import derive_example_id
+from sftmix_trl.data.ids import derive_example_id
 from sftmix_trl.trainer import HALF_COLUMN, SFTMixTrainer
 
 import tiny

@@ -1,7 +1,9 @@
 import pytest
 from datasets import Dataset
 
-from sftmix_trl.transforms import alpaca_to_prompt_completion, expand_multiturn
+from sftmix_trl.data.formats import alpaca_to_prompt_completion, expand_multiturn, normalize_content_parts
+
+import tiny
 
 
 def _conversation(k):
@@ -55,3 +57,35 @@ def test_alpaca_rows_become_conversational_prompt_completion_with_stable_ids():
 def test_alpaca_needs_its_columns():
     with pytest.raises(ValueError, match="'instruction' and 'output'"):
         alpaca_to_prompt_completion(Dataset.from_list([{"question": "q", "answer": "a"}]))
+
+
+def _as_parts(dataset: Dataset, key: str) -> Dataset:
+    """The messages of `dataset` with each content split into two text parts under `key` ("text" or "value")."""
+
+    def split(example):
+        return {
+            "messages": [
+                {**m, "content": [{"type": "text", key: m["content"][:3]}, {"type": "text", key: m["content"][3:]}]}
+                for m in example["messages"]
+            ]
+        }
+
+    return dataset.map(split)
+
+
+@pytest.mark.parametrize("key", ["text", "value"])  # OpenAI style; LlamaFactory's v1 files
+def test_content_parts_become_the_text_they_hold(key):
+    dataset = tiny.messages_dataset(6)
+    normalized = normalize_content_parts(_as_parts(dataset, key))
+    assert normalized["messages"] == dataset["messages"]
+    assert normalize_content_parts(dataset) is dataset  # plain text: untouched, not even mapped
+    evaluation = normalize_content_parts({"a": _as_parts(dataset, key), "b": dataset})
+    assert evaluation["a"]["messages"] == dataset["messages"]
+
+
+def test_content_parts_that_are_not_text_are_refused():
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "text": None}]}]}]
+    with pytest.raises(ValueError) as error:
+        normalize_content_parts(Dataset.from_list(rows))
+    assert str(error.value).startswith("Row 0, 'messages' message 0: content part 0 is 'image', not text")
+    assert "SFTMix trains text-only language models" in str(error.value)

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 pytest.importorskip("lm_eval")
 
 from sftmix_trl import run_state  # noqa: E402
-from sftmix_trl.harness import run_lm_eval  # noqa: E402
+from sftmix_trl.evaluation.lm_eval_tasks import run_lm_eval  # noqa: E402
 from sftmix_trl.recipe import Recipe, make_parser  # noqa: E402
 
 CHOICES = ["yes", "no", "maybe"]

@@ -31,7 +31,7 @@ BENCHMARKS = ("mt_bench", "alpaca_eval")
 
 def load_mtbench(path: str | Path | None = None) -> list[dict]:
     """MT-Bench's questions (`question_id`, `category`, `turns`), from `path` or the `mt_bench` asset."""
-    from .assets import mtbench_questions_path
+    from ..assets import mtbench_questions_path
 
     path = Path(path) if path is not None else mtbench_questions_path()
     with open(path, encoding="utf-8") as f:
@@ -44,7 +44,7 @@ def load_mtbench(path: str | Path | None = None) -> list[dict]:
 
 def load_alpacaeval(path: str | Path | None = None) -> list[dict]:
     """AlpacaEval's instructions (`instruction`, `dataset`), from `path` or the `alpacaeval` asset."""
-    from .assets import alpacaeval_path
+    from ..assets import alpacaeval_path
 
     path = Path(path) if path is not None else alpacaeval_path()
     rows = json.loads(Path(path).read_text(encoding="utf-8"))

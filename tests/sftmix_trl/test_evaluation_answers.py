@@ -6,7 +6,7 @@ import json
 import pytest
 
 from sftmix_trl.cli import main as cli_main
-from sftmix_trl.generate import (
+from sftmix_trl.evaluation.answers import (
     ChatGenerator,
     GenerateArguments,
     generate_alpacaeval,
