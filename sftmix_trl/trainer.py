@@ -2,7 +2,7 @@
 
 The trainer orchestrates; each concern lives in a module named for it: `checks` (what is refused at construction),
 `training_data` (the confidence join, the halves, packing each half, the collator), `sampler` (balanced
-micro-batches), `batch_plan` (which rows each micro-batch scores and mixes), `fused_call` (the lambdas, the backbone
+micro-batches), `batch_plan` (which rows each micro-batch scores and mixes), `micro_batch_loss` (the lambdas, the backbone
 forward and the fused loss of `kernels`), `lm_head` (the sharded head gathered for it) and `train_metrics`.
 """
 
@@ -28,7 +28,7 @@ from .batch_plan import (
 )
 from .config import SFTMixConfig
 from .data.formats import check_sft_examples, normalize_content_parts
-from .fused_call import PairLambdas, backbone_and_fused_loss, loss_inputs
+from .micro_batch_loss import PairLambdas, backbone_and_fused_loss, loss_inputs
 from .sampler import BalancedPairSampler
 from .training_data import (
     HALF_COLUMN,

@@ -24,13 +24,12 @@ from trl import pack_dataset
 from .batch_plan import CONFIDENT, REMAINDER, UNCONFIDENT
 from .config import SFTMixConfig
 from .data.ids import SCORE_COLUMNS, check_repeated_ids_share_content, derive_example_id
-from .data.preparation import unscored_examples_error
+from .data.preparation import ROW_COLUMN, unscored_examples_error
 from .data.split import ConfidenceSplit, split_examples
 
-# Columns added to the training dataset: the row of each example in the dataset as given (carried through
-# preparation, to join each example's confidence), and the half each prepared row belongs to (carried through the
-# collator), CONFIDENT, UNCONFIDENT or REMAINDER (the median example of an odd-sized dataset).
-ROW_COLUMN = "sftmix_row"
+# Columns added to the training dataset: the row of each example in the dataset as given (`ROW_COLUMN`, carried
+# through preparation, to join each example's confidence), and the half each prepared row belongs to (carried through
+# the collator), CONFIDENT, UNCONFIDENT or REMAINDER (the median example of an odd-sized dataset).
 HALF_COLUMN = "sftmix_half"
 
 

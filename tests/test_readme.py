@@ -110,3 +110,18 @@ def test_the_readme_stays_an_entry_point_and_its_links_resolve():
                 headings = re.findall(r"^#+ (.*)$", resolved.read_text(), flags=re.MULTILINE)
                 assert anchor in {_anchor(h) for h in headings}, f"{page.name} links to {path}#{anchor}"
     assert set(pages[1:]) <= linked, "every page of docs/ is reachable from a link"
+
+
+def test_the_layout_table_names_every_module_of_the_packages():
+    """The README's Layout table matches the tree: every module and subpackage of `sftmix_trl/` and `kernels/` is
+    named in its row, and every first-level folder of the repository it names exists."""
+    layout = README.read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
+    rows = {match[0]: match[1] for match in re.findall(r"^\| `([^`]+)` \| (.*) \|$", layout, flags=re.MULTILINE)}
+    for package in ("sftmix_trl/", "kernels/"):
+        entries = sorted((REPOSITORY / package).iterdir())
+        names = [p.name + "/" if p.is_dir() else p.name for p in entries if p.name != "__init__.py"]
+        names = [n for n in names if n.endswith((".py", "/")) and n != "__pycache__/"]
+        missing = [name for name in names if f"`{name}`" not in rows[package]]
+        assert not missing, f"the Layout row of {package} does not name {missing}"
+    for path in rows:
+        assert (REPOSITORY / path).exists(), f"the Layout table names {path}, which does not exist"

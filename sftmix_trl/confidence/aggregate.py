@@ -132,9 +132,8 @@ def aggregate_scores(score_files: Sequence[str | Path]) -> ConfidenceTable:
     from the same dataset and with the same ids; no NaN or infinite perplexity.
 
     A row that cannot train needs no score (`scoring`'s rule): the scorers write no record for a row TRL's preparation
-    drops, and a record with no response token (`num_tokens = 0`, null perplexity; what `sftmix score` wrote for such
-    rows before score format 3) is left out the same way, its id in `excluded_ids`. So files from the callback and from
-    `sftmix score`, of any version, aggregate together. Whether every example the target trains has a score is checked
+    drops, and a record with no response token to predict (`num_tokens = 0`, null perplexity) is left out the same
+    way, its id in `excluded_ids`. So files from the callback and from `sftmix score` aggregate together. Whether every example the target trains has a score is checked
     where the scores are used (the SFTMix trainer, and the recipe's score stage before it).
     """
     files = resolve_score_files(score_files)
@@ -181,12 +180,6 @@ def aggregate_scores(score_files: Sequence[str | Path]) -> ConfidenceTable:
                 "same way."
             )
 
-    older = [str(path) for path, table in zip(files, tables) if any("prob" not in r for r in table.values())]
-    if older:
-        raise ValueError(
-            f"{_shown(older)} hold no gold-token probabilities (score format 1, from an older sftmix-trl). Rescore "
-            "those checkpoints (`sftmix score ... --overwrite`) so that every file has the same fields."
-        )
     if not ids:
         raise ValueError(
             f"The score files hold no scored example: every one of {files[0]}'s {len(unscorable)} record(s) has no "

@@ -36,8 +36,8 @@ def _require_cartography(table: Dataset) -> None:
     missing = [column for column in CARTOGRAPHY_COLUMNS if column not in table.column_names]
     if missing:
         raise ValueError(
-            f"The confidence table lacks {missing} (it was aggregated by an older sftmix-trl). Rescore the checkpoints "
-            "(`sftmix score --overwrite`) and aggregate again."
+            f"The confidence table lacks {missing}: it is not a table that `aggregate_scores` (`sftmix aggregate`) "
+            "writes. Aggregate the score files again."
         )
 
 

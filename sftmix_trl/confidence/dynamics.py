@@ -42,12 +42,12 @@ from transformers import TrainerCallback
 from trl.trainer.utils import get_config_model_id
 
 from ..data.ids import check_repeated_ids_share_content
+from ..data.preparation import ROW_COLUMN
 from .scoring import SCORES_SUFFIX, _per_example_sums, check_scorable, make_record, metadata_path, write_scores
 
 logger = logging.getLogger(__name__)
 
 DYNAMICS_DIRNAME = "training_dynamics"
-ROW_COLUMN = "_dynamics_row"  # the prepared dataset's row index, carried through the collator to the forward
 PARTIAL_PREFIX = "partial-step-"
 
 
@@ -119,6 +119,7 @@ class TrainingDynamicsCallback(TrainerCallback):
             self.ids, lambda row: (tuple(dataset[row]["input_ids"]), tuple(dataset[row]["labels"]))
         )
         self.num_distinct = len(set(self.ids))
+        # the prepared dataset's row of each example, carried through the collator to the forward
         trainer.train_dataset = dataset.add_column(ROW_COLUMN, list(range(len(dataset))))
         trainer._set_signature_columns_if_needed()
         if ROW_COLUMN not in trainer._signature_columns:

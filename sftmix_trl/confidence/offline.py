@@ -182,12 +182,8 @@ def score_checkpoints(
                     raise FileExistsError(
                         f"{error} (Or pass `overwrite=True`, `--overwrite`, to replace it.)"
                     ) from None
-                # the raw data's ids (a file holds records only for the rows TRL's preparation kept); older files: theirs
-                stale = (
-                    []
-                    if metadata.get("raw_ids_fingerprint", metadata.get("ids_fingerprint")) == fingerprint
-                    else ["examples"]
-                )
+                # the raw data's ids (a file holds records only for the rows TRL's preparation kept)
+                stale = [] if metadata.get("raw_ids_fingerprint") == fingerprint else ["examples"]
                 stale += [key for key, value in made_from(checkpoint).items() if metadata.get(key) != value]
                 if stale:
                     raise FileExistsError(

@@ -47,7 +47,8 @@ from ..data.ids import check_repeated_ids_share_content, check_unique_ids
 
 SCORES_SUFFIX = ".jsonl"
 METADATA_SUFFIX = ".json"
-FORMAT_VERSION = 3  # 2 adds `prob` and `accuracy`; 3: no record for a row that TRL's preparation drops
+FORMAT_VERSION = 3  # the only format read: no record for a row that TRL's preparation drops
+RECORD_FIELDS = frozenset({"id", "num_tokens", "nll", "ppl", "prob", "accuracy"})
 
 
 def check_scorable(trainer, id_column: str = "id") -> None:
@@ -351,8 +352,11 @@ def read_scores(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]
                     f"{path}:{line_number} is not valid JSON ({error}): the file is damaged or cut short, or is not "
                     f"a score file; {rescore}."
                 ) from None
-            if not isinstance(record, dict) or not {"id", "ppl"} <= record.keys():
-                raise ValueError(f"{path}:{line_number} is not a score record (needs 'id' and 'ppl'): {line[:80]!r}")
+            if not isinstance(record, dict) or not record.keys() >= RECORD_FIELDS:
+                raise ValueError(
+                    f"{path}:{line_number} is not a score record (needs {sorted(RECORD_FIELDS)}): {line[:80]!r}; "
+                    f"{rescore}."
+                )
             records.append(record)
     if not records:
         raise ValueError(f"Score file {path} holds no record (an empty file): {rescore}.")
@@ -363,6 +367,11 @@ def read_scores(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]
         raise ValueError(
             f"The sidecar {sidecar} of {path} is not valid JSON (damaged or cut short): {rescore}."
         ) from None
+    if metadata.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} is in score format {metadata['format_version']}, which this sftmix-trl does not read (it reads "
+            f"format {FORMAT_VERSION}): {rescore}."
+        )
     ids = [record["id"] for record in records]
     try:
         check_unique_ids(ids)

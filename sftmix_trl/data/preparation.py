@@ -3,8 +3,10 @@ cannot train and needs no score), and the one error for training rows without a 
 
 from collections.abc import Container, Sequence
 
-# The column that carries each raw row's position through TRL's preparation (which drops rows and may shuffle them).
-RAW_ROW_COLUMN = "__sftmix_raw_row"
+# The column that carries each example's row in the dataset it is added to through TRL's preparation (which drops
+# rows and may shuffle them) and the collator: here, the raw rows that survive; in the SFTMix trainer, the row whose
+# confidence each example joins; in the training-dynamics recorder, the prepared row each loss belongs to.
+ROW_COLUMN = "sftmix_row"
 
 
 def rows_surviving_preparation(
@@ -36,8 +38,8 @@ def rows_surviving_preparation(
         return list(range(len(dataset)))  # the trainer takes the rows as they are
     if len(dataset) == 0:
         return []
-    if RAW_ROW_COLUMN in dataset.column_names:
-        raise ValueError(f"The dataset already has a {RAW_ROW_COLUMN!r} column; rename it.")
+    if ROW_COLUMN in dataset.column_names:
+        raise ValueError(f"The dataset already has a {ROW_COLUMN!r} column; rename it.")
     tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
     if args.eos_token is not None:
         if args.eos_token not in tokenizer.get_vocab():
@@ -63,11 +65,11 @@ def rows_surviving_preparation(
     preparer.completion_only_loss = args.completion_only_loss
     if args.completion_only_loss is None:
         preparer.completion_only_loss = "prompt" in sample and "completion" in sample
-    indexed = dataset.add_column(RAW_ROW_COLUMN, list(range(len(dataset))))
+    indexed = dataset.add_column(ROW_COLUMN, list(range(len(dataset))))
     prepared = SFTTrainer._prepare_dataset(
         preparer, indexed, processing_class, args, False, formatting_func, dataset_name
     )
-    return sorted(prepared[RAW_ROW_COLUMN])
+    return sorted(prepared[ROW_COLUMN])
 
 
 def unscored_examples_error(ids: Sequence, scored: Container, id_column: str = "id") -> ValueError | None:

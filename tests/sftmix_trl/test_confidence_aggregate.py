@@ -104,29 +104,29 @@ def test_saved_table_round_trips_and_refuses_to_overwrite(tmp_path):
 
 
 def test_examples_without_a_response_token_are_left_out_as_rows_without_a_record_are(tmp_path):
-    # a record with no response token (what `sftmix score` wrote before score format 3 for a row that TRL's preparation
-    # drops) is a row that cannot train: left out, as the callback's files leave it out by having no record for it
-    old_offline = tmp_path / "old"
+    # a record with no response token to predict (`num_tokens = 0`, null perplexity) is a row that cannot train: left
+    # out, as a row that TRL's preparation drops is left out by having no record
+    with_empty = tmp_path / "old"
     write_run(
-        old_offline,
+        with_empty,
         {
             "checkpoint-1": {**PPL["checkpoint-10"], "empty": None},
             "checkpoint-2": {**PPL["checkpoint-20"], "empty": None},
         },
     )
-    table = aggregate_scores([old_offline])
+    table = aggregate_scores([with_empty])
     assert "empty" not in table.dataset["id"] and table.excluded_ids == ["empty"]
     assert table.summary()["excluded_unscorable_ids"] == ["empty"]
     callback = tmp_path / "callback"
     write_run(callback, {"checkpoint-1": PPL["checkpoint-10"], "checkpoint-2": PPL["checkpoint-20"]})
     assert table.dataset["id"] == aggregate_scores([callback]).dataset["id"]
     # both kinds of file aggregate together
-    mixed = aggregate_scores([old_offline / "checkpoint-1.jsonl", callback / "checkpoint-2.jsonl"])
+    mixed = aggregate_scores([with_empty / "checkpoint-1.jsonl", callback / "checkpoint-2.jsonl"])
     assert mixed.dataset["id"] == table.dataset["id"] and mixed.excluded_ids == ["empty"]
     # a row scored by one checkpoint and unscorable at another is data prepared two ways: refused
     write_run(tmp_path / "other", {"checkpoint-3": {**PPL["checkpoint-10"], "empty": 2.5}})
     with pytest.raises(ValueError, match=r"cover different examples.*'empty'.*tokenizers or `max_length`s"):
-        aggregate_scores([old_offline / "checkpoint-1.jsonl", tmp_path / "other"])
+        aggregate_scores([with_empty / "checkpoint-1.jsonl", tmp_path / "other"])
     with pytest.raises(ValueError, match="hold no scored example"):
         write_run(tmp_path / "none", {"checkpoint-1": {"a": None}})
         aggregate_scores([tmp_path / "none"])

@@ -334,3 +334,20 @@ def test_callback_and_offline_scorer_write_the_same_records_when_preparation_dro
     for a, b in zip(offline_records, callback_records):
         assert a["num_tokens"] == b["num_tokens"] > 0 and a["ppl"] == pytest.approx(b["ppl"], rel=1e-5)
     assert sorted(aggregate_scores([during_training, offline]).dataset["id"]) == sorted(kept)
+
+
+def test_score_files_of_another_format_are_refused_with_what_to_do(tmp_path):
+    from sftmix_trl.confidence.scoring import make_record, metadata_path, write_scores
+
+    record = make_record("a", 1.0, 2, prob_sum=1.0, top1_sum=1)
+    path = tmp_path / "checkpoint-1.jsonl"
+    write_scores([record], path, {"format_version": 2})
+    with pytest.raises(ValueError, match=r"score format 2, which this sftmix-trl does not read \(it reads format 3\)"):
+        read_scores(path)
+    # records without the fields of format 3 (no gold-token probability), and no sidecar to say which format
+    metadata_path(path).unlink()
+    path.write_text(json.dumps({key: record[key] for key in ("id", "num_tokens", "nll", "ppl")}) + "\n")
+    with pytest.raises(
+        ValueError, match=r"checkpoint-1.jsonl:1 is not a score record \(needs \['accuracy', 'id',.*rescore"
+    ):
+        read_scores(path)

@@ -424,16 +424,16 @@ def test_mixed_precision_runs_the_backbone_and_the_head_under_autocast_as_sfttra
     """`bf16=True` with fp32 weights: accelerate's autocast wraps the model's forward, which SFTMix's loss reaches by
     redirection; the backbone and the head's product still run in bf16, as in SFTTrainer, the weights stay fp32, and
     the losses follow SFTTrainer's."""
-    import sftmix_trl.fused_call
+    import sftmix_trl.micro_batch_loss
 
     head_dtypes = set()
-    fused_loss = sftmix_trl.fused_call.sftmix_linear_cross_entropy
+    fused_loss = sftmix_trl.micro_batch_loss.sftmix_linear_cross_entropy
 
     def recording_fused_loss(hidden, weight, *args, **kwargs):
         head_dtypes.add((hidden.dtype, weight.dtype, torch.is_autocast_enabled("cpu")))
         return fused_loss(hidden, weight, *args, **kwargs)
 
-    monkeypatch.setattr(sftmix_trl.fused_call, "sftmix_linear_cross_entropy", recording_fused_loss)
+    monkeypatch.setattr(sftmix_trl.micro_batch_loss, "sftmix_linear_cross_entropy", recording_fused_loss)
     sft, mix = build_pair(tokenizer, tmp_path, "prompt_completion", mixup_coef=0.0, bf16=True, max_steps=2)
     backbone_dtypes = {"sft": set(), "mix": set()}
     for name, trainer in (("sft", sft), ("mix", mix)):

@@ -4,9 +4,9 @@ device with torch's own device checks (a loss input left on the CPU fails them),
 
 import torch
 
-import sftmix_trl.fused_call as fused_call
+import sftmix_trl.micro_batch_loss as micro_batch_loss
 from sftmix_trl.batch_plan import BatchPlan
-from sftmix_trl.fused_call import HEAD_INPUTS, backbone_and_fused_loss, loss_inputs
+from sftmix_trl.micro_batch_loss import HEAD_INPUTS, backbone_and_fused_loss, loss_inputs
 
 
 def test_every_loss_input_reaches_the_head_device(llama, monkeypatch):
@@ -34,8 +34,8 @@ def test_every_loss_input_reaches_the_head_device(llama, monkeypatch):
         seen.update({name: kwargs[name] for name in ("bias", "ntp_mask", "ntp_normalizer")})
         return real(hidden, weight, *args, **kwargs)
 
-    real = fused_call.sftmix_linear_cross_entropy
-    monkeypatch.setattr(fused_call, "sftmix_linear_cross_entropy", recording)
+    real = micro_batch_loss.sftmix_linear_cross_entropy
+    monkeypatch.setattr(micro_batch_loss, "sftmix_linear_cross_entropy", recording)
     outputs = backbone_and_fused_loss(llama, {"input_ids": input_ids}, inputs, 0.2, "auto", False)
     tensors = {name: value for name, value in seen.items() if value is not None}
     assert set(tensors) == {"hidden", "weight", *HEAD_INPUTS}
