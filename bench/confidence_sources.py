@@ -1,6 +1,6 @@
 """How well the cheap confidences agree with the paper's checkpoint confidence, and what each costs, on the demo's data.
 
-    nice -n 10 .venv/bin/python bench/confidence_sources.py > runs/confidence_sources.log 2>&1 &
+    nice -n 10 .venv/bin/python -m bench.confidence_sources > runs/confidence_sources.log 2>&1 &
 
 One NTP reference run of SmolLM2-135M-Instruct on the demo's training rows (recipes/smollm2-135m/demo_cpu.yaml through
 the recipe's own loader: Alpaca rows, duplicates dropped, `--max_train_examples` of them, max_length 160), over
@@ -32,14 +32,12 @@ import datetime
 import json
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fidelity import device_label  # noqa: E402
+from bench.fidelity import device_label
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"

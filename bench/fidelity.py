@@ -1,7 +1,7 @@
 """A repeated comparison of SFTMix with NTP on SmolLM2-135M-Instruct: several seeds of each, and a random split.
 
-    nice -n 19 .venv/bin/python bench/fidelity.py > runs/fidelity.log 2>&1 &
-    nice -n 19 .venv/bin/python bench/fidelity.py --generate --generate_prompts 80
+    nice -n 19 .venv/bin/python -m bench.fidelity > runs/fidelity.log 2>&1 &
+    nice -n 19 .venv/bin/python -m bench.fidelity --generate --generate_prompts 80
 
 What runs, all on CPU in fp32, under `--output_dir` (default runs/fidelity):
 
@@ -294,7 +294,7 @@ def write_summary(csv_path: Path, args, wall_seconds: float) -> None:
     header = [
         "# SFTMix vs NTP, repeated (bench/fidelity.py)",
         "",
-        f"Command: `nice -n 19 .venv/bin/python bench/fidelity.py {' '.join(a for a in sys.argv[1:] if a != '--summarize')}`",
+        f"Command: `nice -n 19 .venv/bin/python -m bench.fidelity {' '.join(a for a in sys.argv[1:] if a != '--summarize')}`",
         f"Machine: {rows[0]['device'] if rows else device_label()}"
         + (
             f"; wall time of this invocation {wall_seconds / 60:.1f} min (it skips the rows already in the CSV)"

@@ -16,6 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "recipes" / "accelerate_configs"
 SCRIPT = Path(__file__).parent / "scripts" / "sftmix_distributed_run.py"
+TESTS = Path(__file__).resolve().parents[1]
 # the recipes' configs are for GPUs: on CPU processes the runs are fp32 and every config is launched with 2 processes
 CPU_OVERRIDES = ["--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
@@ -31,6 +32,10 @@ def free_port() -> int:
 
 def launch_env() -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    # the scripts import the tests' helpers (`tiny`, `sftmix_helpers`) as the test modules do
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(TESTS / "sftmix_trl"), env.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep
+    )
     env.pop("TRITON_INTERPRET", None)  # the torch implementation runs here; nothing to interpret
     return env
 

@@ -3,18 +3,13 @@
 with every rank's examples gathered."""
 
 import argparse
-import sys
-from pathlib import Path
 
-TESTS = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(TESTS), str(TESTS / "sftmix_trl")]
+from sftmix_helpers import tiny_sft_config
+from trl import SFTTrainer
 
-from sftmix_helpers import tiny_sft_config  # noqa: E402
-from trl import SFTTrainer  # noqa: E402
+from sftmix_trl.confidence import TrainingDynamicsCallback
 
-from sftmix_trl.confidence import TrainingDynamicsCallback  # noqa: E402
-
-import tiny  # noqa: E402
+import tiny
 
 
 def train(output_dir: str, per_device_batch_size: int) -> None:

@@ -3,19 +3,14 @@ alone, or on several CPU processes with `accelerate launch` (DDP). The main proc
 `<output_dir>/params.pt`; a `--stop_at` step stops the run there (to resume it with a second launch)."""
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
+from sftmix_helpers import StopAt, tiny_config
 
-TESTS = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(TESTS), str(TESTS / "sftmix_trl")]
+from sftmix_trl.one_run import train_one_run
 
-from sftmix_helpers import StopAt, tiny_config  # noqa: E402
-
-from sftmix_trl.one_run import train_one_run  # noqa: E402
-
-import tiny  # noqa: E402
+import tiny
 
 
 def train(output_dir: str, per_device_batch_size: int, stop_at: int | None = None) -> None:

@@ -8,21 +8,16 @@ often the loss gathered a DTensor head itself, and how often the head module's o
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import torch
+from sftmix_helpers import tiny_config, with_confidence
+from torch.distributed.tensor import DTensor
 
-TESTS = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(TESTS), str(TESTS / "sftmix_trl")]
+from sftmix_trl import lm_head as lm_head_module
+from sftmix_trl.trainer import HALF_COLUMN, SFTMixTrainer
 
-from sftmix_helpers import tiny_config, with_confidence  # noqa: E402
-from torch.distributed.tensor import DTensor  # noqa: E402
-
-from sftmix_trl import lm_head as lm_head_module  # noqa: E402
-from sftmix_trl.trainer import HALF_COLUMN, SFTMixTrainer  # noqa: E402
-
-import tiny  # noqa: E402
+import tiny
 
 USE_FSDP = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 USE_DEEPSPEED = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
