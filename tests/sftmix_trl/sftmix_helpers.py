@@ -3,6 +3,7 @@ from the paper's formula (the independent oracle the trainer is checked against)
 
 import os
 import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -126,7 +127,27 @@ def sftmix_loss_from_the_formula(model, batch, lambdas, mixup_coef, ntp_loss_on=
 
 
 REPO = Path(__file__).resolve().parents[2]
+TESTS = REPO / "tests"
 DEMO_CONFIG = REPO / "recipes/smollm2-135m/demo_cpu.yaml"
+CONFIGS = REPO / "recipes" / "accelerate_configs"
+# the recipes' configs are for GPUs: on CPU processes the runs are fp32 and every config is launched with 2 processes
+CPU_OVERRIDES = ["--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_env() -> dict:
+    """The environment of a launched process: offline, one thread each, the tests' helpers importable."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    # the scripts import the tests' helpers (`tiny`, `sftmix_helpers`) as the test modules do
+    paths = [str(TESTS), str(TESTS / "sftmix_trl"), *filter(None, [env.get("PYTHONPATH")])]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.pop("TRITON_INTERPRET", None)  # the torch implementation runs here; nothing to interpret
+    return env
 
 
 def run_demo_recipe(cwd: Path, output_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -138,7 +159,6 @@ def run_demo_recipe(cwd: Path, output_dir: Path, *overrides: str) -> subprocess.
         "--mixed_precision", "no", "--dynamo_backend", "no",
         str(REPO / "recipes/alpaca.py"), "--config", str(DEMO_CONFIG), "--output_dir", str(output_dir), *overrides,
     ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
+    result = subprocess.run(command, cwd=cwd, env=launch_env(), capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
     return result

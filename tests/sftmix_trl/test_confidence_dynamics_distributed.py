@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_trainer_distributed import CONFIGS, CPU_OVERRIDES, free_port, launch_env
+from sftmix_helpers import CONFIGS, CPU_OVERRIDES, free_port, launch_env
 
 from sftmix_trl.confidence import read_scores
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_trainer_distributed import CONFIGS, CPU_OVERRIDES, free_port, launch_env
+from sftmix_helpers import CONFIGS, CPU_OVERRIDES, free_port, launch_env
 
 SCRIPT = Path(__file__).parent / "scripts" / "one_run_distributed_run.py"
 

@@ -5,39 +5,18 @@ train as one process that sees both ranks' micro-batches side by side: every ste
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from sftmix_helpers import CONFIGS, CPU_OVERRIDES, free_port, launch_env
 
-ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = ROOT / "recipes" / "accelerate_configs"
 SCRIPT = Path(__file__).parent / "scripts" / "sftmix_distributed_run.py"
-TESTS = Path(__file__).resolve().parents[1]
-# the recipes' configs are for GPUs: on CPU processes the runs are fp32 and every config is launched with 2 processes
-CPU_OVERRIDES = ["--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 # every test here starts processes that each want a core: one at a time on a pytest-xdist worker
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("distributed")]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch_env() -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    # the scripts import the tests' helpers (`tiny`, `sftmix_helpers`) as the test modules do
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(TESTS / "sftmix_trl"), env.get("PYTHONPATH", "")]).rstrip(
-        os.pathsep
-    )
-    env.pop("TRITON_INTERPRET", None)  # the torch implementation runs here; nothing to interpret
-    return env
 
 
 def launch_command(config: str, output_dir: Path, *launch_args: str, model: str = "llama") -> list[str]:
