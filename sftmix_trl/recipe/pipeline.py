@@ -87,6 +87,10 @@ class Recipe:
         with self.state.main_process_first():
             return load_train_dataset(self.recipe)
 
+    def load_eval_dataset(self) -> Dataset:
+        with self.state.main_process_first():
+            return load_eval_dataset(self.recipe)
+
     def trained_rows(self, model: str) -> list[int] | None:
         """The rows of the training set that TRL's preparation keeps for `model` (its tokenizer) with the run's
         settings (`max_length`, the loss masks, ...): the rows a stage training `model` trains and a reference run

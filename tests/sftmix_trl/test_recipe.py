@@ -2,7 +2,6 @@
 two-process data-parallel run through `accelerate launch`, and resumes instead of redoing work."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from sftmix_helpers import launch_env
 
 from sftmix_trl.assets import resolve_asset
 from sftmix_trl.config import SFTMixConfig
@@ -50,8 +50,7 @@ def _launch(args: list[str], cwd: Path) -> str:
         str(REPO / "recipes/alpaca.py"),
         *args,
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=cwd, env=launch_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-12000:]
     return result.stdout
 
@@ -364,8 +363,7 @@ def _run_recipe(args: list[str], cwd: Path, kill_at: tuple[str, str, int] | None
     script = cwd / "killer.py"
     script.write_text(KILLER)
     command = [sys.executable, str(script), *map(str, kill_at or ("none", "none", -1)), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, cwd=cwd, env=launch_env(), capture_output=True, text=True, timeout=600)
 
 
 def _results(run: Path) -> dict[str, bytes]:
