@@ -125,3 +125,10 @@ def test_the_layout_table_names_every_module_of_the_packages():
         assert not missing, f"the Layout row of {package} does not name {missing}"
     for path in rows:
         assert (REPOSITORY / path).exists(), f"the Layout table names {path}, which does not exist"
+
+
+def test_the_cost_table_is_rendered_from_the_committed_rows():
+    """The README's cost table is what `python -m bench.cost_table` prints from the committed CSV rows."""
+    from bench.cost_table import AGREEMENT, HELD_OUT, read, render
+
+    assert render(read(AGREEMENT), read(HELD_OUT)) in README.read_text()
