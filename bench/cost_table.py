@@ -57,7 +57,8 @@ def render(agreement_rows: list[dict], held_out_rows: list[dict]) -> str:
     nll = {(row["method"], row["seed"]): float(row["nll"]) for row in held_out_rows}
     ntp_seeds = [v for (m, _), v in nll.items() if m == "ntp"]
     lines = [
-        "| pipeline: confidence from | compute x NTP (passes) | x NTP (timed) | Spearman | same half | held-out NLL - NTP [95%] |",
+        "| pipeline: confidence from | compute x NTP (passes) | x NTP (timed) | Spearman | same half "
+        "| held-out NLL - NTP [95%] |",
         "|---|---:|---:|---:|---:|---|",
     ]
     for pipeline, (source, method, compute) in PIPELINES.items():

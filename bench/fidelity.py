@@ -291,10 +291,11 @@ def summarize(rows: list[dict]) -> str:
 
 def write_summary(csv_path: Path, args, wall_seconds: float) -> None:
     rows = read_rows(csv_path)
+    arguments = " ".join(a for a in sys.argv[1:] if a != "--summarize")
     header = [
         "# SFTMix vs NTP, repeated (bench/fidelity.py)",
         "",
-        f"Command: `nice -n 19 .venv/bin/python -m bench.fidelity {' '.join(a for a in sys.argv[1:] if a != '--summarize')}`",
+        f"Command: `nice -n 19 .venv/bin/python -m bench.fidelity {arguments}`",
         f"Machine: {rows[0]['device'] if rows else device_label()}"
         + (
             f"; wall time of this invocation {wall_seconds / 60:.1f} min (it skips the rows already in the CSV)"

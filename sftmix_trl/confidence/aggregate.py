@@ -10,8 +10,8 @@ and the dataset-cartography view (Swayamdipta et al., 2020) that the data map dr
     gold_prob_std(x, y) = population std of prob_k over the checkpoints (at most 0.5)
     correctness(x, y)   = (1/K) * sum_k accuracy_k(x, y) (accuracy_k: share of response tokens predicted top-1)
 
-The split is `sftmix_trl.data.split.split_by_confidence`: two equal halves, ties broken by id, the median example left out when
-the count is odd.
+The split is `sftmix_trl.data.split.split_by_confidence`: two equal halves, ties broken by id, the median example
+left out when the count is odd.
 
 Output folder of `ConfidenceTable.save`, which `SFTMixTrainer(confidence_scores=<folder>)` reads as it is:
 
@@ -133,8 +133,9 @@ def aggregate_scores(score_files: Sequence[str | Path]) -> ConfidenceTable:
 
     A row that cannot train needs no score (`scoring`'s rule): the scorers write no record for a row TRL's preparation
     drops, and a record with no response token to predict (`num_tokens = 0`, null perplexity) is left out the same
-    way, its id in `excluded_ids`. So files from the callback and from `sftmix score` aggregate together. Whether every example the target trains has a score is checked
-    where the scores are used (the SFTMix trainer, and the recipe's score stage before it).
+    way, its id in `excluded_ids`. So files from the callback and from `sftmix score` aggregate together. Whether
+    every example the target trains has a score is checked where the scores are used (the SFTMix trainer, and the
+    recipe's score stage before it).
     """
     files = resolve_score_files(score_files)
     if not files:
