@@ -2,8 +2,8 @@
 
 The trainer orchestrates; each concern lives in a module named for it: `checks` (what is refused at construction),
 `training_data` (the confidence join, the halves, packing each half, the collator), `sampler` (balanced
-micro-batches), `batch_plan` (which rows each micro-batch scores and mixes), `micro_batch_loss` (the lambdas, the backbone
-forward and the fused loss of `kernels`), `lm_head` (the sharded head gathered for it) and `train_metrics`.
+micro-batches), `batch_plan` (which rows each micro-batch scores and mixes), `micro_batch_loss` (the lambdas, the
+backbone forward and the fused loss of `kernels`), `lm_head` (the sharded head gathered for it) and `train_metrics`.
 """
 
 import dataclasses
