@@ -59,8 +59,8 @@ def format_evaluation(rows: list[dict], dataset_name: str | None) -> str:
     return "\n".join(lines)
 
 
-def evaluate_generation(models: dict[str, str], output_dir: Path, recipe: RecipeArguments, device: str) -> None:
-    """Each model's answers to `recipe.generate_benchmarks` (the recipe's arguments), resumable, in the judges'
+def evaluate_generation(models: dict[str, str], output_dir: Path, arguments: RecipeArguments, device: str) -> None:
+    """Each model's answers to `arguments.generate_benchmarks` (the recipe's arguments), resumable, in the judges'
     formats under evaluation/ (judge commands: docs/evaluation.md)."""
     from ..evaluation.answers import (
         ChatGenerator,
@@ -70,13 +70,16 @@ def evaluate_generation(models: dict[str, str], output_dir: Path, recipe: Recipe
         load_mtbench,
     )
 
-    benchmarks = recipe.generate_benchmarks
-    limit = recipe.generate_max_prompts
-    questions = load_mtbench(resolve_asset("mt_bench", recipe.asset_cache_dir))[:limit]
-    instructions = load_alpacaeval(resolve_asset("alpacaeval", recipe.asset_cache_dir))[:limit]
+    benchmarks = arguments.generate_benchmarks
+    limit = arguments.generate_max_prompts
+    questions = load_mtbench(resolve_asset("mt_bench", arguments.asset_cache_dir))[:limit]
+    instructions = load_alpacaeval(resolve_asset("alpacaeval", arguments.asset_cache_dir))[:limit]
     for label, path in models.items():
         chat = ChatGenerator(
-            path, batch_size=recipe.generate_batch_size, max_new_tokens=recipe.generate_max_new_tokens, device=device
+            path,
+            batch_size=arguments.generate_batch_size,
+            max_new_tokens=arguments.generate_max_new_tokens,
+            device=device,
         )
         if "mt_bench" in benchmarks:
             generate_mtbench(
@@ -86,17 +89,17 @@ def evaluate_generation(models: dict[str, str], output_dir: Path, recipe: Recipe
             generate_alpacaeval(chat, instructions, output_dir / "alpaca_eval" / f"{label}.json", generator=label)
 
 
-def evaluate_lm_eval(models: dict[str, str], output_dir: Path, recipe: RecipeArguments, device: str) -> None:
+def evaluate_lm_eval(models: dict[str, str], output_dir: Path, arguments: RecipeArguments, device: str) -> None:
     """lm-evaluation-harness on each model, one results file per model (a finished one is kept)."""
     from ..evaluation.lm_eval_tasks import run_lm_eval
 
     for label, path in models.items():
         run_lm_eval(
             path,
-            recipe.lm_eval_tasks,
+            arguments.lm_eval_tasks,
             output_dir / "lm_eval" / f"{label}.json",
-            num_fewshot=recipe.lm_eval_num_fewshot,
-            limit=recipe.lm_eval_limit,
-            include_path=recipe.lm_eval_include_path,
+            num_fewshot=arguments.lm_eval_num_fewshot,
+            limit=arguments.lm_eval_limit,
+            include_path=arguments.lm_eval_include_path,
             device=device,
         )

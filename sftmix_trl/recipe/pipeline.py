@@ -20,48 +20,50 @@ from .checkpoints import KeepResumeStateOfNewestCheckpoint, drop_resume_state
 from .stages import STAGES
 
 
-def load_train_dataset(recipe: RecipeArguments) -> Dataset:
+def load_train_dataset(arguments: RecipeArguments) -> Dataset:
     """The training examples the recipe's arguments name (`sftmix_trl.data.load_examples`)."""
-    if recipe.dataset_name is None:
+    if arguments.dataset_name is None:
         raise ValueError("The recipe needs `dataset_name`: a hub id, a local file or folder, or `asset:<name>`.")
     return load_examples(
-        recipe.dataset_name,
-        config=recipe.dataset_config,
-        split=recipe.dataset_train_split,
-        data_format=recipe.dataset_format,
-        drop_duplicates=recipe.drop_duplicates,
-        max_examples=recipe.max_train_examples,
-        seed=recipe.subset_seed,
-        asset_cache_dir=recipe.asset_cache_dir,
+        arguments.dataset_name,
+        config=arguments.dataset_config,
+        split=arguments.dataset_train_split,
+        data_format=arguments.dataset_format,
+        drop_duplicates=arguments.drop_duplicates,
+        max_examples=arguments.max_train_examples,
+        seed=arguments.subset_seed,
+        asset_cache_dir=arguments.asset_cache_dir,
     )
 
 
-def load_eval_dataset(recipe: RecipeArguments) -> Dataset:
+def load_eval_dataset(arguments: RecipeArguments) -> Dataset:
     """The held-out examples of the evaluate stage, drawn and deduplicated as the training examples are."""
     return load_examples(
-        recipe.eval_dataset_name,
-        config=recipe.eval_dataset_config,
-        split=recipe.eval_dataset_split,
-        data_format=recipe.eval_dataset_format,
-        drop_duplicates=recipe.drop_duplicates,
-        max_examples=recipe.max_eval_examples,
-        seed=recipe.subset_seed,
-        asset_cache_dir=recipe.asset_cache_dir,
+        arguments.eval_dataset_name,
+        config=arguments.eval_dataset_config,
+        split=arguments.eval_dataset_split,
+        data_format=arguments.eval_dataset_format,
+        drop_duplicates=arguments.drop_duplicates,
+        max_examples=arguments.max_eval_examples,
+        seed=arguments.subset_seed,
+        asset_cache_dir=arguments.asset_cache_dir,
     )
 
 
 class Recipe:
     """Runs the stages of one SFTMix run; every process of a data-parallel launch runs the same code."""
 
-    def __init__(self, recipe: RecipeArguments, args: SFTMixConfig, model_args: ModelConfig):
-        self.recipe = recipe
+    def __init__(self, arguments: RecipeArguments, args: SFTMixConfig, model_args: ModelConfig):
+        self.arguments = arguments
         self.args = args
         self.model_args = model_args
         self.state = PartialState()
         self.run_dir = Path(args.output_dir)
         self.model = self._model_path(model_args.model_name_or_path)
-        self.reference_model = self._model_path(recipe.reference_model_name_or_path or model_args.model_name_or_path)
-        self.reference_epochs = recipe.reference_num_train_epochs or args.num_train_epochs
+        self.reference_model = self._model_path(
+            arguments.reference_model_name_or_path or model_args.model_name_or_path
+        )
+        self.reference_epochs = arguments.reference_num_train_epochs or args.num_train_epochs
         self.peft_config = get_peft_config(model_args)
         # like TRL's sft script: the model is loaded by the trainer with these kwargs
         self.args.model_init_kwargs = {
@@ -78,18 +80,18 @@ class Recipe:
         if not name.startswith("asset:"):
             return name
         with self.state.main_process_first():
-            return str(resolve_asset(name, self.recipe.asset_cache_dir))
+            return str(resolve_asset(name, self.arguments.asset_cache_dir))
 
     # ---- the data ----
 
     @cached_property
     def train_dataset(self) -> Dataset:
         with self.state.main_process_first():
-            return load_train_dataset(self.recipe)
+            return load_train_dataset(self.arguments)
 
     def load_eval_dataset(self) -> Dataset:
         with self.state.main_process_first():
-            return load_eval_dataset(self.recipe)
+            return load_eval_dataset(self.arguments)
 
     def trained_rows(self, model: str) -> list[int] | None:
         """The rows of the training set that TRL's preparation keeps for `model` (its tokenizer) with the run's
@@ -163,9 +165,9 @@ class Recipe:
 
     def upstream(self, stage: str) -> tuple[str, ...]:
         """The stages whose outputs `stage` reads in this run."""
-        if stage == "sftmix" and self.recipe.self_reference_epochs:  # one run: its own reference
+        if stage == "sftmix" and self.arguments.self_reference_epochs:  # one run: its own reference
             return ()
-        if stage == "evaluate" and self.recipe.train_ntp_baseline:
+        if stage == "evaluate" and self.arguments.train_ntp_baseline:
             return (*STAGES[stage].upstream, "baseline")
         return STAGES[stage].upstream
 
@@ -201,7 +203,7 @@ class Recipe:
         no example to train after truncation."""
         if "sftmix" in stages:
             checks.check_loss_impl_runs(self.args.loss_impl, self.args.device)
-        by_dynamics = self.recipe.confidence_source == "training_dynamics"
+        by_dynamics = self.arguments.confidence_source == "training_dynamics"
         if "reference" in stages and by_dynamics and self.reference_epochs < 1:
             raise ValueError(
                 f"`confidence_source: training_dynamics` records one score file per whole epoch of the reference run, "
@@ -212,7 +214,7 @@ class Recipe:
                 rows = self.trained_rows(model)
                 if rows is not None and not rows:
                     raise ValueError(
-                        f"None of the {len(self.train_dataset)} training examples of {self.recipe.dataset_name} has a "
+                        f"None of the {len(self.train_dataset)} training examples of {self.arguments.dataset_name} has a "
                         f"response token left after truncation at max_length={self.args.max_length} with "
                         f"{model}'s tokenizer, so there is nothing to train. Raise `max_length`, or check the data's "
                         "prompt and completion columns."
@@ -221,20 +223,20 @@ class Recipe:
     # ---- running ----
 
     def stages_to_run(self) -> list[str]:
-        if self.recipe.stage != "all":
-            return [self.recipe.stage]
+        if self.arguments.stage != "all":
+            return [self.arguments.stage]
         # one run: the sftmix stage is its own reference
-        stages = ["sftmix"] if self.recipe.self_reference_epochs else ["reference", "score", "sftmix"]
-        if self.recipe.train_ntp_baseline:
+        stages = ["sftmix"] if self.arguments.self_reference_epochs else ["reference", "score", "sftmix"]
+        if self.arguments.train_ntp_baseline:
             stages.append("baseline")
-        if self.recipe.eval_dataset_name or self.recipe.generate_benchmarks or self.recipe.lm_eval_tasks:
+        if self.arguments.eval_dataset_name or self.arguments.generate_benchmarks or self.arguments.lm_eval_tasks:
             stages.append("evaluate")
         return stages
 
     def run(self) -> None:
         self.check_run_dir()
         if len(self.train_dataset) == 0:
-            raise ValueError(f"The training data {self.recipe.dataset_name} holds no example: nothing to train on.")
+            raise ValueError(f"The training data {self.arguments.dataset_name} holds no example: nothing to train on.")
         to_run = []
         for stage in self.stages_to_run():
             # every stage's folder is checked before any work, so that a stale one stops the run at once

@@ -50,8 +50,8 @@ def reference_inputs(recipe: Recipe) -> dict:
         "model": run_state.model_fingerprint(recipe.reference_model),
         "training": run_state.training_fields(recipe.args, exclude=SFTMIX_ONLY_FIELDS | {"num_train_epochs"}),
         "num_train_epochs": recipe.reference_epochs,
-        "confidence_source": recipe.recipe.confidence_source,
-        "reference_num_checkpoints": recipe.recipe.reference_num_checkpoints,
+        "confidence_source": recipe.arguments.confidence_source,
+        "reference_num_checkpoints": recipe.arguments.reference_num_checkpoints,
         "peft": recipe.peft_fingerprint,
     }
 
@@ -59,7 +59,7 @@ def reference_inputs(recipe: Recipe) -> dict:
 def run_reference(recipe: Recipe) -> None:
     check_reference_scores_what_sftmix_trains(recipe)
     output_dir = recipe.stage_dir("reference")
-    by_dynamics = recipe.recipe.confidence_source == "training_dynamics"
+    by_dynamics = recipe.arguments.confidence_source == "training_dynamics"
     # only the SFTMix model goes to the Hub (`push_to_hub`): the reference run is a means to its scores; scored at
     # checkpoints, it saves exactly those (the last one is the final model: no second copy of the weights); by its
     # training dynamics, no scoring pass needs a checkpoint, so it saves the ones its save_strategy makes (to resume)
@@ -74,11 +74,11 @@ def run_reference(recipe: Recipe) -> None:
         model=recipe.reference_model, args=args, train_dataset=recipe.train_dataset, peft_config=recipe.peft_config
     )
     if by_dynamics:
-        trainer.add_callback(TrainingDynamicsCallback(trainer, dataset_name=recipe.recipe.dataset_name))
+        trainer.add_callback(TrainingDynamicsCallback(trainer, dataset_name=recipe.arguments.dataset_name))
         recipe.train(trainer, "reference", save_model=False)
         return
-    trainer.add_callback(EvenlySpacedCheckpoints(recipe.recipe.reference_num_checkpoints))
-    trainer.add_callback(ConfidenceCallback(trainer, dataset_name=recipe.recipe.dataset_name))
+    trainer.add_callback(EvenlySpacedCheckpoints(recipe.arguments.reference_num_checkpoints))
+    trainer.add_callback(ConfidenceCallback(trainer, dataset_name=recipe.arguments.dataset_name))
     recipe.train(trainer, "reference", save_model=False, check_outputs=complete_reference_scores)
 
 
@@ -120,11 +120,11 @@ def complete_reference_scores(recipe: Recipe) -> None:
         )
         args = sft_config_from(recipe.args, output_dir=str(reference_dir), report_to="none", push_to_hub=False)
         score_checkpoints(
-            unscored, recipe.train_dataset, scores_dir, args=args, dataset_name=recipe.recipe.dataset_name,
+            unscored, recipe.train_dataset, scores_dir, args=args, dataset_name=recipe.arguments.dataset_name,
             overwrite=True,
         )  # fmt: skip
     complete = [path for path in sorted(scores_dir.glob(f"*{SCORES_SUFFIX}")) if is_complete_score_file(path)]
-    expected = recipe.recipe.reference_num_checkpoints
+    expected = recipe.arguments.reference_num_checkpoints
     if len(complete) != expected:
         raise ValueError(
             f"The reference stage in {reference_dir} holds {len(complete)} complete score file(s) where it makes "
@@ -143,8 +143,8 @@ def score_inputs(recipe: Recipe) -> dict:
 
 def run_score(recipe: Recipe) -> None:
     output_dir = recipe.stage_dir("score")
-    scores, expected = recipe.stage_dir("reference"), recipe.recipe.reference_num_checkpoints
-    if recipe.recipe.confidence_source == "checkpoints":
+    scores, expected = recipe.stage_dir("reference"), recipe.arguments.reference_num_checkpoints
+    if recipe.arguments.confidence_source == "checkpoints":
         complete_reference_scores(recipe)
     else:  # training dynamics: one file per whole epoch of the reference run
         scores, expected = scores / DYNAMICS_DIRNAME, math.floor(recipe.reference_epochs)
@@ -165,7 +165,7 @@ def run_score(recipe: Recipe) -> None:
             examples=recipe.train_dataset,
             models=table.models,
             checkpoints=table.checkpoints,
-            dataset_name=recipe.recipe.dataset_name,
+            dataset_name=recipe.arguments.dataset_name,
         )
     recipe.mark_done("score", scores=str(output_dir / "confidence.jsonl"))
 
@@ -194,12 +194,12 @@ def check_every_trained_example_scored(recipe: Recipe, scored_ids) -> None:
 
 
 def sftmix_inputs(recipe: Recipe) -> dict:
-    if recipe.recipe.self_reference_epochs:  # one run: its own reference
+    if recipe.arguments.self_reference_epochs:  # one run: its own reference
         return {
             "data": recipe.data_fingerprint,
             "model": run_state.model_fingerprint(recipe.model),
             "training": run_state.training_fields(recipe.args),
-            "self_reference_epochs": recipe.recipe.self_reference_epochs,
+            "self_reference_epochs": recipe.arguments.self_reference_epochs,
             "peft": recipe.peft_fingerprint,
         }
     return {
@@ -221,7 +221,7 @@ def sftmix_args(recipe: Recipe, **overrides) -> SFTMixConfig:
 
 
 def run_sftmix(recipe: Recipe) -> None:
-    if recipe.recipe.self_reference_epochs:
+    if recipe.arguments.self_reference_epochs:
         run_one_run(recipe)
         return
     args = sftmix_args(recipe, confidence_scores_path=str(recipe.stage_dir("score") / "confidence.jsonl"))
@@ -240,10 +240,10 @@ def run_one_run(recipe: Recipe) -> None:
         recipe.model,
         sftmix_args(recipe),
         recipe.train_dataset,
-        self_reference_epochs=recipe.recipe.self_reference_epochs,
+        self_reference_epochs=recipe.arguments.self_reference_epochs,
         peft_config=recipe.peft_config,
         callbacks=[KeepResumeStateOfNewestCheckpoint()],
-        dataset_name=recipe.recipe.dataset_name,
+        dataset_name=recipe.arguments.dataset_name,
         confidence_dir=recipe.stage_dir("score"),
     )
     trainer.save_model(str(output_dir))
@@ -277,7 +277,7 @@ def run_baseline(recipe: Recipe) -> None:
 
 
 def evaluate_inputs(recipe: Recipe) -> dict:
-    arguments = recipe.recipe
+    arguments = recipe.arguments
     return {
         "sftmix": recipe.stage_inputs("sftmix"),
         # the NTP twin is evaluated when it is trained in this run or was before
@@ -302,7 +302,7 @@ def run_evaluate(recipe: Recipe) -> None:
         models["ntp"] = str(recipe.stage_dir("baseline"))
     output_dir = recipe.stage_dir("evaluate")
     output_dir.mkdir(parents=True, exist_ok=True)
-    arguments = recipe.recipe
+    arguments = recipe.arguments
     if arguments.eval_dataset_name:
         evaluate_nll(models, recipe.load_eval_dataset(), output_dir, recipe.args, arguments.eval_dataset_name)
     if recipe.state.is_main_process and arguments.generate_benchmarks:
