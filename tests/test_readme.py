@@ -128,7 +128,9 @@ def test_the_layout_table_names_every_module_of_the_packages():
 
 
 def test_the_cost_table_is_rendered_from_the_committed_rows():
-    """The README's cost table is what `python -m bench.cost_table` prints from the committed CSV rows."""
+    """The cost table of the README and docs/cost.md is what `python -m bench.cost_table` prints from the committed
+    CSV rows."""
     from bench.cost_table import AGREEMENT, HELD_OUT, read, render
 
-    assert render(read(AGREEMENT), read(HELD_OUT)) in README.read_text()
+    table = render(read(AGREEMENT), read(HELD_OUT))
+    assert table in README.read_text() and table in (REPOSITORY / "docs" / "cost.md").read_text()
