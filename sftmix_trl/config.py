@@ -69,8 +69,9 @@ class SFTMixConfig(SFTConfig):
         split_by (`str`, *optional*, defaults to `"confidence"`):
             How the two halves that every micro-batch pairs are chosen: `"confidence"` (the confident and the
             unconfident half, the paper's recipe) or `"random"` (two halves of the same sizes drawn at random with
-            `seed`, the paper's ablation of the split). The scores are required and validated either way, so both
-            cover the same examples.
+            `seed`, the paper's ablation of the split). A random split needs no scores (no reference run: the
+            price of NTP); given scores, it validates them as the confidence split does, so both cover the same
+            examples.
     """
 
     mixup_alpha: float = field(
@@ -131,7 +132,7 @@ class SFTMixConfig(SFTConfig):
         default="confidence",
         metadata={
             "help": "How the two paired halves are chosen: 'confidence' (the paper's recipe) or 'random' (halves of the "
-            "same sizes drawn with `seed`, the paper's ablation of the split).",
+            "same sizes drawn with `seed`, the paper's ablation of the split; it needs no scores).",
             "choices": list(SPLIT_METHODS),
         },
     )

@@ -134,11 +134,15 @@ def attach_confidence(dataset: Dataset, confidence_scores, args: SFTMixConfig) -
         confidence = [confidence_by_id.get(example_id) for example_id in ids]
     elif args.confidence_column in table.column_names:
         confidence = [math.nan if c is None else c for c in table[args.confidence_column]]
+    elif args.split_by == "random":
+        # the random halves are drawn from the ids alone: without scores, every example ranks equal
+        confidence = [0.0] * len(ids)
     else:
         raise ValueError(
             f"The training dataset has no {args.confidence_column!r} column and no `confidence_scores` were "
             "given. SFTMix splits the data by confidence: add the column, or pass scores keyed by "
-            f"{args.id_column!r} (`confidence_scores=` or `confidence_scores_path`)."
+            f"{args.id_column!r} (`confidence_scores=` or `confidence_scores_path`), or pair random halves "
+            "(`split_by='random'`, the paper's ablation of the split), which needs no scores."
         )
     new_columns[ROW_COLUMN] = list(range(len(ids)))
     return with_columns(dataset, new_columns), ExampleConfidence(ids, confidence, args.id_column)

@@ -8,6 +8,7 @@ The stages (`stages.STAGES`), each writing under the run folder (`output_dir`):
                -> reference/ (checkpoints, confidence_scores/checkpoint-<step>.jsonl)
     score      confidence = -mean_k ppl_k, the equal split, the data map      -> confidence/
     sftmix     SFTMixTrainer on the scored data                                -> sftmix/
+               (with `self_reference_epochs` or `split_by: random`, the only training stage: no reference, no score)
     baseline   an NTP-only twin with the same data and budget (optional)      -> ntp/
     evaluate   held-out response NLL of the trained models (optional)          -> evaluation/
 

@@ -65,6 +65,13 @@ class Recipe:
         )
         self.reference_epochs = arguments.reference_num_train_epochs or args.num_train_epochs
         self.peft_config = get_peft_config(model_args)
+        if arguments.self_reference_epochs and args.split_by == "random":
+            raise ValueError(
+                "`self_reference_epochs` makes the sftmix stage its own reference for a confidence split, and "
+                "`split_by: random` pairs random halves, which need no confidence: drop one of the two."
+            )
+        # the sftmix stage reads the reference stage's scores, unless it is its own reference or needs none
+        self.reads_reference_scores = not arguments.self_reference_epochs and args.split_by != "random"
         # like TRL's sft script: the model is loaded by the trainer with these kwargs
         self.args.model_init_kwargs = {
             "revision": model_args.model_revision,
@@ -165,7 +172,7 @@ class Recipe:
 
     def upstream(self, stage: str) -> tuple[str, ...]:
         """The stages whose outputs `stage` reads in this run."""
-        if stage == "sftmix" and self.arguments.self_reference_epochs:  # one run: its own reference
+        if stage == "sftmix" and not self.reads_reference_scores:
             return ()
         if stage == "evaluate" and self.arguments.train_ntp_baseline:
             return (*STAGES[stage].upstream, "baseline")
@@ -225,8 +232,7 @@ class Recipe:
     def stages_to_run(self) -> list[str]:
         if self.arguments.stage != "all":
             return [self.arguments.stage]
-        # one run: the sftmix stage is its own reference
-        stages = ["sftmix"] if self.arguments.self_reference_epochs else ["reference", "score", "sftmix"]
+        stages = ["reference", "score", "sftmix"] if self.reads_reference_scores else ["sftmix"]
         if self.arguments.train_ntp_baseline:
             stages.append("baseline")
         if self.arguments.eval_dataset_name or self.arguments.generate_benchmarks or self.arguments.lm_eval_tasks:

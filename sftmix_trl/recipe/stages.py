@@ -4,7 +4,8 @@ outputs are made from (`run_state` compares that record before reusing a folder)
     reference  NTP training of the reference model, scoring every example at K evenly spaced checkpoints
                (or recording its training dynamics)                          -> reference/
     score      confidence = -mean_k ppl_k, the equal split, the data map      -> confidence/
-    sftmix     SFTMixTrainer on the scored data (or one run: its own reference) -> sftmix/
+    sftmix     SFTMixTrainer on the scored data (one run: its own reference;
+               `split_by: random`: random halves, no scores, no reference)   -> sftmix/
     baseline   an NTP-only twin with the same data and budget (optional)      -> ntp/
     evaluate   held-out response NLL, benchmark answers, lm-eval tasks         -> evaluation/
 """
@@ -194,7 +195,7 @@ def check_every_trained_example_scored(recipe: Recipe, scored_ids) -> None:
 
 
 def sftmix_inputs(recipe: Recipe) -> dict:
-    if recipe.arguments.self_reference_epochs:  # one run: its own reference
+    if not recipe.reads_reference_scores:  # one run (its own reference), or random halves (no scores)
         return {
             "data": recipe.data_fingerprint,
             "model": run_state.model_fingerprint(recipe.model),
@@ -224,7 +225,8 @@ def run_sftmix(recipe: Recipe) -> None:
     if recipe.arguments.self_reference_epochs:
         run_one_run(recipe)
         return
-    args = sftmix_args(recipe, confidence_scores_path=str(recipe.stage_dir("score") / "confidence.jsonl"))
+    scores = recipe.stage_dir("score") / "confidence.jsonl" if recipe.reads_reference_scores else None
+    args = sftmix_args(recipe, confidence_scores_path=None if scores is None else str(scores))
     trainer = SFTMixTrainer(
         model=recipe.model, args=args, train_dataset=recipe.train_dataset, peft_config=recipe.peft_config
     )

@@ -136,6 +136,20 @@ def _recipe_args(model_dir: Path, run: Path, **fields) -> list[str]:
     return [item for key, value in values.items() for item in (f"--{key}", str(value))]
 
 
+def test_a_random_split_trains_without_a_reference_run(tmp_path, llama_dir, capsys):
+    """`split_by: random` at the price of NTP: the sftmix stage is the only training stage, with no scores."""
+    from sftmix_trl.recipe import main
+
+    tiny.prompt_completion_dataset(16).to_json(tmp_path / "train.jsonl")
+    run = tmp_path / "run"
+    fields = {"dataset_name": tmp_path / "train.jsonl", "split_by": "random", "logging_steps": "1"}
+    main(_recipe_args(llama_dir, run, **fields))
+    assert sorted(p.name for p in run.iterdir()) == ["sftmix"]
+    assert (run / "sftmix/stage_done.json").is_file() and (run / "sftmix/model.safetensors").is_file()
+    # every one of the 4 steps paired the random halves and mixed them
+    assert capsys.readouterr().out.count("'mixup_loss'") == 4
+
+
 def _response_nll(records: list[dict]) -> float:
     scored = [r for r in records if r["num_tokens"] > 0]
     return sum(r["nll"] * r["num_tokens"] for r in scored) / sum(r["num_tokens"] for r in scored)

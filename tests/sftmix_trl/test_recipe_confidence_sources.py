@@ -30,3 +30,10 @@ def test_a_one_run_skips_the_reference_and_score_stages(tmp_path):
     assert Recipe(*parse_recipe_args(argv)).stages_to_run() == ["sftmix", "baseline", "evaluate"]
     argv = ["--config", DEMO_CONFIG, "--output_dir", str(tmp_path)]
     assert Recipe(*parse_recipe_args(argv)).stages_to_run()[:3] == ["reference", "score", "sftmix"]
+
+
+def test_a_random_split_skips_the_reference_and_score_stages_and_cannot_be_a_one_run(tmp_path):
+    argv = ["--config", DEMO_CONFIG, "--output_dir", str(tmp_path), "--split_by", "random"]
+    assert Recipe(*parse_recipe_args(argv)).stages_to_run() == ["sftmix", "baseline", "evaluate"]
+    with pytest.raises(ValueError, match="`split_by: random` pairs random halves, which need no confidence"):
+        Recipe(*parse_recipe_args([*argv, "--self_reference_epochs", "1"]))

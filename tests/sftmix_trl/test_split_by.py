@@ -78,3 +78,22 @@ def test_the_trainer_pairs_the_random_halves(tokenizer, tmp_path):
     # and every micro-batch holds two examples of each random half, confident side first
     for batch in trainer.get_train_dataloader():
         assert batch[HALF_COLUMN].tolist() == [0, 0, 1, 1]
+
+
+def test_a_random_split_needs_no_scores(tokenizer, tmp_path):
+    # the halves depend on the ids and the seed alone: the same halves as from any scores of the same examples
+    dataset = tiny.prompt_completion_dataset(16)
+    args = tiny_config(tmp_path, split_by="random", seed=3)
+    trainer = SFTMixTrainer(tiny.build_llama(tokenizer), args=args, train_dataset=dataset, processing_class=tokenizer)
+    scored = SFTMixTrainer(
+        tiny.build_llama(tokenizer), args=args, train_dataset=with_confidence(dataset), processing_class=tokenizer
+    )
+    assert trainer.train_dataset[HALF_COLUMN] == scored.train_dataset[HALF_COLUMN]
+    assert sorted(trainer.train_dataset[HALF_COLUMN]) == [0] * 8 + [1] * 8
+    trainer.train()
+    assert trainer.state.global_step == 12 and trainer.state.log_history[0]["mixup_loss"] > 0  # 3 epochs of 4 steps
+    # the confidence split still needs them, and says how to do without
+    with pytest.raises(ValueError, match=r"no `confidence_scores` were given.*`split_by='random'`.*needs no scores"):
+        SFTMixTrainer(
+            tiny.build_llama(tokenizer), args=tiny_config(tmp_path), train_dataset=dataset, processing_class=tokenizer
+        )
