@@ -75,7 +75,8 @@ class SFTMixTrainer(SFTTrainer):
             As in [`~trl.SFTTrainer`], with these restrictions (see "Differences from SFTTrainer" in docs/training.md):
             `args` is an [`SFTMixConfig`] (any other `TrainingArguments` is converted, with the SFTMix defaults);
             `train_dataset` is a map-style text [`~datasets.Dataset`] in any SFTTrainer format (language modeling
-            or prompt-completion, standard or conversational, pre-tokenized) with a confidence per example;
+            or prompt-completion, standard or conversational, pre-tokenized) with a confidence per example (none
+            with `split_by="random"`);
             `compute_loss_func`, vision-language models, prompt-learning PEFT methods and adapters on the LM head
             are refused.
         confidence_scores ([`~datasets.Dataset`], `str`, `os.PathLike` or `Mapping`, *optional*):
@@ -84,7 +85,7 @@ class SFTMixTrainer(SFTTrainer):
             columns, or a mapping `{id: confidence}`. Defaults to `args.confidence_scores_path`, then to the
             dataset's own `args.confidence_column`. Every example that SFTTrainer's preparation keeps needs a finite
             score (one it drops, e.g. left without a trainable token by truncation, needs none); ids are compared as
-            strings, and identical examples may share one.
+            strings, and identical examples may share one. With `args.split_by="random"` no score is needed.
     """
 
     _tag_names = ["trl", "sft", "sftmix"]
